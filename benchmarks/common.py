@@ -1,0 +1,68 @@
+"""Shared helpers for the benchmark scripts: timing, FLOP counting, the matmul reference."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def matmul_rate(device: torch.device, size: int = 2048, repeats: int = 7, dtype=torch.float32) -> float:
+    """Median FLOP/s of a ``size^3`` matmul on this device and dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    times = [time_call(lambda: a @ b, device) for _ in range(repeats)]
+    return 2 * size**3 / statistics.median(times)
+
+
+def _sdpa_forward_flops(query_shape, key_shape) -> int:
+    b, heads, lq, d = query_shape
+    lk = key_shape[2]
+    return 4 * b * heads * lq * lk * d  # Q K^T and P V
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return _sdpa_forward_flops(query, key)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _sdpa_forward_flops(query, key)  # dV, dP, dQ, dK
+
+
+def _extra_flop_formulas() -> dict:
+    """torch's counter knows the CUDA attention kernels but not the CPU flash kernel."""
+    formulas = {}
+    ops = torch.ops.aten
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[ops._scaled_dot_product_flash_attention_for_cpu] = _sdpa_cpu_flops
+    if hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        formulas[ops._scaled_dot_product_flash_attention_for_cpu_backward] = _sdpa_cpu_backward_flops
+    return formulas
+
+
+def count_flops(fn) -> int:
+    """FLOPs executed by ``fn`` (matmuls, batched matmuls, attention; forward and backward)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_flop_formulas())
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def median(values) -> float:
+    return statistics.median(values)

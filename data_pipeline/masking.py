@@ -1,0 +1,151 @@
+"""Masks for the MDLM objective and MemDLM's trajectory, as a pure function of
+``(seed, global sample index, epoch)``.
+
+Randomness comes from a counter-based hash (splitmix64 over uint64), not from a stateful
+generator, so a sample's masks do not depend on which worker, rank or restart builds them,
+and a whole micro-batch is built with array operations (no per-sample loop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_STREAM_T, _STREAM_ANCHOR, _STREAM_EXTRA = 1, 2, 3
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    x = x + _GOLDEN
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def hashed_uniform(seed: int, stream: int, sample_index: np.ndarray, epoch, width: int) -> np.ndarray:
+    """Uniform [0, 1) floats ``[b, width]``: one independent stream per (seed, stream, sample, epoch).
+
+    ``epoch`` is an int or one epoch per sample.
+    """
+    with np.errstate(over="ignore"):
+        base = _splitmix64(np.array([seed], dtype=np.uint64))[0] ^ _splitmix64(np.array([stream], dtype=np.uint64))[0]
+        index = np.asarray(sample_index, dtype=np.uint64)
+        epochs = np.broadcast_to(np.asarray(epoch, dtype=np.uint64), index.shape)
+        per_sample = _splitmix64(_splitmix64(index ^ base) ^ (epochs * np.uint64(0xD1342543DE82EF95)))  # [b]
+        positions = np.arange(width, dtype=np.uint64) * _GOLDEN
+        bits = _splitmix64(per_sample[:, None] + positions[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+@dataclass
+class MaskedBatch:
+    """One micro-batch with its noise, as the training step consumes it.
+
+    ``pre_anchor_masks[j]`` is the mask of inner state ``j`` (noisiest first); the last inner
+    state is the anchor itself. ``anchor ⊆ pre_anchor_masks[-1] ⊆ ... ⊆ pre_anchor_masks[0]``.
+    """
+
+    input_ids: torch.Tensor  # [b, l] int64, the clean tokens x0 (also the labels)
+    maskable: torch.Tensor  # [b, l] bool: may be noised (not prompt, not padding)
+    t: torch.Tensor  # [b] float64, the sampled noise level
+    anchor_mask: torch.Tensor  # [b, l] bool, masked in the anchor state x_t
+    pre_anchor_masks: torch.Tensor  # [K-1, b, l] bool
+    sample_index: torch.Tensor  # [b] int64, global sample index
+    key_padding_mask: torch.Tensor | None = None  # [b, l] bool, true on real tokens; None: no padding
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.input_ids
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> "MaskedBatch":
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device, non_blocking=non_blocking) if value is not None else None
+        return MaskedBatch(**moved)
+
+    def pin_memory(self) -> "MaskedBatch":
+        return MaskedBatch(**{f.name: (v.pin_memory() if v is not None else None)
+                              for f in fields(self) for v in [getattr(self, f.name)]})
+
+    def select(self, rows: slice) -> "MaskedBatch":
+        """The sequences ``rows`` of this batch (``pre_anchor_masks`` sliced on its batch axis)."""
+        picked = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                picked[f.name] = None
+            elif f.name == "pre_anchor_masks":
+                picked[f.name] = value[:, rows]
+            else:
+                picked[f.name] = value[rows]
+        return MaskedBatch(**picked)
+
+
+def build_masked_batch(
+    input_ids: np.ndarray,
+    sample_index: np.ndarray,
+    *,
+    seed: int,
+    epoch,
+    num_inner_steps: int,
+    pre_anchor_scale: float,
+    eps: float = 1e-3,
+    maskable: np.ndarray | None = None,
+    key_padding_mask: np.ndarray | None = None,
+) -> MaskedBatch:
+    """Sample ``t``, the anchor mask and the pre-anchor trajectory for a micro-batch.
+
+    ``epoch`` is an int or one per sample: a sample's noise depends on (seed, index, epoch) only.
+
+    - ``t_i ~ U[eps, 1]``; each maskable token is masked with probability ``t_i`` (the anchor).
+    - The noisiest pre-anchor state adds uniformly chosen maskable tokens until it has
+      ``min(n_i, floor(scale * k_i))`` masked; with K > 2 inner steps the intermediate states
+      reveal those extra tokens evenly (``ceil(remaining / steps left)`` per step).
+    """
+    input_ids = np.asarray(input_ids, dtype=np.int64)
+    b, l = input_ids.shape
+    sample_index = np.asarray(sample_index, dtype=np.int64)
+    if maskable is None:
+        maskable = np.ones((b, l), dtype=bool)
+    if key_padding_mask is not None:
+        maskable = maskable & key_padding_mask
+
+    # 1. t and the anchor state.
+    t = eps + (1.0 - eps) * hashed_uniform(seed, _STREAM_T, sample_index, epoch, 1)[:, 0]
+    anchor = (hashed_uniform(seed, _STREAM_ANCHOR, sample_index, epoch, l) < t[:, None]) & maskable
+
+    # 2. A uniformly random order of the maskable tokens the anchor left unmasked.
+    candidates = maskable & ~anchor
+    scores = np.where(candidates, hashed_uniform(seed, _STREAM_EXTRA, sample_index, epoch, l), np.inf)
+    order = np.argsort(scores, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(l), (b, l)), axis=1)
+
+    # 3. The pre-anchor states: anchor plus the first `remaining` extra tokens of that order.
+    num_maskable = maskable.sum(axis=1)
+    num_anchor = anchor.sum(axis=1)
+    target = np.minimum(num_maskable, np.floor(pre_anchor_scale * num_anchor).astype(np.int64))
+    remaining = np.maximum(target - num_anchor, 0)
+    states = []
+    for step in range(num_inner_steps - 1):
+        states.append(anchor | (candidates & (rank < remaining[:, None])))
+        steps_left = num_inner_steps - 1 - step
+        remaining = remaining - (remaining + steps_left - 1) // steps_left
+    pre = np.stack(states) if states else np.zeros((0, b, l), dtype=bool)
+
+    return MaskedBatch(
+        input_ids=torch.from_numpy(input_ids),
+        maskable=torch.from_numpy(np.ascontiguousarray(maskable)),
+        t=torch.from_numpy(t),
+        anchor_mask=torch.from_numpy(anchor),
+        pre_anchor_masks=torch.from_numpy(pre),
+        sample_index=torch.from_numpy(sample_index),
+        key_padding_mask=None if key_padding_mask is None else torch.from_numpy(np.asarray(key_padding_mask)),
+    )

@@ -1,0 +1,106 @@
+"""Byte-level BPE tokenizers: trained locally with ``tokenizers`` (and cached), or loaded.
+
+Special tokens: ``<|endoftext|>`` ends every document, ``<|mask|>`` is the diffusion mask
+token, ``<|pad|>`` pads. A loaded tokenizer must already contain a mask token; one missing is
+an error that says which names were looked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from data_pipeline.errors import DataError
+
+EOT_TOKEN = "<|endoftext|>"
+MASK_TOKEN = "<|mask|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOT_TOKEN, MASK_TOKEN, PAD_TOKEN]
+_MASK_NAMES = (MASK_TOKEN, "<|mdm_mask|>", "[MASK]", "<mask>")
+_EOT_NAMES = (EOT_TOKEN, "</s>", "<|eot_id|>", "[SEP]", "<eos>")
+_TRAINER_VERSION = "bpe-v1"
+
+
+@dataclass
+class TokenizerInfo:
+    tokenizer: Tokenizer
+    path: Path  # the tokenizer.json it came from
+    eot_id: int
+    mask_id: int
+    pad_id: int | None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def _first_present(tokenizer: Tokenizer, names) -> int | None:
+    for name in names:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    return None
+
+
+def describe(tokenizer: Tokenizer, path: Path) -> TokenizerInfo:
+    mask_id = _first_present(tokenizer, _MASK_NAMES)
+    if mask_id is None:
+        raise DataError(
+            f"tokenizer {path} has no mask token (looked for {', '.join(_MASK_NAMES)}); "
+            f"add one, e.g. tokenizer.add_special_tokens(['{MASK_TOKEN}']), or train one by leaving --data.tokenizer empty"
+        )
+    eot_id = _first_present(tokenizer, _EOT_NAMES)
+    if eot_id is None:
+        raise DataError(f"tokenizer {path} has no end-of-document token (looked for {', '.join(_EOT_NAMES)})")
+    return TokenizerInfo(tokenizer, path, eot_id, mask_id, tokenizer.token_to_id(PAD_TOKEN))
+
+
+def load_tokenizer(path: str | Path) -> TokenizerInfo:
+    """A ``tokenizer.json`` file, or a Hugging Face tokenizer directory that holds one."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise DataError(
+            f"--data.tokenizer: {path} is neither a tokenizer.json file nor a directory containing one"
+        )
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises plain Exceptions for malformed files
+        raise DataError(f"--data.tokenizer: {file} could not be read as a tokenizer ({err})") from None
+    return describe(tokenizer, file)
+
+
+def train_bpe(text_files: list[Path], vocab_size: int, cache_dir: Path) -> TokenizerInfo:
+    """Train (or reuse from ``cache_dir``) a byte-level BPE on ``text_files``."""
+    key = hashlib.sha256()
+    key.update(f"{_TRAINER_VERSION}:{vocab_size}".encode())
+    for file in text_files:
+        key.update(hashlib.sha256(file.read_bytes()).digest())
+    target = cache_dir / "tokenizers" / key.hexdigest()[:20] / "tokenizer.json"
+    if target.is_file():
+        return load_tokenizer(target)
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train([str(f) for f in text_files], trainer)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    tokenizer.save(str(partial))
+    partial.replace(target)
+    (target.parent / "source.json").write_text(json.dumps({"files": [str(f) for f in text_files],
+                                                          "vocab_size": vocab_size}))
+    return load_tokenizer(target)

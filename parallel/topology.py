@@ -1,0 +1,97 @@
+"""Process groups: torch.distributed plus megatron-core ``parallel_state``.
+
+A single process still gets a (world size 1) process group, so the megatron-core layers
+and every collective run the same code at one rank as at many. Under torchrun the
+environment variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) are used; alone, a file store
+in a temporary directory avoids picking a TCP port.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pretrain.megatron_imports import parallel_state
+
+
+@dataclass
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor_parallel_size: int
+    data_parallel_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def tensor_parallel_group(self):
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def tensor_parallel_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def data_parallel_group(self):
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--train.device cuda: no CUDA device is visible; use --train.device cpu")
+    return torch.device(name)
+
+
+def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1) -> Topology:
+    resolved = resolve_device(device)
+    backend = "nccl" if resolved.type == "cuda" else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if resolved.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        resolved = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            store_dir = tempfile.mkdtemp(prefix="memdlm-store-")
+            dist.init_process_group(
+                backend=backend, init_method=f"file://{store_dir}/store", rank=0, world_size=1
+            )
+    world_size = dist.get_world_size()
+    if world_size % tensor_parallel_size:
+        raise ValueError(
+            f"world size {world_size} is not divisible by tensor_parallel_size {tensor_parallel_size}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+    return Topology(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=local_rank,
+        tensor_parallel_size=tensor_parallel_size,
+        data_parallel_size=world_size // tensor_parallel_size,
+        device=resolved,
+        backend=backend,
+    )
+
+
+def shutdown_topology() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

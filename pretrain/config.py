@@ -1,0 +1,279 @@
+"""Typed configuration: one dataclass per component, a help string per field.
+
+Every field can be overridden on the command line as ``--section.field value``
+(see ``launch/config_cli.py``); the help strings below are what ``--help`` prints.
+Checks live in ``__post_init__`` and raise ``ConfigError`` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field and the fix."""
+
+
+def param(default: Any, help: str, choices: tuple | None = None):
+    """A dataclass field carrying its ``--help`` text (and allowed values, if any)."""
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _check(condition: bool, option: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"--{option}: {message}")
+
+
+def _check_choices(config: Any, section: str) -> None:
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"--{section}.{f.name}: got {value!r}; choose one of {', '.join(map(str, choices))}"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """A bidirectional LLaDA/Llama-style transformer."""
+
+    vocab_size: int = param(4096, "rows of the embedding and LM head (tokenizer vocabulary incl. special tokens)")
+    hidden_size: int = param(256, "model width")
+    num_layers: int = param(6, "number of transformer layers")
+    num_heads: int = param(4, "attention heads (must divide hidden_size; head size must be even for RoPE)")
+    ffn_hidden_size: int = param(704, "SwiGLU inner width (gate/up output, down input)")
+    seq_len: int = param(128, "training sequence length and the longest sequence the model takes")
+    rope_theta: float = param(10000.0, "rotary embedding base")
+    norm_eps: float = param(1e-5, "RMSNorm epsilon")
+    init_std: float = param(0.02, "std of the normal initialisation of all weight matrices")
+    mask_token_id: int = param(-1, "id of the mask token; -1 takes the tokenizer's <|mask|> token")
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
+            _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _check(
+            self.hidden_size % self.num_heads == 0,
+            "model.num_heads",
+            f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}; pick a divisor",
+        )
+        _check(
+            (self.hidden_size // self.num_heads) % 2 == 0,
+            "model.num_heads",
+            f"head size {self.hidden_size // self.num_heads} is odd; rotary embeddings need an even head size",
+        )
+        _check(
+            self.seq_len >= 2,
+            "model.seq_len",
+            f"a sequence needs at least 2 tokens, got {self.seq_len}",
+        )
+        _check(self.init_std > 0, "model.init_std", "must be positive")
+        _check(
+            -1 <= self.mask_token_id < self.vocab_size,
+            "model.mask_token_id",
+            f"{self.mask_token_id} is outside the vocabulary [0, {self.vocab_size}); use -1 for the tokenizer's",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass
+class DiffusionConfig:
+    """The MDLM objective (the outer loss)."""
+
+    eps: float = param(1e-3, "t ~ U[eps, 1]; the lower end keeps the 1/t weight finite")
+    loss_weight: str = param("inverse_t", "per-token weight: 1/t (MDLM linear schedule) or 1", ("inverse_t", "uniform"))
+    normalization: str = param(
+        "token",
+        "outer loss divisor: maskable tokens of the global batch (token), per sequence then "
+        "sequences (sequence), or sequences (batch)",
+        ("token", "sequence", "batch"),
+    )
+
+    def __post_init__(self):
+        _check_choices(self, "diffusion")
+        _check(0.0 < self.eps < 1.0, "diffusion.eps", f"must lie in (0, 1), got {self.eps}")
+
+
+@dataclass
+class MemoryConfig:
+    """MemDLM's parametric memory: transient fast weights written by an inner loop."""
+
+    enabled: bool = param(True, "run the bi-level step; false gives plain MDLM through the same code path")
+    num_inner_steps: int = param(
+        2, "inner SGD steps K: K-1 pre-anchor states (noisiest first) then the anchor state"
+    )
+    pre_anchor_scale: float = param(1.5, "the pre-anchor state masks min(n, floor(scale * k)) tokens")
+    inner_lr: float = param(0.1, "inner SGD learning rate eta")
+    inner_grad_clip: float = param(1.0, "per-tensor inner gradient norm clip (0 turns clipping off)")
+    layer_fraction: float = param(0.1, "fast weights go on layers [floor(L * (1 - f)), L), at least the last one")
+    target_modules: str = param("gate,up,down", "comma list of projections with fast weights: qkv, out, gate, up, down")
+    adapter: str = param("lora", "fast-weight form: low-rank (lora) or a dense delta (full)", ("lora", "full"))
+    lora_rank: int = param(32, "LoRA rank r")
+    lora_alpha: float = param(64.0, "LoRA alpha; the update is scaled by alpha / r")
+    inner_loss_weight: str = param(
+        "inverse_ratio",
+        "inner loss weight: 1 / masked ratio of the state (as the paper) or 1",
+        ("inverse_ratio", "uniform"),
+    )
+    share_anchor_prefix: bool = param(
+        True, "compute the anchor state's prefix once for the last inner step and the outer loss"
+    )
+    prompt_mask_ratio: float = param(0.2, "inference-time adaptation: anchor mask ratio on the prompt")
+
+    def __post_init__(self):
+        _check_choices(self, "memory")
+        _check(
+            self.num_inner_steps >= 1,
+            "memory.num_inner_steps",
+            f"needs at least 1 inner step, got {self.num_inner_steps}; use --memory.enabled false for plain MDLM",
+        )
+        _check(self.pre_anchor_scale >= 1.0, "memory.pre_anchor_scale", "must be >= 1 (the pre-anchor state is noisier)")
+        _check(self.inner_lr >= 0, "memory.inner_lr", "must be >= 0")
+        _check(self.inner_grad_clip >= 0, "memory.inner_grad_clip", "must be >= 0 (0 turns clipping off)")
+        _check(0 < self.layer_fraction <= 1, "memory.layer_fraction", f"must lie in (0, 1], got {self.layer_fraction}")
+        _check(self.lora_rank > 0, "memory.lora_rank", "must be positive")
+        _check(0 < self.prompt_mask_ratio <= 1, "memory.prompt_mask_ratio", "must lie in (0, 1]")
+        known = {"qkv", "out", "gate", "up", "down"}
+        modules = self.target_module_list
+        unknown = [m for m in modules if m not in known]
+        _check(
+            bool(modules) and not unknown,
+            "memory.target_modules",
+            f"unknown module(s) {unknown or modules}; choose from {', '.join(sorted(known))}",
+        )
+
+    @property
+    def target_module_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    lr: float = param(2e-3, "peak learning rate")
+    min_lr_ratio: float = param(0.1, "final learning rate as a fraction of the peak")
+    warmup_steps: int = param(30, "linear warm-up steps")
+    weight_decay: float = param(0.1, "decoupled weight decay on matrices (not on norms)")
+    beta1: float = param(0.9, "AdamW beta1")
+    beta2: float = param(0.95, "AdamW beta2")
+    eps: float = param(1e-8, "AdamW epsilon")
+    grad_clip: float = param(1.0, "global gradient-norm clip of the outer gradient (0 turns it off)")
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be positive")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must lie in [0, 1]")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = param(250, "optimizer steps")
+    seed: int = param(1234, "seed of initialisation, data order, masks and fast-weight resets")
+    out_dir: str = param("runs/default", "where metrics.jsonl, checkpoints and the wandb run go")
+    global_batch_size: int = param(16, "sequences per optimizer step")
+    micro_batch_size: int = param(16, "sequences per forward; gradient accumulation makes up the rest")
+    precision: str = param("fp32", "fp32, or bf16 autocast (GPU)", ("fp32", "bf16"))
+    device: str = param("auto", "cpu, cuda, or auto (cuda when available)", ("auto", "cpu", "cuda"))
+    num_threads: int = param(0, "torch CPU threads (0 keeps torch's default)")
+    checkpoint_every: int = param(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    resume: bool = param(True, "continue from the latest checkpoint in out_dir when there is one")
+
+    def __post_init__(self):
+        _check_choices(self, "train")
+        _check(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+        _check(self.global_batch_size > 0, "train.global_batch_size", "must be positive")
+        _check(self.micro_batch_size > 0, "train.micro_batch_size", "must be positive")
+        _check(
+            self.global_batch_size % self.micro_batch_size == 0,
+            "train.micro_batch_size",
+            f"{self.micro_batch_size} does not divide --train.global_batch_size {self.global_batch_size}; "
+            "pick a divisor",
+        )
+        _check(self.out_dir != "", "train.out_dir", "must name a directory")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.num_threads >= 0, "train.num_threads", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenized."""
+
+    path: str = param("", "a UTF-8 text file to train on; empty uses the bundled TinyShakespeare corpus")
+    tokenizer: str = param(
+        "", "a tokenizer.json or Hugging Face tokenizer directory; empty trains a byte-level BPE (cached)"
+    )
+    cache_dir: str = param("", "cache for trained tokenizers and token arrays (default ~/.cache/memdlm)")
+    num_workers: int = param(1, "DataLoader worker processes that build masked batches")
+
+    def __post_init__(self):
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress bar, metrics file and wandb."""
+
+    wandb: bool = param(True, "log to a wandb run (offline unless wandb_mode or WANDB_MODE says otherwise)")
+    wandb_project: str = param("memdlm", "wandb project name")
+    wandb_mode: str = param("", "online, offline or disabled; empty uses $WANDB_MODE, else offline")
+    run_name: str = param("", "run name shown in wandb (default: the out_dir's name)")
+    progress_bar: bool = param(True, "show a progress bar with loss and tokens/s")
+
+    def __post_init__(self):
+        _check(
+            self.wandb_mode in ("", "online", "offline", "disabled"),
+            "logging.wandb_mode",
+            f"got {self.wandb_mode!r}; choose online, offline or disabled",
+        )
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        unknown_sections = set(values) - set(SECTIONS)
+        if unknown_sections:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown_sections)}; known: {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            section_values = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(section_values) - known)
+            if unknown:
+                raise ConfigError(f"unknown field(s) {', '.join(name + '.' + u for u in unknown)}")
+            sections[name] = section_cls(**section_values)
+        return cls(**sections)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}

@@ -1,0 +1,196 @@
+"""Building blocks of the bidirectional transformer, on megatron-core tensor-parallel layers.
+
+Activations are ``[b, l, h]``. Every projection can run "frozen": with its weight detached,
+so a backward through it computes input gradients only (the inner loop's case, where the
+base weights must receive nothing) and megatron takes its frozen-weight linear path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.fast_weights import FastWeightSite, apply_fast_weight
+from pretrain.megatron_imports import (
+    ColumnParallelLinear,
+    ModelParallelConfig,
+    RowParallelLinear,
+    reduce_from_tensor_model_parallel_region,
+)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        weight = self.weight.detach() if frozen else self.weight
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[seq_len, head_dim]`` in the rotate-half (Llama/HF) convention."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., d]`` by position; ``cos``/``sin`` broadcast to it (``[l, 1, ..., d]``)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+def column_linear(layer: ColumnParallelLinear, x: torch.Tensor, frozen: bool) -> torch.Tensor:
+    if frozen:
+        return layer(x, weight=layer.weight.detach())[0]
+    return layer(x)[0]
+
+
+def row_linear(layer: RowParallelLinear, x: torch.Tensor, frozen: bool) -> torch.Tensor:
+    if not frozen:
+        return layer(x)[0]
+    # megatron's RowParallelLinear takes no weight argument; this is its frozen path spelled out.
+    partial = torch.matmul(x, layer.weight.detach().t())
+    return reduce_from_tensor_model_parallel_region(partial, group=layer.tp_group)
+
+
+class ProjectionSet(nn.Module):
+    """Named projections of one sub-block and the fast weights that may sit on them."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites: dict[str, FastWeightSite] = {}
+        self.fast_scaling = 1.0
+
+    # Projections that read the sub-block's normed input directly; their base outputs can be
+    # computed once and shared between passes that differ only in fast weights.
+    entry_projections: tuple[str, ...] = ()
+
+    def base_projection(self, name: str, x: torch.Tensor, frozen: bool) -> torch.Tensor:
+        layer = getattr(self, name)
+        if isinstance(layer, ColumnParallelLinear):
+            return column_linear(layer, x, frozen)
+        return row_linear(layer, x, frozen)
+
+    def project(self, name: str, x: torch.Tensor, fast, frozen: bool, shared_base=None) -> torch.Tensor:
+        layer = getattr(self, name)
+        if shared_base is not None and name in shared_base:
+            out = shared_base[name]
+        else:
+            out = self.base_projection(name, x, frozen)
+        site = self.sites.get(name)
+        if fast is not None and site is not None:
+            tensors = fast.get(site.name)
+            if tensors is not None:
+                out = apply_fast_weight(x, out, site, tensors, self.fast_scaling, layer.tp_group)
+        return out
+
+
+class SelfAttention(ProjectionSet):
+    """Multi-head attention with no causal mask; a key padding mask is optional."""
+
+    def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method, tp_size: int):
+        super().__init__()
+        self.num_heads_local = num_heads // tp_size
+        self.head_dim = hidden // num_heads
+        # Output rows are laid out [head, (q, k, v), head_dim] so a column split keeps whole heads.
+        self.qkv = ColumnParallelLinear(
+            hidden, 3 * hidden, config=config, init_method=init_method, bias=False, gather_output=False
+        )
+        self.out = RowParallelLinear(
+            hidden, hidden, config=config, init_method=init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    entry_projections = ("qkv",)
+
+    def forward(self, x, rope, key_padding_mask, fast=None, frozen=False, shared_base=None):
+        b, l, _ = x.shape
+        qkv = self.project("qkv", x, fast, frozen, shared_base).view(b, l, self.num_heads_local, 3, self.head_dim)
+        cos, sin = rope
+        query_key = apply_rotary(qkv[:, :, :, :2], cos[:, None, None], sin[:, None, None])  # [b, l, heads, 2, d]
+        q = query_key[:, :, :, 0].transpose(1, 2)  # [b, heads, l, d]
+        k = query_key[:, :, :, 1].transpose(1, 2)
+        v = qkv[:, :, :, 2].transpose(1, 2)
+        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
+        return self.project("out", context, fast, frozen)
+
+
+class SwiGLU(ProjectionSet):
+    """``down(silu(gate(x)) * up(x))`` with separate gate, up and down projections."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, config: ModelParallelConfig, init_method):
+        super().__init__()
+        self.gate = ColumnParallelLinear(
+            hidden, ffn_hidden, config=config, init_method=init_method, bias=False, gather_output=False
+        )
+        self.up = ColumnParallelLinear(
+            hidden, ffn_hidden, config=config, init_method=init_method, bias=False, gather_output=False
+        )
+        self.down = RowParallelLinear(
+            ffn_hidden, hidden, config=config, init_method=init_method, bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    entry_projections = ("gate", "up")
+
+    def forward(self, x, fast=None, frozen=False, shared_base=None):
+        gate = self.project("gate", x, fast, frozen, shared_base)
+        hidden = F.silu(gate) * self.project("up", x, fast, frozen, shared_base)
+        return self.project("down", hidden, fast, frozen)
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm layer as two sub-blocks: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+
+    def __init__(self, cfg, config: ModelParallelConfig, init_method, tp_size: int):
+        super().__init__()
+        dtype = config.params_dtype
+        self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tp_size)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
+
+    def subblock_parts(self, index: int):
+        return (self.attention_norm, self.attention) if index == 0 else (self.mlp_norm, self.mlp)
+
+    def subblock_entry(self, index: int, h) -> "BlockEntry":
+        """The fast-weight-free start of sub-block ``index`` on ``h``: its normed input and the
+        base outputs of the projections that read it."""
+        norm, body = self.subblock_parts(index)
+        normed = norm(h)
+        return BlockEntry(h, normed, {name: body.base_projection(name, normed, False)
+                                      for name in body.entry_projections})
+
+    def run_subblock(self, index: int, h, rope, key_padding_mask, fast=None, frozen=False, entry=None):
+        norm, body = self.subblock_parts(index)
+        if entry is not None:
+            h, normed, shared = entry.h, entry.normed, entry.base_outputs
+        else:
+            normed, shared = norm(h, frozen), None
+        if index == 0:
+            return h + body(normed, rope, key_padding_mask, fast, frozen, shared)
+        return h + body(normed, fast, frozen, shared)
+
+
+@dataclass
+class BlockEntry:
+    """What a sub-block computes before any fast weight touches it (see ``subblock_entry``)."""
+
+    h: torch.Tensor
+    normed: torch.Tensor
+    base_outputs: dict[str, torch.Tensor]
+
+    def detach(self) -> "BlockEntry":
+        return BlockEntry(self.h.detach(), self.normed.detach(),
+                          {k: v.detach() for k, v in self.base_outputs.items()})

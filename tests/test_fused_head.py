@@ -1,0 +1,56 @@
+"""The chunked head + vocab-parallel cross entropy against megatron's CE on full logits."""
+
+import pytest
+import torch
+
+from pretrain.fused_head import VocabParallelHead
+from pretrain.megatron_imports import ModelParallelConfig, vocab_parallel_cross_entropy
+
+
+def make_head(dtype):
+    torch.manual_seed(0)
+    config = ModelParallelConfig(params_dtype=dtype, use_cpu_initialization=True)
+    return VocabParallelHead(16, 50, config=config, init_method=lambda w: torch.nn.init.normal_(w, std=0.5),
+                             bias=False, gather_output=False)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 1024])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_loss_and_gradients_match_full_logits(topology, chunk_rows, dtype):
+    head = make_head(dtype)
+    head.chunk_rows = chunk_rows
+    x = torch.randn(11, 16, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    scale = torch.rand(11, dtype=torch.float64)
+
+    fused = head(x, targets, scale)
+    fused.backward()
+    fused_x, fused_w = x.grad.clone(), head.weight.grad.clone()
+    x.grad = None
+    head.weight.grad = None
+
+    logits = head(x)
+    reference = (vocab_parallel_cross_entropy(logits.clone(), targets).double() * scale).sum()
+    reference.backward()
+    tol = dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fused.double(), reference.detach(), **tol)
+    torch.testing.assert_close(fused_x, x.grad, **tol)
+    torch.testing.assert_close(fused_w, head.weight.grad, **tol)
+
+
+def test_frozen_head_gives_input_gradient_only(topology):
+    head = make_head(torch.float32)
+    x = torch.randn(5, 16, requires_grad=True)
+    loss = head(x, torch.randint(0, 50, (5,)), torch.ones(5), frozen=True)
+    (grad_x,) = torch.autograd.grad(loss, [x])
+    assert head.weight.grad is None and grad_x.abs().sum() > 0
+    with torch.no_grad():
+        assert not head(x, torch.randint(0, 50, (5,)), torch.ones(5)).requires_grad
+
+
+def test_no_rows_gives_zero_loss_and_zero_gradients(topology):
+    head = make_head(torch.float32)
+    x = torch.zeros(0, 16, requires_grad=True)
+    loss = head(x, torch.zeros(0, dtype=torch.long), torch.zeros(0))
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(head.weight.grad, torch.zeros_like(head.weight))

@@ -1,0 +1,96 @@
+"""The production bi-level step against the unfused float64 transcription in reference_step.py."""
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipeline.masking import build_masked_batch
+from pretrain.bilevel import BilevelStep
+from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
+from pretrain.fast_weights import build_fast_weight_plan
+from pretrain.model import DiffusionTransformer
+from pretrain.objective import LossNormalizer
+from tests.reference_step import reference_step
+
+TINY = ModelConfig(vocab_size=48, hidden_size=32, num_layers=3, num_heads=2, ffn_hidden_size=40, seq_len=16)
+MASK_ID = 47
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def tiny_batch(num_inner_steps: int, seed: int = 3):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, MASK_ID, size=(4, TINY.seq_len))
+    maskable = np.ones_like(ids, dtype=bool)
+    maskable[1, :5] = False  # a prompt that is never masked
+    batch = build_masked_batch(ids, np.arange(4) + 10, seed=seed, epoch=0, num_inner_steps=num_inner_steps,
+                               pre_anchor_scale=1.5, maskable=maskable)
+    assert batch.anchor_mask.any(1).all(), "every sequence should have a masked token in this fixture"
+    return batch
+
+
+@pytest.mark.parametrize(
+    "memory_kwargs",
+    [
+        {},  # the paper's defaults: K=2, LoRA r=32 on gate/up/down, clip 1.0
+        {"num_inner_steps": 3, "layer_fraction": 0.67},  # two adapted layers, attention inside the tail
+        {"adapter": "full", "inner_grad_clip": 0.0},
+        {"target_modules": "qkv,out,down", "lora_rank": 4, "lora_alpha": 8.0, "inner_lr": 0.5},
+        {"share_anchor_prefix": False, "inner_loss_weight": "uniform", "inner_grad_clip": 0.05},
+    ],
+    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip"],
+)
+def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
+    memory = MemoryConfig(**memory_kwargs)
+    torch.manual_seed(0)
+    model = DiffusionTransformer(TINY, dtype=torch.float64)
+    with torch.no_grad():  # non-trivial norm weights so their gradients are checked too
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    plan = build_fast_weight_plan(TINY, memory)
+    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID)
+    batch = tiny_batch(memory.num_inner_steps)
+    batch.t = batch.t.to(torch.float64)
+    normalizer = LossNormalizer.of([batch.maskable])
+
+    result = step(batch, normalizer, step=5, seed=11, record_fast_weights=True)
+    result.loss.backward()
+
+    phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
+    weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ref_loss, ref_history, ref_grads = reference_step(
+        weights, TINY, memory, batch, MASK_ID, phi0, normalizer.num_maskable
+    )
+
+    assert len(result.fast_weight_history) == memory.num_inner_steps == len(ref_history)
+    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
+        for name in theirs:
+            for mine, ref in zip(ours[name], theirs[name]):
+                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
+            # The inner step moved the memory (A stays put on step 1, where B is still 0).
+            assert any(not torch.equal(r, r0) for r, r0 in zip(theirs[name], phi0[name])), name
+    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+
+
+def test_reference_detects_a_wrong_inner_step(topology):
+    """The comparison can fail: an inner lr off by 10% moves the outer gradient beyond 1e-6."""
+    memory = MemoryConfig()
+    torch.manual_seed(0)
+    model = DiffusionTransformer(TINY, dtype=torch.float64)
+    plan = build_fast_weight_plan(TINY, memory)
+    batch = tiny_batch(2)
+    batch.t = batch.t.to(torch.float64)
+    normalizer = LossNormalizer.of([batch.maskable])
+    BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID)(batch, normalizer, 5, 11).loss.backward()
+    phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
+    weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    wrong = MemoryConfig(inner_lr=0.11)
+    _, _, ref_grads = reference_step(weights, TINY, wrong, batch, MASK_ID, phi0, normalizer.num_maskable)
+    worst = max(relative_error(p.grad, ref_grads[n]) for n, p in model.named_parameters())
+    assert worst > 1e-4
