@@ -34,6 +34,12 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         tp_size = dist.get_world_size(tp_group)
         vocab_start = dist.get_rank(tp_group) * vocab_local
         loss_dtype = torch.promote_types(x.dtype, torch.float32)
+        # Matmuls in the autocast dtype when autocast is on (bf16 on GPU), else in x's dtype;
+        # softmax, loss and the weight-gradient accumulator in at least fp32.
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        w = weight.to(compute_dtype)
         total = torch.zeros((), dtype=loss_dtype, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros(weight.shape, dtype=loss_dtype, device=x.device) if need_w else None
@@ -41,7 +47,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             rows = slice(start, start + chunk_rows)
             x_chunk, scale = x[rows], row_scale[rows]
             # megatron's calculate_logits_max would also cast float64 to float32; keep >= fp32 instead.
-            logits = (x_chunk @ weight.t()).to(loss_dtype)
+            logits = (x_chunk.to(compute_dtype) @ w.t()).to(loss_dtype)
             logits_max = logits.max(dim=-1)[0]
             if tp_size > 1:
                 dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp_group)
@@ -62,11 +68,13 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 # scale_row * (softmax - onehot): the gradient of this chunk's share of the loss.
                 grad_logits = VocabParallelCrossEntropy.calculate_gradients(
                     grad_2d, arange_1d, target_1d, update, grad_input, scale.to(grad_input.dtype)
-                ).to(x.dtype)
+                ).to(compute_dtype)
                 if need_x:
-                    torch.mm(grad_logits, weight, out=grad_x[rows])
-                if need_w:
-                    torch.addmm(grad_w, grad_logits.t().to(loss_dtype), x_chunk.to(loss_dtype), out=grad_w)
+                    grad_x[rows] = grad_logits @ w
+                if need_w and compute_dtype == loss_dtype:
+                    torch.addmm(grad_w, grad_logits.t(), x_chunk.to(loss_dtype), out=grad_w)
+                elif need_w:
+                    grad_w += (grad_logits.t() @ x_chunk.to(compute_dtype)).to(loss_dtype)
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         ctx.has_x, ctx.has_w = need_x, need_w

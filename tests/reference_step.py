@@ -87,7 +87,7 @@ def reference_step(p, cfg, memory, batch, mask_id, phi0, num_maskable_global, ep
     for state in states:
         leaves = {k: tuple(t.clone().requires_grad_() for t in v) for k, v in phi.items()}
         x_state = torch.where(state, torch.full_like(x0, mask_id), x0)
-        ce = token_ce(forward_logits(frozen, cfg, x_state, leaves, scaling), x0)
+        ce = token_ce(forward_logits(frozen, cfg, x_state, leaves, scaling, batch.key_padding_mask), x0)
         num_masked = state.sum(1).to(torch.float64)
         ratio = num_masked / n
         weight = 1.0 / ratio if memory.inner_loss_weight == "inverse_ratio" else torch.ones_like(ratio)
@@ -116,7 +116,7 @@ def reference_step(p, cfg, memory, batch, mask_id, phi0, num_maskable_global, ep
     params = {k: v.detach().clone().requires_grad_() for k, v in p.items()}
     anchor = batch.anchor_mask
     x_t = torch.where(anchor, torch.full_like(x0, mask_id), x0)
-    ce = token_ce(forward_logits(params, cfg, x_t, phi if memory.enabled else None, scaling), x0)
+    ce = token_ce(forward_logits(params, cfg, x_t, phi, scaling, batch.key_padding_mask), x0)
     w = 1.0 / batch.t if eps_weight == "inverse_t" else torch.ones_like(batch.t)
     outer = (w[:, None] * ce * anchor).sum() / num_maskable_global
     names = list(params)

@@ -54,3 +54,18 @@ def test_no_rows_gives_zero_loss_and_zero_gradients(topology):
     loss = head(x, torch.zeros(0, dtype=torch.long), torch.zeros(0))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(head.weight.grad, torch.zeros_like(head.weight))
+
+
+def test_bf16_autocast_matches_fp32(topology):
+    head = make_head(torch.float32)
+    x = torch.randn(9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (9,))
+    scale = torch.rand(9)
+    reference = head(x, targets, scale)
+    reference_x, = torch.autograd.grad(reference, [x])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head(x, targets, scale)
+    low_x, = torch.autograd.grad(low, [x])
+    assert low.dtype == torch.float32 and low_x.dtype == torch.float32
+    torch.testing.assert_close(low, reference, rtol=3e-2, atol=0)
+    torch.testing.assert_close(low_x, reference_x, rtol=5e-2, atol=5e-3)

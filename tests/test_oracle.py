@@ -20,13 +20,18 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def tiny_batch(num_inner_steps: int, seed: int = 3):
+def tiny_batch(num_inner_steps: int, seed: int = 3, padded: bool = False):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, MASK_ID, size=(4, TINY.seq_len))
     maskable = np.ones_like(ids, dtype=bool)
     maskable[1, :5] = False  # a prompt that is never masked
+    padding = None
+    if padded:  # sequences 2 and 3 end early; their tail is padding
+        padding = np.ones_like(ids, dtype=bool)
+        padding[2, 11:] = False
+        padding[3, 7:] = False
     batch = build_masked_batch(ids, np.arange(4) + 10, seed=seed, epoch=0, num_inner_steps=num_inner_steps,
-                               pre_anchor_scale=1.5, maskable=maskable)
+                               pre_anchor_scale=1.5, maskable=maskable, key_padding_mask=padding)
     assert batch.anchor_mask.any(1).all(), "every sequence should have a masked token in this fixture"
     return batch
 
@@ -39,10 +44,13 @@ def tiny_batch(num_inner_steps: int, seed: int = 3):
         {"adapter": "full", "inner_grad_clip": 0.0},
         {"target_modules": "qkv,out,down", "lora_rank": 4, "lora_alpha": 8.0, "inner_lr": 0.5},
         {"share_anchor_prefix": False, "inner_loss_weight": "uniform", "inner_grad_clip": 0.05},
+        {"padded": True},
     ],
-    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip"],
+    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip", "padded"],
 )
 def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
+    memory_kwargs = dict(memory_kwargs)
+    padded = memory_kwargs.pop("padded", False)
     memory = MemoryConfig(**memory_kwargs)
     torch.manual_seed(0)
     model = DiffusionTransformer(TINY, dtype=torch.float64)
@@ -52,7 +60,7 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
                 param.add_(0.1 * torch.randn_like(param))
     plan = build_fast_weight_plan(TINY, memory)
     step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID)
-    batch = tiny_batch(memory.num_inner_steps)
+    batch = tiny_batch(memory.num_inner_steps, padded=padded)
     batch.t = batch.t.to(torch.float64)
     normalizer = LossNormalizer.of([batch.maskable])
 

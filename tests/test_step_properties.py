@@ -53,17 +53,26 @@ def test_memory_with_zero_inner_lr_is_plain_mdlm_to_the_last_bit(topology):
     assert not torch.equal(changed_loss, plain_loss)
 
 
-def test_memory_disabled_matches_a_plain_mdlm_written_here(topology):
-    """Plain MDLM from its definition: full logits, weight 1/t, divide by the maskable count."""
+@pytest.mark.parametrize("normalization", ["token", "sequence", "batch"])
+@pytest.mark.parametrize("loss_weight", ["inverse_t", "uniform"])
+def test_memory_disabled_matches_a_plain_mdlm_written_here(topology, normalization, loss_weight):
+    """Plain MDLM from its definition: full logits, weight w(t), the chosen normalisation."""
     model = make_model()
     batch = make_batch()
-    loss, grads = loss_and_grads(model, MemoryConfig(enabled=False), [batch])
+    diffusion = DiffusionConfig(normalization=normalization, loss_weight=loss_weight)
+    loss, grads = loss_and_grads(model, MemoryConfig(enabled=False), [batch], diffusion)
     model.zero_grad(set_to_none=True)
     x_t = torch.where(batch.anchor_mask, MASK_ID, batch.input_ids)
     logits = model(x_t)  # [b, l, vocab]
     ce = F.cross_entropy(logits.reshape(-1, CFG.vocab_size), batch.input_ids.reshape(-1), reduction="none")
-    weighted = ce.view_as(x_t) * (1.0 / batch.t.float())[:, None] * batch.anchor_mask
-    reference = weighted.sum() / batch.maskable.sum()
+    weight = 1.0 / batch.t.float() if loss_weight == "inverse_t" else torch.ones(batch.num_sequences)
+    per_sequence = (ce.view_as(x_t) * batch.anchor_mask).sum(1) * weight
+    if normalization == "token":
+        reference = per_sequence.sum() / batch.maskable.sum()
+    elif normalization == "sequence":
+        reference = (per_sequence / batch.maskable.sum(1)).sum() / batch.num_sequences
+    else:
+        reference = per_sequence.sum() / batch.num_sequences
     reference.backward()
     torch.testing.assert_close(loss.float(), reference.detach(), rtol=1e-5, atol=0)
     for name, param in model.named_parameters():
@@ -138,3 +147,18 @@ def test_clipping_scales_only_tensors_above_the_clip():
         torch.testing.assert_close(clipped[i] / norms_after[i], grad[i] / norms_before[i])
     assert torch.equal(clipped[1], grad[1]), "a tensor under the clip is untouched, bit for bit"
     assert torch.equal(clipped[3], grad[3])
+
+
+def test_bf16_autocast_step_tracks_fp32(topology):
+    """The bf16 path (GPU's default) on CPU autocast: same loss and gradients to bf16 precision."""
+    model = make_model()
+    batch = make_batch()
+    memory = MemoryConfig()
+    loss32, grads32 = loss_and_grads(model, memory, [batch])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, grads16 = loss_and_grads(model, memory, [batch])
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, loss32, rtol=3e-2, atol=0)
+    total32 = torch.cat([g.flatten() for g in grads32.values()])
+    total16 = torch.cat([g.flatten() for g in grads16.values()])
+    assert float((total16 - total32).norm() / total32.norm()) < 0.1
