@@ -1,94 +1,116 @@
-"""Deterministic micro-batches of packed sequences, masked in DataLoader workers.
+"""The trainer's endless stream of masked micro-batches, with a resumable state.
 
-The run's sample stream is fixed by the seed: epoch ``e`` visits the ``N`` packed sequences in
-the order of a permutation drawn from ``(seed, e)``, and position ``p`` of the stream is sample
-``perm_{p // N}[p % N]`` of epoch ``p // N``. Micro-batch ``k`` holds positions
-``[k * micro, (k + 1) * micro)``. A worker builds micro-batch ``k`` from ``k`` alone, so the
-stream does not depend on the number of workers, and resuming at step ``s`` means starting
-at micro-batch ``s * accumulation``: nothing is repeated or skipped.
+``open_batches`` returns an object that iterates micro-batches forever (epoch after epoch)
+and whose ``state_dict()`` taken between steps, passed back as ``state``, continues the
+stream exactly where it stopped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from pathlib import Path
 
-import numpy as np
-from torch.utils.data import DataLoader, Dataset
+from streaming.base import StreamingDataLoader
+from torch.utils.data import DataLoader
 
-from data_pipeline.masking import MaskedBatch, build_masked_batch
+from data_pipeline.errors import DataError
+from data_pipeline.readers import IndexedStreamingDataset, MaskingCollate, MaskingSpec, WebDatasetStream
+from data_pipeline.shards import check_shards
 
 
 @dataclass(frozen=True)
-class MaskingSpec:
-    seed: int
-    num_inner_steps: int
-    pre_anchor_scale: float
-    eps: float
+class ReaderOptions:
+    data_format: str = "mds"
+    num_workers: int = 1
+    shuffle: bool = True
+    num_canonical_nodes: int = 1
+    shuffle_block_size: int = 0
+    verify_hashes: bool = True
+    max_skipped_samples: int = 0
+    pin_memory: bool = False
 
 
-class SampleOrder:
-    """Which (sample index, epoch) sits at each position of the run's stream."""
+class MaskedStreamingDataLoader(StreamingDataLoader):
+    """mosaicml-streaming's resumable loader, told how many samples a ``MaskedBatch`` holds."""
 
-    def __init__(self, num_samples: int, seed: int):
-        self.num_samples = num_samples
-        self.seed = seed
-
-    @lru_cache(maxsize=4)
-    def permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch, 0x5EED]).permutation(self.num_samples)
-
-    def at(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        epochs = positions // self.num_samples
-        offsets = positions % self.num_samples
-        indices = np.empty_like(positions)
-        for epoch in np.unique(epochs):  # at most two epochs per micro-batch
-            picked = epochs == epoch
-            indices[picked] = self.permutation(int(epoch))[offsets[picked]]
-        return indices, epochs
+    def _get_batch_size(self, batch) -> int:
+        return batch.num_sequences
 
 
-class PackedMicroBatches(Dataset):
-    """Micro-batch ``k`` of the stream, masked: ``dataset[k] -> MaskedBatch``."""
+class MDSBatches:
+    def __init__(self, folder: Path, micro_batch_size: int, collate: MaskingCollate, options: ReaderOptions,
+                 seed: int, state: dict | None):
+        self.dataset = IndexedStreamingDataset(
+            local=str(folder), remote=None, shuffle=options.shuffle, shuffle_seed=seed,
+            num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
+            shuffle_block_size=options.shuffle_block_size or None,
+        )
+        self.loader = MaskedStreamingDataLoader(
+            self.dataset, batch_size=micro_batch_size, num_workers=options.num_workers, collate_fn=collate,
+            pin_memory=options.pin_memory, drop_last=True,
+            prefetch_factor=4 if options.num_workers > 0 else None,
+        )
+        if state is not None:
+            self.loader.load_state_dict(state["loader"])
 
-    def __init__(self, sequences: np.ndarray, micro_batch_size: int, num_micro_batches: int, masking: MaskingSpec):
-        self.sequences = sequences
-        self.micro_batch_size = micro_batch_size
-        self.num_micro_batches = num_micro_batches
-        self.masking = masking
-        self.order = SampleOrder(len(sequences), masking.seed)
+    def __iter__(self):
+        empty_epochs = 0
+        while True:
+            yielded = False
+            for batch in self.loader:
+                yielded = True
+                yield batch
+            # An epoch can be empty once: right after resuming at its very end.
+            empty_epochs = 0 if yielded else empty_epochs + 1
+            if empty_epochs >= 2:
+                raise DataError("the dataset holds fewer samples than one micro-batch per rank")
 
-    def __len__(self) -> int:
-        return self.num_micro_batches
+    def state_dict(self) -> dict:
+        return {"format": "mds", "loader": self.loader.state_dict()}
 
-    def __getitem__(self, k: int) -> MaskedBatch:
-        positions = np.arange(k * self.micro_batch_size, (k + 1) * self.micro_batch_size, dtype=np.int64)
-        indices, epochs = self.order.at(positions)
-        return build_masked_batch(
-            self.sequences[indices],
-            indices,
-            seed=self.masking.seed,
-            epoch=epochs,
-            num_inner_steps=self.masking.num_inner_steps,
-            pre_anchor_scale=self.masking.pre_anchor_scale,
-            eps=self.masking.eps,
+
+class WebDatasetBatches:
+    def __init__(self, folder: Path, shards: list[dict], micro_batch_size: int, collate: MaskingCollate,
+                 options: ReaderOptions, seed: int, rank: int, num_ranks: int, state: dict | None):
+        self.layout = {"ranks": num_ranks, "workers": options.num_workers, "micro_batch_size": micro_batch_size}
+        self.consumed = 0
+        if state is not None:
+            saved = {k: state[k] for k in self.layout}
+            if saved != self.layout:
+                raise DataError(
+                    f"webdataset resume needs the layout it was saved with {saved}, not {self.layout}: its sample "
+                    "order depends on ranks, workers and micro-batch size (use MDS for elastic resume)"
+                )
+            self.consumed = state["batches"]
+        stream = WebDatasetStream(
+            str(folder), shards, micro_batch_size, collate, seed, rank, num_ranks,
+            start_batches=self.consumed, max_skipped=options.max_skipped_samples, shuffle=options.shuffle,
+        )
+        self.loader = DataLoader(
+            stream, batch_size=None, num_workers=options.num_workers, pin_memory=options.pin_memory,
+            prefetch_factor=4 if options.num_workers > 0 else None,
         )
 
+    def __iter__(self):
+        for batch in self.loader:
+            self.consumed += 1
+            yield batch
 
-def _single(batch: MaskedBatch) -> MaskedBatch:
-    return batch
+    def state_dict(self) -> dict:
+        return {"format": "webdataset", "batches": self.consumed, **self.layout}
 
 
-def micro_batch_loader(
-    dataset: PackedMicroBatches, start: int, num_workers: int, pin_memory: bool = False
-) -> DataLoader:
-    """Micro-batches ``start, start + 1, ...`` of ``dataset``, built by ``num_workers`` processes."""
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        sampler=range(start, len(dataset)),
-        num_workers=num_workers,
-        collate_fn=_single,
-        pin_memory=pin_memory,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
+def open_batches(root: Path, manifest: dict, spec: MaskingSpec, micro_batch_size: int, options: ReaderOptions,
+                 rank: int = 0, num_ranks: int = 1, state: dict | None = None):
+    """Micro-batches of this data-parallel rank from the prepared dataset at ``root``."""
+    if state is not None and state.get("format") != options.data_format:
+        raise DataError(
+            f"the checkpoint's data state is for format {state.get('format')!r}, not --data.format "
+            f"{options.data_format}; resume with the same format"
+        )
+    folder = check_shards(root, manifest, options.data_format, options.verify_hashes)
+    collate = MaskingCollate(spec)
+    if options.data_format == "mds":
+        return MDSBatches(folder, micro_batch_size, collate, options, spec.seed, state)
+    shards = manifest["formats"]["webdataset"]["shards"]
+    return WebDatasetBatches(folder, shards, micro_batch_size, collate, options, spec.seed, rank, num_ranks, state)

@@ -54,6 +54,9 @@ class MaskedBatch:
     pre_anchor_masks: torch.Tensor  # [K-1, b, l] bool
     sample_index: torch.Tensor  # [b] int64, global sample index
     key_padding_mask: torch.Tensor | None = None  # [b, l] bool, true on real tokens; None: no padding
+    segment_ids: torch.Tensor | None = None  # [b, l] int32 document index in the sample; -1 on padding
+    epoch: torch.Tensor | None = None  # [b] int64, the epoch each sample was drawn in
+    num_skipped: int = 0  # damaged samples the reader skipped before this batch (webdataset)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -63,29 +66,30 @@ class MaskedBatch:
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]
 
+    def _map(self, fn) -> "MaskedBatch":
+        return MaskedBatch(**{
+            f.name: fn(f.name, value) if isinstance(value, torch.Tensor) else value
+            for f in fields(self) for value in [getattr(self, f.name)]
+        })
+
     def to(self, device, non_blocking: bool = False) -> "MaskedBatch":
-        moved = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            moved[f.name] = value.to(device, non_blocking=non_blocking) if value is not None else None
-        return MaskedBatch(**moved)
+        return self._map(lambda name, t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "MaskedBatch":
-        return MaskedBatch(**{f.name: (v.pin_memory() if v is not None else None)
-                              for f in fields(self) for v in [getattr(self, f.name)]})
+        return self._map(lambda name, t: t.pin_memory())
 
     def select(self, rows: slice) -> "MaskedBatch":
         """The sequences ``rows`` of this batch (``pre_anchor_masks`` sliced on its batch axis)."""
-        picked = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                picked[f.name] = None
-            elif f.name == "pre_anchor_masks":
-                picked[f.name] = value[:, rows]
-            else:
-                picked[f.name] = value[rows]
-        return MaskedBatch(**picked)
+        return self._map(lambda name, t: t[:, rows] if name == "pre_anchor_masks" else t[rows])
+
+    def attention_mask(self, within_documents: bool = False) -> torch.Tensor | None:
+        """What each position may attend to, for ``scaled_dot_product_attention``: ``None`` (all),
+        ``[b, 1, 1, l]`` (not padding) or ``[b, 1, l, l]`` (same document; padding sees padding)."""
+        if within_documents and self.segment_ids is not None:
+            return (self.segment_ids[:, :, None] == self.segment_ids[:, None, :])[:, None]
+        if self.key_padding_mask is not None:
+            return self.key_padding_mask[:, None, None, :]
+        return None
 
 
 def build_masked_batch(

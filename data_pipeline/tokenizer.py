@@ -8,9 +8,9 @@ an error that says which names were looked for.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -22,7 +22,6 @@ PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOT_TOKEN, MASK_TOKEN, PAD_TOKEN]
 _MASK_NAMES = (MASK_TOKEN, "<|mdm_mask|>", "[MASK]", "<mask>")
 _EOT_NAMES = (EOT_TOKEN, "</s>", "<|eot_id|>", "[SEP]", "<eos>")
-_TRAINER_VERSION = "bpe-v1"
 
 
 @dataclass
@@ -54,7 +53,7 @@ def describe(tokenizer: Tokenizer, path: Path) -> TokenizerInfo:
     if mask_id is None:
         raise DataError(
             f"tokenizer {path} has no mask token (looked for {', '.join(_MASK_NAMES)}); "
-            f"add one, e.g. tokenizer.add_special_tokens(['{MASK_TOKEN}']), or train one by leaving --data.tokenizer empty"
+            f"add one, e.g. tokenizer.add_special_tokens(['{MASK_TOKEN}']), or let memdlm-prepare-data train one"
         )
     eot_id = _first_present(tokenizer, _EOT_NAMES)
     if eot_id is None:
@@ -68,25 +67,17 @@ def load_tokenizer(path: str | Path) -> TokenizerInfo:
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DataError(
-            f"--data.tokenizer: {path} is neither a tokenizer.json file nor a directory containing one"
+            f"--tokenizer: {path} is neither a tokenizer.json file nor a directory containing one"
         )
     try:
         tokenizer = Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises plain Exceptions for malformed files
-        raise DataError(f"--data.tokenizer: {file} could not be read as a tokenizer ({err})") from None
+        raise DataError(f"--tokenizer: {file} could not be read as a tokenizer ({err})") from None
     return describe(tokenizer, file)
 
 
-def train_bpe(text_files: list[Path], vocab_size: int, cache_dir: Path) -> TokenizerInfo:
-    """Train (or reuse from ``cache_dir``) a byte-level BPE on ``text_files``."""
-    key = hashlib.sha256()
-    key.update(f"{_TRAINER_VERSION}:{vocab_size}".encode())
-    for file in text_files:
-        key.update(hashlib.sha256(file.read_bytes()).digest())
-    target = cache_dir / "tokenizers" / key.hexdigest()[:20] / "tokenizer.json"
-    if target.is_file():
-        return load_tokenizer(target)
-
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE with our special tokens, trained on ``texts`` (streamed)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -96,11 +87,15 @@ def train_bpe(text_files: list[Path], vocab_size: int, cache_dir: Path) -> Token
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train([str(f) for f in text_files], trainer)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    tokenizer.save(str(partial))
-    partial.replace(target)
-    (target.parent / "source.json").write_text(json.dumps({"files": [str(f) for f in text_files],
-                                                          "vocab_size": vocab_size}))
-    return load_tokenizer(target)
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def limit_bytes(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """The first texts of ``texts`` up to about ``max_bytes`` of UTF-8 (0: no limit)."""
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text.encode("utf-8"))
+        if max_bytes and seen >= max_bytes:
+            return

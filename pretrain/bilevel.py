@@ -49,8 +49,10 @@ class BilevelStep:
         memory: MemoryConfig,
         diffusion: DiffusionConfig,
         mask_token_id: int,
+        within_documents: bool = False,
     ):
         self.model = model
+        self.within_documents = within_documents
         self.memory = memory
         self.diffusion = diffusion
         self.mask_token_id = mask_token_id
@@ -66,7 +68,8 @@ class BilevelStep:
         seed: int,
         record_fast_weights: bool = False,
     ) -> StepResult:
-        model, ids, padding = self.model, batch.input_ids, batch.key_padding_mask
+        model, ids = self.model, batch.input_ids
+        attention = batch.attention_mask(self.within_documents)  # None, [b,1,1,l] or [b,1,l,l]
         anchor = batch.anchor_mask
         x_t = torch.where(anchor, self.mask_token_id, ids)  # [b, l]
         outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
@@ -74,8 +77,8 @@ class BilevelStep:
         outer_targets, outer_row_scale = row_targets(ids, anchor, outer_scale)
 
         if self.plan is None:
-            h = model.prefix(x_t, model.num_blocks, padding)
-            loss = model.tail_loss(h, model.num_blocks, anchor, outer_targets, outer_row_scale, padding)
+            h = model.prefix(x_t, model.num_blocks, attention)
+            loss = model.tail_loss(h, model.num_blocks, anchor, outer_targets, outer_row_scale, attention)
             return StepResult(loss, [])
 
         expected = self.memory.num_inner_steps - 1
@@ -91,7 +94,7 @@ class BilevelStep:
 
         def inner_step(h_detached: torch.Tensor, state: torch.Tensor, entry=None) -> None:
             nonlocal fast
-            loss = self._inner_loss(h_detached, state, batch, fast, boundary, entry)
+            loss = self._inner_loss(h_detached, state, batch, attention, fast, boundary, entry)
             grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
             fast = self.plan.sgd_step(fast, list(grads))
             inner_loss_sums.append(loss.detach())
@@ -101,32 +104,32 @@ class BilevelStep:
         # 1. Pre-anchor states: prefix without grad, inner update on the tail.
         for state in batch.pre_anchor_masks:
             with torch.no_grad():
-                h_state = model.prefix(torch.where(state, self.mask_token_id, ids), boundary, padding)
+                h_state = model.prefix(torch.where(state, self.mask_token_id, ids), boundary, attention)
             inner_step(h_state, state)
 
         # 2. The anchor prefix, once, with grad; a detached copy feeds the last inner step. The
         #    start of the first tail sub-block (its norm and the base projections that read the
         #    normed input) is fast-weight free, so it is shared too.
-        h_anchor = model.prefix(x_t, boundary, padding)
+        h_anchor = model.prefix(x_t, boundary, attention)
         if self.memory.share_anchor_prefix:
             entry = model.block_entry(h_anchor, boundary)
             inner_step(h_anchor.detach(), anchor, entry.detach())
         else:
             entry = None
             with torch.no_grad():
-                h_inner = model.prefix(x_t, boundary, padding)
+                h_inner = model.prefix(x_t, boundary, attention)
             inner_step(h_inner, anchor)
 
         # 3. Outer loss with phi_K as a constant.
         loss = model.tail_loss(
-            h_anchor, boundary, anchor, outer_targets, outer_row_scale, padding, fast.detach(), entry=entry
+            h_anchor, boundary, anchor, outer_targets, outer_row_scale, attention, fast.detach(), entry=entry
         )
         return StepResult(loss, inner_loss_sums, history)
 
-    def _inner_loss(self, h, state, batch: MaskedBatch, fast: FastWeights, boundary: int, entry) -> torch.Tensor:
+    def _inner_loss(self, h, state, batch: MaskedBatch, attention, fast: FastWeights, boundary: int, entry):
         scale = inner_sequence_scale(state, batch.maskable, self.memory.inner_loss_weight)
         targets, row_scale = row_targets(batch.input_ids, state, scale)
         with torch.enable_grad():
             return self.model.tail_loss(
-                h, boundary, state, targets, row_scale, batch.key_padding_mask, fast, frozen=True, entry=entry
+                h, boundary, state, targets, row_scale, attention, fast, frozen=True, entry=entry
             )

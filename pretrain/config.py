@@ -214,17 +214,37 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    """Where the text comes from and how it is tokenized."""
+    """Training data: a prepared shard dataset, or raw text prepared on first use."""
 
-    path: str = param("", "a UTF-8 text file to train on; empty uses the bundled TinyShakespeare corpus")
-    tokenizer: str = param(
-        "", "a tokenizer.json or Hugging Face tokenizer directory; empty trains a byte-level BPE (cached)"
+    path: str = param(
+        "", "a prepared dataset directory (memdlm-prepare-data), a text/JSONL file or directory of them "
+        "(prepared into the cache on first use), or empty for the bundled TinyShakespeare corpus"
     )
-    cache_dir: str = param("", "cache for trained tokenizers and token arrays (default ~/.cache/memdlm)")
-    num_workers: int = param(1, "DataLoader worker processes that build masked batches")
+    format: str = param("mds", "shard format to read: mds (mosaicml-streaming) or webdataset", ("mds", "webdataset"))
+    tokenizer: str = param(
+        "", "for raw input: a tokenizer.json or Hugging Face tokenizer directory; empty trains a byte-level BPE"
+    )
+    cache_dir: str = param("", "where raw input is prepared (default $MEMDLM_CACHE_DIR or ~/.cache/memdlm)")
+    num_workers: int = param(1, "DataLoader worker processes that read shards and build masked batches")
+    shuffle: bool = param(True, "shuffle samples (MDS) or shards (webdataset) each epoch, from --train.seed")
+    num_canonical_nodes: int = param(
+        1, "MDS: the canonical node count that fixes the global sample order; keep it when the rank count changes"
+    )
+    shuffle_block_size: int = param(0, "MDS: shuffle block size in samples (0: mosaicml-streaming's default)")
+    verify_hashes: bool = param(True, "check every shard's sha256 against the manifest before training")
+    document_attention: bool = param(False, "keep attention within each packed document")
+    max_skipped_samples: int = param(
+        0, "webdataset: damaged samples that may be skipped (counted and logged) before failing; 0 fails at once"
+    )
+    prepare_workers: int = param(1, "tokenization processes when raw input is prepared on first use")
 
     def __post_init__(self):
+        _check_choices(self, "data")
         _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.num_canonical_nodes >= 1, "data.num_canonical_nodes", "must be >= 1")
+        _check(self.shuffle_block_size >= 0, "data.shuffle_block_size", "must be >= 0")
+        _check(self.max_skipped_samples >= 0, "data.max_skipped_samples", "must be >= 0")
+        _check(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
 
 
 @dataclass

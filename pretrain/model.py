@@ -85,7 +85,7 @@ class DiffusionTransformer(nn.Module):
         h: torch.Tensor,
         start: int,
         end: int,
-        key_padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         fast: FastWeights | None = None,
         frozen: bool = False,
         entry: BlockEntry | None = None,
@@ -96,7 +96,7 @@ class DiffusionTransformer(nn.Module):
         for block in range(start, end):
             layer, sub = divmod(block, 2)
             h = self.layers[layer].run_subblock(
-                sub, h, rope, key_padding_mask, fast, frozen, entry if block == start else None
+                sub, h, rope, attention_mask, fast, frozen, entry if block == start else None
             )
         return h
 
@@ -105,10 +105,10 @@ class DiffusionTransformer(nn.Module):
         layer, sub = divmod(block, 2)
         return self.layers[layer].subblock_entry(sub, h)
 
-    def prefix(self, input_ids: torch.Tensor, boundary: int, key_padding_mask=None) -> torch.Tensor:
+    def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None) -> torch.Tensor:
         """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]``."""
         h = self.embedding(input_ids)
-        return self.run_blocks(h, 0, boundary, key_padding_mask)
+        return self.run_blocks(h, 0, boundary, attention_mask)
 
     def head(self, h: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Final norm and LM head: ``[..., hidden]`` -> vocab-parallel logits ``[..., vocab/tp]``."""
@@ -121,7 +121,7 @@ class DiffusionTransformer(nn.Module):
         rows: torch.Tensor,
         targets: torch.Tensor,
         row_scale: torch.Tensor,
-        key_padding_mask=None,
+        attention_mask=None,
         fast: FastWeights | None = None,
         frozen: bool = False,
         entry: BlockEntry | None = None,
@@ -129,13 +129,16 @@ class DiffusionTransformer(nn.Module):
         """Sub-blocks ``[boundary, end)``, then ``sum(row_scale * CE(logits, targets))`` over the
         rows where ``rows [b, l]`` is true (``targets``, ``row_scale``: ``[n]``, in row order).
         The head runs on those rows only."""
-        h = self.run_blocks(h, boundary, self.num_blocks, key_padding_mask, fast, frozen, entry)
+        h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
         return self.lm_head(self.final_norm(h[rows], frozen), targets, row_scale, frozen=frozen)
 
-    def forward(self, input_ids: torch.Tensor, key_padding_mask=None, fast: FastWeights | None = None):
-        """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export)."""
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None):
+        """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).
+        ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask[:, None, None, :]
         h = self.embedding(input_ids)
-        h = self.run_blocks(h, 0, self.num_blocks, key_padding_mask, fast)
+        h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast)
         return self.head(h)
 
 

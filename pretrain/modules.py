@@ -95,7 +95,8 @@ class ProjectionSet(nn.Module):
 
 
 class SelfAttention(ProjectionSet):
-    """Multi-head attention with no causal mask; a key padding mask is optional."""
+    """Multi-head attention with no causal mask. ``attention_mask`` (bool, true = may attend) is
+    ``None`` or broadcastable to ``[b, heads, l, l]``: key padding or within-document attention."""
 
     def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method, tp_size: int):
         super().__init__()
@@ -112,7 +113,7 @@ class SelfAttention(ProjectionSet):
 
     entry_projections = ("qkv",)
 
-    def forward(self, x, rope, key_padding_mask, fast=None, frozen=False, shared_base=None):
+    def forward(self, x, rope, attention_mask, fast=None, frozen=False, shared_base=None):
         b, l, _ = x.shape
         qkv = self.project("qkv", x, fast, frozen, shared_base).view(b, l, self.num_heads_local, 3, self.head_dim)
         cos, sin = rope
@@ -120,8 +121,7 @@ class SelfAttention(ProjectionSet):
         q = query_key[:, :, :, 0].transpose(1, 2)  # [b, heads, l, d]
         k = query_key[:, :, :, 1].transpose(1, 2)
         v = qkv[:, :, :, 2].transpose(1, 2)
-        attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False)
         context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
         return self.project("out", context, fast, frozen)
 
@@ -172,14 +172,14 @@ class TransformerLayer(nn.Module):
         return BlockEntry(h, normed, {name: body.base_projection(name, normed, False)
                                       for name in body.entry_projections})
 
-    def run_subblock(self, index: int, h, rope, key_padding_mask, fast=None, frozen=False, entry=None):
+    def run_subblock(self, index: int, h, rope, attention_mask, fast=None, frozen=False, entry=None):
         norm, body = self.subblock_parts(index)
         if entry is not None:
             h, normed, shared = entry.h, entry.normed, entry.base_outputs
         else:
             normed, shared = norm(h, frozen), None
         if index == 0:
-            return h + body(normed, rope, key_padding_mask, fast, frozen, shared)
+            return h + body(normed, rope, attention_mask, fast, frozen, shared)
         return h + body(normed, fast, frozen, shared)
 
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from data_pipeline.corpus import load_packed_corpus
-from data_pipeline.loader import MaskingSpec, PackedMicroBatches, micro_batch_loader
+from data_pipeline.loader import ReaderOptions, open_batches
+from data_pipeline.readers import MaskingSpec
+from data_pipeline.source import resolve_dataset
 from parallel.topology import Topology, initialize_topology
 from pretrain.bilevel import BilevelStep
 from pretrain.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
@@ -59,14 +61,16 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         keep_freed_memory()
     out_dir = Path(cfg.train.out_dir)
 
-    # 1. Data and tokenizer; the model's mask token comes from the tokenizer unless set.
-    corpus = load_packed_corpus(
-        cfg.data.path, cfg.data.tokenizer, cfg.model.vocab_size, cfg.model.seq_len, cfg.data.cache_dir
-    )
-    mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else corpus.tokenizer.mask_id
+    # 1. The prepared dataset (raw input is prepared on first use, by rank 0 alone); the model's
+    #    mask token comes from its tokenizer unless set.
+    data_root, manifest = _prepare_data(cfg, topology)
+    tokenizer_file = data_root / manifest["tokenizer"]
+    mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else manifest["mask_token_id"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mask_token_id=mask_id))
-    config_record = {**cfg.to_dict(), "tokens": {"mask_token_id": mask_id, "eot_token_id": corpus.tokenizer.eot_id,
-                                                  "pad_token_id": corpus.tokenizer.pad_id}}
+    config_record = {**cfg.to_dict(), "tokens": {"mask_token_id": mask_id, "eot_token_id": manifest["eot_token_id"],
+                                                  "pad_token_id": manifest["pad_token_id"]},
+                     "dataset": {"path": str(data_root), "num_samples": manifest["num_samples"],
+                                 "num_tokens": manifest["num_tokens"]}}
 
     # 2. Model, fast-weight plan, step, optimizer.
     torch.manual_seed(cfg.train.seed)
@@ -75,11 +79,12 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         cfg.model, cfg.memory, topology.tensor_parallel_size, topology.tensor_parallel_rank,
         topology.tensor_parallel_group,
     )
-    step_fn = BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_id)
+    step_fn = BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_id, cfg.data.document_attention)
     optimizer = build_optimizer(model, cfg.optim)
 
     # 3. Resume from the latest checkpoint of this out_dir.
     start_step = 0
+    data_state = None
     checkpoint = latest_checkpoint(out_dir) if cfg.train.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config_record)
@@ -87,6 +92,7 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
+        data_state = state.get("data")
         torch.set_rng_state(state["torch_rng"])
     if start_step >= cfg.train.steps:
         raise ConfigError(
@@ -94,19 +100,24 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
             "raise --train.steps to continue, or use a new --train.out_dir"
         )
 
-    # 4. Micro-batches, masked in loader workers; the stream is fixed by the seed.
+    # 4. Micro-batches of this rank, masked in loader workers; the stream is fixed by the seed.
     accumulation = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    dataset = PackedMicroBatches(
-        corpus.sequences, cfg.train.micro_batch_size, cfg.train.steps * accumulation,
-        MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps),
+    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
+                       cfg.model.seq_len, cfg.model.vocab_size)
+    reader = ReaderOptions(
+        data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
+        num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
+        verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
+        pin_memory=device.type == "cuda",
     )
-    batches = iter(micro_batch_loader(dataset, start_step * accumulation, cfg.data.num_workers,
-                                      pin_memory=device.type == "cuda"))
+    data = open_batches(data_root, manifest, spec, cfg.train.micro_batch_size, reader,
+                        topology.data_parallel_rank, topology.data_parallel_size, data_state)
+    batches = iter(data)
 
     logger = MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps, start_step)
     logger.write(
         f"model: {count_parameters(model) / 1e6:.2f}M parameters, memory {'on' if cfg.memory.enabled else 'off'}; "
-        f"data: {len(corpus.sequences)} sequences of {cfg.model.seq_len} tokens from {corpus.source}"
+        f"data: {manifest['num_samples']} samples of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
         + (f"; resumed from {checkpoint}" if checkpoint else "")
     )
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
@@ -115,10 +126,12 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     completed = start_step
     stopped_early = False
 
+    skipped_samples = 0
+
     def save(at_step: int) -> Path:
         return save_checkpoint(
-            out_dir, at_step, model, optimizer, config_record, corpus.tokenizer.path,
-            {"step": at_step, "torch_rng": torch.get_rng_state()},
+            out_dir, at_step, model, optimizer, config_record, tokenizer_file,
+            {"step": at_step, "torch_rng": torch.get_rng_state(), "data": data.state_dict()},
         )
 
     try:
@@ -127,6 +140,9 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
             micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(accumulation)]
             record = _optimizer_step(cfg, step, micro_batches, model, step_fn, optimizer, device)
             completed = step + 1
+            skipped_samples += sum(mb.num_skipped for mb in micro_batches)
+            if cfg.data.format == "webdataset":
+                record["skipped_samples"] = skipped_samples
             seconds = time.perf_counter() - tick
             record["tokens_per_s"] = tokens_per_step / seconds
             record["step_seconds"] = seconds
@@ -208,3 +224,19 @@ def _check_resumable(checkpoint: Path, config_record: dict) -> None:
                 f"{checkpoint} was trained with a different [{section}] config; resume with the same "
                 f"--{section}.* options, pass --train.resume false to start over, or use a new --train.out_dir"
             )
+
+
+def _prepare_data(cfg: RunConfig, topology: Topology):
+    """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
+    args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
+    if topology.world_size > 1:
+        failure = None
+        if topology.is_main:
+            try:
+                resolve_dataset(*args, prepare=True, prepare_workers=cfg.data.prepare_workers)
+            except Exception as err:  # re-raised after the barrier, so no rank waits forever
+                failure = err
+        dist.barrier()
+        if failure is not None:
+            raise failure
+    return resolve_dataset(*args, prepare=topology.is_main, prepare_workers=cfg.data.prepare_workers)

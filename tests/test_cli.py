@@ -134,5 +134,22 @@ def test_empty_or_short_corpus_fails_with_a_message(tmp_path, cache_dir):
     result = run_cli(*TINY, "--model.seq_len", "512", "--data.path", str(short), "--train.out_dir",
                      str(tmp_path / "b"), "--data.cache_dir", str(cache_dir))
     assert result.returncode == 2
-    assert "fewer than one sequence of --model.seq_len 512" in result.stderr
+    assert "fewer samples than one micro-batch per rank" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_prepared_dataset_with_another_sequence_length_is_refused(tmp_path):
+    data = tmp_path / "data"
+    prepared = subprocess.run(
+        [sys.executable, "-m", "launch.prepare_cli", "--input", str(ROOT / "data_pipeline" / "corpus" /
+         "tinyshakespeare.txt"), "--output", str(data), "--seq-len", "64", "--vocab-size", "512", "--no-progress"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    result = run_cli(*TINY, "--data.path", str(data), "--train.out_dir", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "packed into sequences of 64 tokens but --model.seq_len is 32; use --model.seq_len 64" in result.stderr
+    trained = run_cli(*TINY, "--model.seq_len", "64", "--data.path", str(data), "--data.format", "mds",
+                      "--train.steps", "2", "--logging.wandb", "false", "--train.out_dir", str(tmp_path / "ok"))
+    assert trained.returncode == 0, trained.stderr
+    assert len(read_metrics(tmp_path / "ok")) == 2

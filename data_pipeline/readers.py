@@ -1,0 +1,190 @@
+"""Streaming readers that hand the trainer masked micro-batches.
+
+- MDS (mosaicml-streaming): ``IndexedStreamingDataset`` adds each sample's global index and
+  epoch; ``StreamingDataLoader`` partitions samples over ranks and workers. The global sample
+  order depends only on the seed and ``num_canonical_nodes``, not on the number of ranks or
+  workers, and its ``state_dict`` resumes mid-epoch exactly, also with another number of ranks.
+- webdataset: each (rank, worker) streams its own shards (shard ``i`` of an epoch's shuffled
+  shard list goes to slot ``i mod (ranks * workers)``). Resuming needs the same number of ranks,
+  workers and micro-batch size. A corrupt shard can be skipped within a budget.
+
+Both build the ``MaskedBatch`` in the worker (``MaskingCollate``), with masks from
+``(seed, sample index, epoch)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import webdataset as wds
+from streaming import StreamingDataset
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.errors import DataError
+from data_pipeline.masking import MaskedBatch, build_masked_batch
+from data_pipeline.packing import decode_layout, sample_masks
+from data_pipeline.shards import decode_webdataset_sample
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    seed: int
+    num_inner_steps: int
+    pre_anchor_scale: float
+    eps: float
+    seq_len: int
+    vocab_size: int
+
+
+class MaskingCollate:
+    """Samples (dicts of arrays) -> one ``MaskedBatch``, with array operations only."""
+
+    def __init__(self, spec: MaskingSpec):
+        self.spec = spec
+
+    def __call__(self, samples: list[dict]) -> MaskedBatch:
+        spec = self.spec
+        tokens = np.stack([np.asarray(s["tokens"]) for s in samples]).astype(np.int64)
+        index = np.array([s["sample_index"] for s in samples], dtype=np.int64)
+        epoch = np.array([s["epoch"] for s in samples], dtype=np.int64)
+        if tokens.shape[1] != spec.seq_len:
+            raise DataError(f"samples have {tokens.shape[1]} tokens but --model.seq_len is {spec.seq_len}")
+        bad = (tokens < 0) | (tokens >= spec.vocab_size)
+        if bad.any():
+            row, col = np.argwhere(bad)[0]
+            raise DataError(
+                f"sample {index[row]} holds token id {tokens[row, col]} outside the vocabulary "
+                f"[0, {spec.vocab_size}); the shards do not belong to this tokenizer/model.vocab_size"
+            )
+        lengths, doc_starts, prompt_spans = zip(*(decode_layout(np.asarray(s["layout"])) for s in samples))
+        real, maskable, segments = sample_masks(np.array(lengths), list(doc_starts), list(prompt_spans), spec.seq_len)
+        batch = build_masked_batch(
+            tokens, index, seed=spec.seed, epoch=epoch, num_inner_steps=spec.num_inner_steps,
+            pre_anchor_scale=spec.pre_anchor_scale, eps=spec.eps, maskable=maskable,
+            key_padding_mask=None if real.all() else real,
+        )
+        batch.segment_ids = torch.from_numpy(segments)
+        batch.epoch = torch.from_numpy(epoch)
+        batch.num_skipped = sum(s.get("skipped_before", 0) for s in samples)
+        return batch
+
+
+class IndexedStreamingDataset(StreamingDataset):
+    """mosaicml-streaming's dataset, with each sample's global index and epoch attached."""
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._iteration_epoch = epoch
+        return epoch, sample_in_epoch
+
+    def get_item(self, sample_id: int, retry: int = 7):
+        try:
+            sample = super().get_item(sample_id, retry)
+        except Exception as err:  # a shard that decodes to garbage raises assorted errors
+            shard, _ = self.spanner[sample_id]
+            raise DataError(f"sample {sample_id} of MDS shard {self.shards[shard].raw_data.basename} "
+                            f"could not be read ({type(err).__name__}: {err})") from None
+        sample["sample_index"] = int(sample_id)
+        sample["epoch"] = int(getattr(self, "_iteration_epoch", 0))
+        return sample
+
+
+class WebDatasetStream(IterableDataset):
+    """Micro-batches from webdataset shards for one data-parallel rank (see module docstring)."""
+
+    def __init__(self, folder, shards: list[dict], micro_batch_size: int, collate: MaskingCollate, seed: int,
+                 rank: int, num_ranks: int, start_batches: int = 0, max_skipped: int = 0, shuffle: bool = True):
+        self.folder = folder
+        self.shards = shards
+        self.micro_batch_size = micro_batch_size
+        self.collate = collate
+        self.seed = seed
+        self.rank = rank
+        self.num_ranks = num_ranks
+        self.start_batches = start_batches
+        self.max_skipped = max_skipped
+        self.shuffle = shuffle
+
+    def _slot(self) -> tuple[int, int, int]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if len(self.shards) < self.num_ranks * workers:
+            raise DataError(
+                f"webdataset: {len(self.shards)} shards cannot feed {self.num_ranks} ranks x {workers} workers; "
+                "prepare with a smaller --samples-per-shard or use fewer --data.num_workers"
+            )
+        return self.rank * workers + worker, self.num_ranks * workers, worker
+
+    def _my_shards(self, epoch: int, slot: int, slots: int) -> list[dict]:
+        order = np.arange(len(self.shards))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 0xDA7A]).permutation(len(self.shards))
+        return [self.shards[i] for position, i in enumerate(order) if position % slots == slot]
+
+    def _samples(self, slot: int, slots: int, skip: int):
+        """This slot's samples, epoch after epoch, after skipping ``skip`` of them."""
+        skipped_total = 0
+        for epoch in itertools.count():
+            for shard in self._my_shards(epoch, slot, slots):
+                if skip >= shard["samples"]:  # resume: whole shards are skipped by arithmetic
+                    skip -= shard["samples"]
+                    continue
+                path = f"{self.folder}/{shard['file']}"
+                read = 0
+                try:
+                    for raw in wds.WebDataset([path], shardshuffle=False, nodesplitter=_all, workersplitter=_all,
+                                              empty_check=False):
+                        read += 1
+                        if skip:
+                            skip -= 1
+                            continue
+                        try:
+                            sample = decode_webdataset_sample(raw)
+                        except DataError as err:  # one malformed sample
+                            skipped_total += 1
+                            self._check_budget(skipped_total, str(err))
+                            yield {"skip_marker": 1}
+                            continue
+                        sample["epoch"] = epoch
+                        yield sample
+                    if read < shard["samples"]:  # a damaged tar can also just end early
+                        raise DataError(f"it ended after {read} of its {shard['samples']} samples")
+                except Exception as err:  # tar errors of a damaged shard: the rest of it is lost
+                    lost = max(shard["samples"] - read, 1)
+                    skipped_total += lost
+                    self._check_budget(skipped_total, f"webdataset shard {path} is damaged ({type(err).__name__}: {err})")
+                    print(f"warning: skipped {lost} samples of damaged shard {path} ({skipped_total} in total)",
+                          file=sys.stderr)
+                    yield {"skip_marker": lost}
+
+    def _check_budget(self, skipped_total: int, reason: str) -> None:
+        if skipped_total > self.max_skipped:
+            raise DataError(
+                f"{reason}; {skipped_total} samples lost in total, over --data.max_skipped_samples "
+                f"{self.max_skipped} (raise it to skip more, or repair the shard)"
+            )
+
+    def __iter__(self):
+        slot, slots, worker = self._slot()
+        workers = slots // self.num_ranks
+        # Batch k of this rank comes from worker k mod workers (the DataLoader's round robin).
+        mine_before = max(0, (self.start_batches - worker + workers - 1) // workers)
+        samples, pending_skips = [], 0
+        for sample in self._samples(slot, slots, mine_before * self.micro_batch_size):
+            if "skip_marker" in sample:
+                pending_skips += sample["skip_marker"]
+                continue
+            if pending_skips:
+                sample["skipped_before"], pending_skips = pending_skips, 0
+            samples.append(sample)
+            if len(samples) == self.micro_batch_size:
+                yield self.collate(samples)
+                samples = []
+
+
+def _all(source):
+    return source

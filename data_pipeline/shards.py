@@ -1,0 +1,149 @@
+"""Shard files and the manifest: writing (MDS and webdataset) and checking before reading.
+
+A prepared dataset directory holds ``manifest.json``, ``tokenizer.json`` and one folder per
+format: ``mds/`` (mosaicml-streaming's ``MDSWriter`` output with its ``index.json`` and
+per-shard hashes) and/or ``webdataset/`` (``shard-NNNNNN.tar``), with the same samples and sample index (the MDS sample id; the webdataset ``__key__``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from streaming import MDSWriter
+
+from data_pipeline.errors import DataError
+from data_pipeline.packing import PackedSample, encode_layout
+
+MANIFEST = "manifest.json"
+FORMAT_DIRS = {"mds": "mds", "webdataset": "webdataset"}
+
+
+def token_dtype(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+class MDSSink:
+    def __init__(self, root: Path, seq_len: int, dtype, samples_per_shard: int):
+        self.dir = root / FORMAT_DIRS["mds"]
+        sample_bytes = seq_len * np.dtype(dtype).itemsize + 64
+        self.writer = MDSWriter(
+            out=str(self.dir),
+            columns={
+                "tokens": f"ndarray:{np.dtype(dtype).name}:{seq_len}",
+                "layout": "ndarray:int32",
+            },
+            hashes=["sha1", "xxh64"],
+            size_limit=max(sample_bytes * samples_per_shard, 1 << 12),
+            progress_bar=False,
+        )
+
+    def write(self, index: int, sample: PackedSample) -> None:
+        self.writer.write({"tokens": sample.tokens, "layout": encode_layout(sample)})
+
+    def close(self) -> list[dict]:
+        self.writer.finish()
+        index = json.loads((self.dir / "index.json").read_text())
+        return [_describe(self.dir / shard["raw_data"]["basename"], shard["samples"]) for shard in index["shards"]]
+
+
+class WebDatasetSink:
+    def __init__(self, root: Path, samples_per_shard: int):
+        self.dir = root / FORMAT_DIRS["webdataset"]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.shards: list[tuple[Path, int]] = []
+        self.writer = None
+
+    def write(self, index: int, sample: PackedSample) -> None:
+        if self.writer is None or self.shards[-1][1] >= self.samples_per_shard:
+            self._roll()
+        self.writer.write({
+            "__key__": f"{index:012d}",
+            "tokens.npy": sample.tokens,
+            "layout.npy": encode_layout(sample),
+        })
+        path, count = self.shards[-1]
+        self.shards[-1] = (path, count + 1)
+
+    def _roll(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        path = self.dir / f"shard-{len(self.shards):06d}.tar"
+        self.writer = wds.TarWriter(str(path), mtime=0.0)  # fixed mtime: byte-identical reruns
+        self.shards.append((path, 0))
+
+    def close(self) -> list[dict]:
+        if self.writer is not None:
+            self.writer.close()
+        return [_describe(path, count) for path, count in self.shards]
+
+
+def _describe(path: Path, samples: int) -> dict:
+    return {"file": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    file = root / MANIFEST
+    if not file.is_file():
+        raise DataError(
+            f"--data.path: {root} has no {MANIFEST}; prepare it with `memdlm-prepare-data --input TEXT --output {root}`"
+        )
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{file} is not valid JSON ({err.msg}); prepare the dataset again") from None
+
+
+def check_shards(root: str | Path, manifest: dict, data_format: str, verify_hashes: bool) -> Path:
+    """The format's shard folder after checking every shard exists with its recorded size (and
+    sha256 when ``verify_hashes``); a DataError names the first bad shard."""
+    entry = manifest.get("formats", {}).get(data_format)
+    if entry is None:
+        have = ", ".join(sorted(manifest.get("formats", {}))) or "none"
+        raise DataError(
+            f"--data.format {data_format}: {root} was not prepared in that format (it has: {have}); "
+            f"run memdlm-prepare-data --format {data_format} or pick one of those"
+        )
+    folder = Path(root) / entry["dir"]
+    for shard in entry["shards"]:
+        path = folder / shard["file"]
+        if not path.is_file():
+            raise DataError(f"shard {path} is missing; restore it or prepare the dataset again")
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            raise DataError(
+                f"shard {path} has {size} bytes but the manifest records {shard['bytes']} (truncated or "
+                "replaced); restore it or prepare the dataset again"
+            )
+        if verify_hashes and file_sha256(path) != shard["sha256"]:
+            raise DataError(
+                f"shard {path} does not match its sha256 in the manifest (corrupt); restore it or prepare "
+                "the dataset again (--data.verify_hashes false skips this check)"
+            )
+    return folder
+
+
+def decode_webdataset_sample(raw: dict) -> dict:
+    """A webdataset sample's raw member bytes -> the same fields as an MDS sample."""
+    def array(name):
+        return np.load(io.BytesIO(raw[name]), allow_pickle=False)
+
+    try:
+        return {"tokens": array("tokens.npy"), "layout": array("layout.npy"), "sample_index": int(raw["__key__"])}
+    except (KeyError, ValueError, OSError, tarfile.TarError) as err:
+        raise DataError(f"sample {raw.get('__key__')} in {raw.get('__url__')} is malformed ({err})") from None

@@ -1,0 +1,69 @@
+"""Where the training samples come from: a prepared dataset, or raw text prepared on first use.
+
+``--data.path`` may name a prepared dataset directory (it has ``manifest.json``), a text or
+JSONL file, or a directory of them; empty means the bundled TinyShakespeare corpus. Raw input
+is prepared once (both formats) into the cache, keyed by the files' names, sizes and
+modification times and the preparation settings, and reused afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from data_pipeline.corpus import BUNDLED_CORPUS, check_text_file, default_cache_dir
+from data_pipeline.documents import input_files
+from data_pipeline.errors import DataError
+from data_pipeline.prepare import FORMAT_VERSION, PrepareOptions, prepare_dataset
+from data_pipeline.shards import MANIFEST, read_manifest
+
+AUTO_SAMPLES_PER_SHARD = 512
+
+
+def is_prepared(path: str) -> bool:
+    return bool(path) and (Path(path) / MANIFEST).is_file()
+
+
+def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str) -> tuple[Path, Path]:
+    """(input, cache folder) for raw input; the folder name is a key of the inputs and settings."""
+    source = Path(path) if path else BUNDLED_CORPUS
+    if source.is_file() or not source.exists():
+        files = [check_text_file(source)]
+    else:
+        files = input_files(source)
+    key = hashlib.sha256(json.dumps({
+        "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "",
+        "seq_len": seq_len, "vocab_size": vocab_size, "version": FORMAT_VERSION,
+        "samples_per_shard": AUTO_SAMPLES_PER_SHARD,
+    }).encode()).hexdigest()[:20]
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    return source, cache / "datasets" / key
+
+
+def resolve_dataset(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str,
+                    prepare: bool = True, prepare_workers: int = 1) -> tuple[Path, dict]:
+    """The prepared dataset folder and its manifest; raw input is prepared when ``prepare``."""
+    if is_prepared(path):
+        root = Path(path)
+    else:
+        source, root = auto_prepared_dir(path, tokenizer, seq_len, vocab_size, cache_dir)
+        if prepare and not (root / MANIFEST).is_file():
+            prepare_dataset(PrepareOptions(
+                input=str(source), output=str(root), formats=["mds", "webdataset"], seq_len=seq_len,
+                vocab_size=vocab_size, tokenizer=tokenizer, num_workers=prepare_workers,
+                samples_per_shard=AUTO_SAMPLES_PER_SHARD, overwrite=True, progress=False,
+            ))
+    manifest = read_manifest(root)
+    if manifest["seq_len"] != seq_len:
+        raise DataError(
+            f"{root} was packed into sequences of {manifest['seq_len']} tokens but --model.seq_len is {seq_len}; "
+            f"use --model.seq_len {manifest['seq_len']} or prepare the data again with --seq-len {seq_len}"
+        )
+    if manifest["tokenizer_vocab_size"] > vocab_size:
+        raise DataError(
+            f"{root} uses a tokenizer of {manifest['tokenizer_vocab_size']} tokens but --model.vocab_size is "
+            f"{vocab_size}; set --model.vocab_size {manifest['tokenizer_vocab_size']} or more"
+        )
+    return root, manifest

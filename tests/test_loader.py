@@ -1,0 +1,197 @@
+"""Streaming readers: determinism, exact and elastic resume, and bad shards.
+
+Multi-rank cases run real gloo processes (tests/dist_utils.py); each rank opens its reader as
+the trainer does and records (sample index, mask hash) for every micro-batch.
+"""
+
+import hashlib
+import shutil
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import ReaderOptions, open_batches
+from data_pipeline.readers import MaskingSpec
+from data_pipeline.shards import read_manifest
+from tests.data_fixtures import SEQ_LEN, VOCAB, prepare, write_corpus
+from tests.dist_utils import run_ranks
+
+SPEC = MaskingSpec(seed=7, num_inner_steps=3, pre_anchor_scale=1.5, eps=1e-3, seq_len=SEQ_LEN, vocab_size=VOCAB)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    corpus = write_corpus(tmp_path_factory.mktemp("corpus"), scale=0.08)
+    root = tmp_path_factory.mktemp("data") / "ds"
+    manifest = prepare(corpus, root, samples_per_shard=16)
+    assert 100 < manifest["num_samples"] < 160, manifest["num_samples"]
+    return root
+
+
+def sample_records(batch):
+    """(sample index, epoch, hash of t and all masks) for each sample of a batch."""
+    records = []
+    for i in range(batch.num_sequences):
+        digest = hashlib.sha1()
+        for tensor in (batch.t[i], batch.anchor_mask[i], batch.pre_anchor_masks[:, i], batch.maskable[i]):
+            digest.update(tensor.numpy().tobytes())
+        records.append((int(batch.sample_index[i]), int(batch.epoch[i]), digest.hexdigest()[:16]))
+    return records
+
+
+def take(root, fmt, micro, count, workers=1, rank=0, ranks=1, state=None, spec=SPEC):
+    options = ReaderOptions(data_format=fmt, num_workers=workers)
+    batches = open_batches(root, read_manifest(root), spec, micro, options, rank, ranks, state)
+    stream = iter(batches)
+    got = [sample_records(next(stream)) for _ in range(count)]
+    return got, batches.state_dict()
+
+
+def test_mds_order_and_masks_do_not_depend_on_workers(dataset):
+    # 80 micro-batches of 4 = 320 samples: into the third epoch (~130 samples each).
+    runs = [take(dataset, "mds", 4, 80, workers=w)[0] for w in (0, 1, 2)]
+    assert runs[0] == runs[1] == runs[2]
+    epochs = {epoch for batch in runs[0] for _, epoch, _ in batch}
+    assert epochs == {0, 1, 2}
+    first_epoch = [index for batch in runs[0] for index, epoch, _ in batch if epoch == 0]
+    assert len(first_epoch) == len(set(first_epoch)), "no sample twice within an epoch"
+
+
+def test_webdataset_masks_follow_the_sample_not_the_worker(dataset):
+    one, two = (take(dataset, "webdataset", 4, 12, workers=w)[0] for w in (1, 2))
+    by_index = {}
+    for run in (one, two):
+        for batch in run:
+            for index, epoch, digest in batch:
+                assert by_index.setdefault((index, epoch), digest) == digest
+
+
+@pytest.mark.parametrize("fmt", ["mds", "webdataset"])
+def test_resume_continues_the_stream_exactly(dataset, fmt):
+    straight, _ = take(dataset, fmt, 4, 30)
+    first, state = take(dataset, fmt, 4, 13)
+    rest, _ = take(dataset, fmt, 4, 17, state=state)
+    assert first + rest == straight
+
+
+def test_webdataset_resume_refuses_another_layout(dataset):
+    _, state = take(dataset, "webdataset", 4, 3)
+    with pytest.raises(DataError, match="webdataset resume needs the layout it was saved with"):
+        take(dataset, "webdataset", 2, 1, state=state)
+
+
+def _ranked_stream(rank, world, root, fmt, micro, count, state, workers=0):
+    return take(root, fmt, micro, count, rank=rank, ranks=world, state=state, workers=workers)
+
+
+def global_batches(per_rank: list, micro_per_global: int) -> list:
+    """Per-rank micro-batch records -> the sorted samples of each global batch."""
+    merged = [sum(step, []) for step in zip(*per_rank)]  # one entry per global micro-batch
+    return [sorted(sum(merged[i:i + micro_per_global], []))
+            for i in range(0, len(merged), micro_per_global)]
+
+
+def test_one_and_two_ranks_see_the_same_global_batches(dataset):
+    single, _ = take(dataset, "mds", 8, 12)
+    ranks = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 12, None, 1)
+    assert global_batches([single], 1) == global_batches([r[0] for r in ranks], 1)
+
+
+def test_two_ranks_resume_exactly(dataset):
+    straight = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 20, None)
+    first = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 7, None)
+    assert first[0][1] == first[1][1], "every rank saves the same streaming state"
+    rest = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 13, first[0][1])
+    for rank in range(2):
+        assert first[rank][0] + rest[rank][0] == straight[rank][0]
+
+
+def test_elastic_resume_from_two_ranks_to_one(dataset):
+    """Save with 2 ranks x 4, resume on 1 rank x 8: the global batches continue unchanged."""
+    straight = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 20, None)
+    first = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 7, None)
+    resumed, _ = take(dataset, "mds", 8, 13, state=first[0][1])
+    assert global_batches([resumed], 1) == global_batches([r[0] for r in straight], 1)[7:]
+
+
+# -- bad shards --------------------------------------------------------------------------------
+@pytest.fixture
+def damaged(dataset, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(dataset, copy)
+    return copy
+
+
+def test_missing_shard_is_named(damaged):
+    (damaged / "mds" / "shard.00001.mds").unlink()
+    with pytest.raises(DataError, match=r"shard .*shard.00001.mds is missing"):
+        take(damaged, "mds", 4, 1)
+
+
+def test_truncated_shard_is_named(damaged):
+    shard = damaged / "webdataset" / "shard-000002.tar"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"shard-000002.tar has 1000 bytes but the manifest records"):
+        take(damaged, "webdataset", 4, 1)
+
+
+def test_hash_mismatch_is_named(damaged):
+    shard = damaged / "mds" / "shard.00000.mds"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"shard.00000.mds does not match its sha256"):
+        take(damaged, "mds", 4, 1)
+
+
+def test_token_outside_the_vocabulary_is_named(dataset):
+    small = MaskingSpec(7, 3, 1.5, 1e-3, SEQ_LEN, vocab_size=100)
+    with pytest.raises(DataError, match=r"sample \d+ holds token id \d+ outside the vocabulary \[0, 100\)"):
+        take(dataset, "mds", 4, 1, spec=small, workers=0)
+
+
+def _corrupt_tar(path):
+    """Keep the first member intact, garble the rest, same size (so only reading finds it)."""
+    data = bytearray(path.read_bytes())
+    with tarfile.open(path) as archive:
+        first = archive.getmembers()[1]
+    cut = first.offset_data + first.size + 600
+    data[cut:] = bytes(len(data) - cut)
+    data[cut:cut + 512] = b"\x13" * 512
+    path.write_bytes(bytes(data))
+
+
+def test_webdataset_skip_budget(damaged):
+    manifest = read_manifest(damaged)
+    shard = manifest["formats"]["webdataset"]["shards"][1]
+    shard_start = manifest["formats"]["webdataset"]["shards"][0]["samples"]
+    _corrupt_tar(damaged / "webdataset" / shard["file"])
+    options = dict(data_format="webdataset", num_workers=0, verify_hashes=False, shuffle=False)
+    # No budget: the damaged shard stops training with its name.
+    strict = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options))
+    with pytest.raises(DataError, match=shard["file"]):
+        for _ in range(30):
+            next(iter_once(strict))
+    # A budget: samples are skipped, counted, and training goes on.
+    lenient = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options, max_skipped_samples=100))
+    stream = iter(lenient)
+    batches = [next(stream) for _ in range(25)]
+    skipped = sum(b.num_skipped for b in batches)
+    indices = {i for b in batches for i in b.sample_index.tolist()}
+    lost = set(range(shard_start, shard_start + shard["samples"])) - indices
+    assert 0 < skipped == len(lost) < shard["samples"]
+    # Past the budget it fails again.
+    tight = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options, max_skipped_samples=skipped - 1))
+    with pytest.raises(DataError, match="over --data.max_skipped_samples"):
+        stream = iter(tight)
+        for _ in range(30):
+            next(stream)
+
+
+_iterators = {}
+
+
+def iter_once(batches):
+    return _iterators.setdefault(id(batches), iter(batches))
