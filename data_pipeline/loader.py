@@ -7,8 +7,12 @@ stream exactly where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch.distributed as dist
 
 from streaming.base import StreamingDataLoader
 from torch.utils.data import DataLoader
@@ -37,14 +41,30 @@ class MaskedStreamingDataLoader(StreamingDataLoader):
         return batch.num_sequences
 
 
+@contextlib.contextmanager
+def _barriers_on(group):
+    """mosaicml-streaming calls ``torch.distributed.barrier()`` on the default group while it sets
+    up; when only some ranks read data, those calls must stay among the reading ranks."""
+    if group is None:
+        yield
+        return
+    original = dist.barrier
+    dist.barrier = functools.partial(original, group=group)
+    try:
+        yield
+    finally:
+        dist.barrier = original
+
+
 class MDSBatches:
     def __init__(self, folder: Path, micro_batch_size: int, collate: MaskingCollate, options: ReaderOptions,
-                 seed: int, state: dict | None):
-        self.dataset = IndexedStreamingDataset(
-            local=str(folder), remote=None, shuffle=options.shuffle, shuffle_seed=seed,
-            num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
-            shuffle_block_size=options.shuffle_block_size or None,
-        )
+                 seed: int, state: dict | None, barrier_group=None):
+        with _barriers_on(barrier_group):
+            self.dataset = IndexedStreamingDataset(
+                local=str(folder), remote=None, shuffle=options.shuffle, shuffle_seed=seed,
+                num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
+                shuffle_block_size=options.shuffle_block_size or None,
+            )
         self.loader = MaskedStreamingDataLoader(
             self.dataset, batch_size=micro_batch_size, num_workers=options.num_workers, collate_fn=collate,
             pin_memory=options.pin_memory, drop_last=True,
@@ -101,8 +121,10 @@ class WebDatasetBatches:
 
 
 def open_batches(root: Path, manifest: dict, spec: MaskingSpec, micro_batch_size: int, options: ReaderOptions,
-                 rank: int = 0, num_ranks: int = 1, state: dict | None = None):
-    """Micro-batches of this data-parallel rank from the prepared dataset at ``root``."""
+                 rank: int = 0, num_ranks: int = 1, state: dict | None = None, barrier_group=None):
+    """Micro-batches of this data-parallel rank from the prepared dataset at ``root``.
+
+    ``barrier_group``: the group of the ranks that read (when not every rank does)."""
     if state is not None and state.get("format") != options.data_format:
         raise DataError(
             f"the checkpoint's data state is for format {state.get('format')!r}, not --data.format "
@@ -111,6 +133,6 @@ def open_batches(root: Path, manifest: dict, spec: MaskingSpec, micro_batch_size
     folder = check_shards(root, manifest, options.data_format, options.verify_hashes)
     collate = MaskingCollate(spec)
     if options.data_format == "mds":
-        return MDSBatches(folder, micro_batch_size, collate, options, spec.seed, state)
+        return MDSBatches(folder, micro_batch_size, collate, options, spec.seed, state, barrier_group)
     shards = manifest["formats"]["webdataset"]["shards"]
     return WebDatasetBatches(folder, shards, micro_batch_size, collate, options, spec.seed, rank, num_ranks, state)

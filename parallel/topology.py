@@ -1,9 +1,10 @@
-"""Process groups: torch.distributed plus megatron-core ``parallel_state``.
+"""Process groups: torch.distributed plus megatron-core ``parallel_state`` (TP x PP x DP).
 
-A single process still gets a (world size 1) process group, so the megatron-core layers
-and every collective run the same code at one rank as at many. Under torchrun the
-environment variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) are used; alone, a file store
-in a temporary directory avoids picking a TCP port.
+A single process still gets a (world size 1) process group, so the megatron-core layers and
+every collective run the same code at one rank as at many. Under torchrun the environment
+variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) are used; alone, a file store in a temporary
+directory avoids picking a TCP port. Rank order is megatron's default (tensor parallel
+fastest, then data parallel, then pipeline).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from pretrain.config import ConfigError
 from pretrain.megatron_imports import parallel_state
 
 
@@ -24,6 +26,7 @@ class Topology:
     world_size: int
     local_rank: int
     tensor_parallel_size: int
+    pipeline_parallel_size: int
     data_parallel_size: int
     device: torch.device
     backend: str
@@ -37,12 +40,35 @@ class Topology:
         return parallel_state.get_tensor_model_parallel_rank()
 
     @property
+    def pipeline_parallel_group(self):
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
+    def pipeline_parallel_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
     def data_parallel_group(self):
         return parallel_state.get_data_parallel_group()
 
     @property
     def data_parallel_rank(self) -> int:
         return parallel_state.get_data_parallel_rank()
+
+    @property
+    def model_parallel_group(self):
+        """The ranks that hold one replica of the model (TP x PP): they share one data stream."""
+        return parallel_state.get_model_parallel_group()
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first tensor-parallel rank of the first stage reads; it broadcasts to the rest."""
+        return self.tensor_parallel_rank == 0 and self.pipeline_parallel_rank == 0
+
+    @property
+    def data_source_rank(self) -> int:
+        """Global rank that reads this replica's data (tensor rank 0 of stage 0, same data rank)."""
+        return self.data_parallel_rank * self.tensor_parallel_size
 
     @property
     def is_main(self) -> bool:
@@ -53,11 +79,32 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--train.device cuda: no CUDA device is visible; use --train.device cpu")
+        raise ConfigError("--train.device cuda: no CUDA device is visible; use --train.device cpu")
     return torch.device(name)
 
 
-def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1) -> Topology:
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_layout(world_size: int, tensor: int, pipeline: int, num_layers: int) -> None:
+    """Refuse a layout that cannot work, naming the sizes that can."""
+    if world_size % (tensor * pipeline):
+        options = ", ".join(f"{t}x{p}" for t in _divisors(world_size) for p in _divisors(world_size // t))
+        raise ConfigError(
+            f"--parallel.tensor_parallel_size {tensor} x --parallel.pipeline_parallel_size {pipeline} = "
+            f"{tensor * pipeline} does not divide the world size {world_size}; possible tensor x pipeline sizes: "
+            f"{options}"
+        )
+    if num_layers % pipeline:
+        raise ConfigError(
+            f"--parallel.pipeline_parallel_size {pipeline}: {num_layers} layers do not split into {pipeline} equal "
+            f"stages; possible pipeline sizes for {num_layers} layers: {', '.join(map(str, _divisors(num_layers)))}"
+        )
+
+
+def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
+                        num_layers: int | None = None) -> Topology:
     resolved = resolve_device(device)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -73,18 +120,19 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1) -> 
                 backend=backend, init_method=f"file://{store_dir}/store", rank=0, world_size=1
             )
     world_size = dist.get_world_size()
-    if world_size % tensor_parallel_size:
-        raise ValueError(
-            f"world size {world_size} is not divisible by tensor_parallel_size {tensor_parallel_size}"
-        )
+    check_layout(world_size, tensor_parallel_size, pipeline_parallel_size, num_layers or pipeline_parallel_size)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel_size)
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel_size,
+            pipeline_model_parallel_size=pipeline_parallel_size,
+        )
     return Topology(
         rank=dist.get_rank(),
         world_size=world_size,
         local_rank=local_rank,
         tensor_parallel_size=tensor_parallel_size,
-        data_parallel_size=world_size // tensor_parallel_size,
+        pipeline_parallel_size=pipeline_parallel_size,
+        data_parallel_size=world_size // (tensor_parallel_size * pipeline_parallel_size),
         device=resolved,
         backend=backend,
     )

@@ -1,14 +1,17 @@
 """Checkpoints: the model (safetensors), the run config, the tokenizer and the trainer state.
 
 Layout of ``OUT_DIR/checkpoints/step_NNNNNN/``:
-- ``model.safetensors``: base weights only (fast weights are transient and never saved;
-  their config is in ``config.json`` so inference-time adaptation is reproducible);
+- ``model.safetensors``: base weights at full size, whatever the parallel layout (fast
+  weights are transient and never saved; their config is in ``config.json`` so inference-time
+  adaptation is reproducible);
 - ``config.json``: the full run config, the resolved model config and token ids;
 - ``tokenizer.json``;
-- ``trainer_state.pt``: optimizer state, step, RNG states (what resuming needs).
+- ``trainer_state.pt``: step, RNG state, each data-parallel rank's data loader state;
+- ``optimizer/``: the optimizer state, one file per rank (or DeepSpeed's own files).
 
-A checkpoint is written to a temporary directory and renamed into place, and ``latest``
-names the newest complete one, so a crash while saving never leaves a broken "latest".
+Every rank takes part (weights are gathered, each rank saves its optimizer shard); rank 0
+writes into a staging directory that is renamed into place, and ``latest`` names the newest
+complete checkpoint, so a crash while saving never leaves a broken "latest".
 """
 
 from __future__ import annotations
@@ -19,41 +22,44 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
-def save_checkpoint(
-    out_dir: Path,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    config: dict,
-    tokenizer_file: Path,
-    trainer_state: dict,
-    keep: int = 2,
-) -> Path:
+def save_checkpoint(out_dir: Path, step: int, engine, topology, config: dict, tokenizer_file: Path,
+                    trainer_state: dict, keep: int = 2) -> Path:
     root = Path(out_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     staging = root / f".staging_step_{step:06d}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_file(model_tensors(model), str(staging / "model.safetensors"), metadata={"format": "pt"})
-    (staging / "config.json").write_text(json.dumps(config, indent=2))
-    shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
-    torch.save({"optimizer": optimizer.state_dict(), **trainer_state}, staging / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    pointer = root / (LATEST + ".tmp")
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / LATEST)
-    _prune(root, keep)
+    full_state = engine.full_state()  # collective: every rank gathers
+    if topology.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / "optimizer").mkdir(parents=True)
+    _barrier()
+    engine.save_optimizer(staging / "optimizer")
+    if topology.is_main:
+        save_file({k: v.contiguous() for k, v in full_state.items()}, str(staging / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2))
+        shutil.copyfile(tokenizer_file, staging / "tokenizer.json")
+        torch.save(trainer_state, staging / "trainer_state.pt")
+    _barrier()
+    if topology.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        pointer = root / (LATEST + ".tmp")
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / LATEST)
+        _prune(root, keep)
+    _barrier()
     return final
 
 
@@ -71,15 +77,27 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path if (path / "trainer_state.pt").is_file() else None
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+@torch.no_grad()
+def load_model_weights(model: torch.nn.Module, checkpoint: Path, tp_size: int = 1, tp_rank: int = 0) -> None:
+    """Full-size weights from ``checkpoint`` into this rank's part of the model (its layers, its
+    tensor-parallel shard of each)."""
     tensors = load_file(str(Path(checkpoint) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {checkpoint} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
-            "was it saved with a different model config?"
-        )
+    missing = []
+    for name, param in model.named_parameters():
+        if name not in tensors:
+            missing.append(name)
+            continue
+        value = tensors[name]
+        if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
+            value = value.chunk(tp_size, dim=param.partition_dim)[tp_rank]
+        if value.shape != param.shape:
+            raise ValueError(
+                f"checkpoint {checkpoint}: {name} has shape {tuple(value.shape)}, the model expects "
+                f"{tuple(param.shape)}; was it saved with a different model config?"
+            )
+        param.copy_(value.to(param.dtype))
+    if missing:
+        raise ValueError(f"checkpoint {checkpoint} lacks {missing[:5]}; was it saved with a different model config?")
 
 
 def load_trainer_state(checkpoint: Path) -> dict:

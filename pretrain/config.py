@@ -248,6 +248,28 @@ class DataConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Tensor x pipeline x data parallelism; data-parallel size = world size / (tensor x pipeline)."""
+
+    tensor_parallel_size: int = param(1, "ranks that split each layer's matrices (megatron-core tensor parallelism)")
+    pipeline_parallel_size: int = param(1, "pipeline stages (torch.distributed.pipelining); must divide num_layers")
+    zero_stage: int = param(0, "DeepSpeed ZeRO stage over the data-parallel group: 0, 1, 2 or 3", (0, 1, 2, 3))
+    pipeline_schedule: str = param("1f1b", "pipeline schedule of the anchor pass", ("1f1b", "gpipe"))
+
+    def __post_init__(self):
+        _check_choices(self, "parallel")
+        _check(self.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        _check(self.pipeline_parallel_size >= 1, "parallel.pipeline_parallel_size", "must be >= 1")
+        _check(
+            not (self.zero_stage > 0 and self.pipeline_parallel_size > 1),
+            "parallel.zero_stage",
+            f"ZeRO stage {self.zero_stage} cannot be combined with {self.pipeline_parallel_size} pipeline stages: "
+            "torch.distributed.pipelining drives the backward, and DeepSpeed's ZeRO needs its own engine to; use "
+            "--parallel.zero_stage 0 (plain data parallelism) with pipeline stages",
+        )
+
+
+@dataclass
 class LoggingConfig:
     """Progress bar, metrics file and wandb."""
 
@@ -275,6 +297,7 @@ class RunConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:

@@ -81,3 +81,18 @@ class MetricsLogger:
         self.file.close()
         if self.run is not None:
             self.run.finish()
+
+
+class NullLogger:
+    """What ranks other than 0 log: nothing."""
+
+    wandb_dir = None
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def write(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

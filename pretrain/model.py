@@ -11,6 +11,7 @@ tensor-parallel communication, and which ranks they talk to comes from ``paralle
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -20,7 +21,10 @@ from pretrain.config import ModelConfig
 from pretrain.fast_weights import FastWeightPlan, FastWeights
 from pretrain.fused_head import VocabParallelHead
 from pretrain.megatron_imports import (
+    ColumnParallelLinear,
     ModelParallelConfig,
+    RowParallelLinear,
+    set_tensor_model_parallel_attributes,
     VocabParallelEmbedding,
     parallel_state,
 )
@@ -28,7 +32,11 @@ from pretrain.modules import BlockEntry, RMSNorm, TransformerLayer, rotary_table
 
 
 class DiffusionTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32):
+    """The whole model, or the part of it one pipeline stage holds (``layers``: a range of layer
+    indices; the embedding comes with layer 0 and the head with the last layer)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 layers: range | None = None):
         super().__init__()
         self.cfg = cfg
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -37,36 +45,46 @@ class DiffusionTransformer(nn.Module):
                 f"tensor-parallel size {tp_size} must divide model.num_heads ({cfg.num_heads}), "
                 f"model.ffn_hidden_size ({cfg.ffn_hidden_size}) and model.vocab_size ({cfg.vocab_size})"
             )
+        self.layer_range = layers if layers is not None else range(cfg.num_layers)
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tp_size,
             params_dtype=dtype,
-            use_cpu_initialization=True,  # full master weights drawn on CPU, then split: TP-independent init
-            perform_initialization=True,
+            use_cpu_initialization=True,
+            perform_initialization=False,  # initialize_parameters draws every weight from (seed, name)
         )
-        init = _normal_init(cfg.init_std)
-        self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=init, config=mp_config)
-        self.layers = nn.ModuleList(
-            TransformerLayer(cfg, mp_config, init, tp_size) for _ in range(cfg.num_layers)
-        )
-        # Residual-branch outputs start smaller so the residual stream's scale does not grow with depth.
-        residual_init = _normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-        for layer in self.layers:
-            for proj in (layer.attention.out, layer.mlp.down):
-                _reinitialize(proj, residual_init)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.lm_head = VocabParallelHead(
-            cfg.hidden_size, cfg.vocab_size, config=mp_config, init_method=init, bias=False, gather_output=False
-        )
+        unused = _normal_init(cfg.init_std)
+        self.has_embedding = self.layer_range.start == 0
+        self.has_head = self.layer_range.stop == cfg.num_layers
+        if self.has_embedding:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=unused,
+                                                    config=mp_config)
+        # A dict keyed by the global layer index keeps parameter names ("layers.7.mlp...") the
+        # same whichever stage holds the layer.
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, mp_config, unused, tp_size) for i in self.layer_range
+        })
+        if self.has_head:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+            self.lm_head = VocabParallelHead(
+                cfg.hidden_size, cfg.vocab_size, config=mp_config, init_method=unused, bias=False,
+                gather_output=False,
+            )
         cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, dtype)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.num_blocks = 2 * cfg.num_layers
+        initialize_parameters(self, cfg, seed)
+
+    def layer(self, index: int) -> TransformerLayer:
+        return self.layers[str(index)]
 
     # -- fast weights ----------------------------------------------------------------------
     def attach_fast_weights(self, plan: FastWeightPlan) -> None:
         """Tell each projection which fast-weight site (if any) sits on it."""
         for site in plan.sites:
-            layer = self.layers[site.layer]
+            if str(site.layer) not in self.layers:
+                continue  # held by another pipeline stage
+            layer = self.layer(site.layer)
             holder = layer.attention if site.module in ("qkv", "out") else layer.mlp
             holder.sites[site.module] = site
             holder.fast_scaling = plan.config.lora_scaling if plan.config.adapter == "lora" else 1.0
@@ -95,7 +113,7 @@ class DiffusionTransformer(nn.Module):
         rope = self.rope(h.shape[1])
         for block in range(start, end):
             layer, sub = divmod(block, 2)
-            h = self.layers[layer].run_subblock(
+            h = self.layer(layer).run_subblock(
                 sub, h, rope, attention_mask, fast, frozen, entry if block == start else None
             )
         return h
@@ -103,7 +121,7 @@ class DiffusionTransformer(nn.Module):
     def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
         """Sub-block ``block``'s normed input and entry projections on ``h``, with grad."""
         layer, sub = divmod(block, 2)
-        return self.layers[layer].subblock_entry(sub, h)
+        return self.layer(layer).subblock_entry(sub, h)
 
     def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None) -> torch.Tensor:
         """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]``."""
@@ -149,15 +167,43 @@ def _normal_init(std: float):
     return init
 
 
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
 @torch.no_grad()
-def _reinitialize(layer, init) -> None:
-    """Redraw a row-parallel weight's full master tensor with ``init`` and keep this rank's shard."""
+def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Draw every weight from ``(seed, parameter name)`` at its full, unpartitioned size, then keep
+    this rank's tensor-parallel shard: any layout (TP, PP, one process) starts from the same model.
+
+    Normal(0, init_std) for matrices, smaller for the residual-branch outputs (attention out, MLP
+    down) so the residual stream does not grow with depth; ones for norms.
+    """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    local = layer.weight
-    full = torch.empty(local.shape[0], local.shape[1] * tp_size, dtype=torch.float32)
-    init(full)
-    local.copy_(full.chunk(tp_size, dim=1)[tp_rank].to(local.dtype))
+    # megatron marks partitioned weights only when it initialises them itself; mark them here.
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            set_tensor_model_parallel_attributes(module.weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(module.weight, True, 1, 1)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        std = cfg.init_std
+        if name.endswith(("attention.out.weight", "mlp.down.weight")):
+            std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        dim = getattr(param, "partition_dim", 0)
+        shape = list(param.shape)
+        if sharded:
+            shape[dim] *= tp_size
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        if sharded:
+            full = full.chunk(tp_size, dim=dim)[tp_rank]
+        param.copy_(full.to(param.dtype))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -48,18 +48,26 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def column_linear(layer: ColumnParallelLinear, x: torch.Tensor, frozen: bool) -> torch.Tensor:
-    if frozen:
-        return layer(x, weight=layer.weight.detach())[0]
-    return layer(x)[0]
+class ColumnLinear(ColumnParallelLinear):
+    """megatron's column-parallel linear returning just the output; ``frozen`` detaches the weight.
+
+    The weight is read inside ``forward`` so engines that gather parameters around a module's
+    forward (DeepSpeed ZeRO-3) see it.
+    """
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        return super().forward(x, weight=self.weight.detach() if frozen else None)[0]
 
 
-def row_linear(layer: RowParallelLinear, x: torch.Tensor, frozen: bool) -> torch.Tensor:
-    if not frozen:
-        return layer(x)[0]
-    # megatron's RowParallelLinear takes no weight argument; this is its frozen path spelled out.
-    partial = torch.matmul(x, layer.weight.detach().t())
-    return reduce_from_tensor_model_parallel_region(partial, group=layer.tp_group)
+class RowLinear(RowParallelLinear):
+    """megatron's row-parallel linear returning just the output; ``frozen`` detaches the weight."""
+
+    def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        if not frozen:
+            return super().forward(x)[0]
+        # RowParallelLinear takes no weight argument; this is its frozen-weight path spelled out.
+        partial = torch.matmul(x, self.weight.detach().t())
+        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
 
 
 class ProjectionSet(nn.Module):
@@ -75,10 +83,7 @@ class ProjectionSet(nn.Module):
     entry_projections: tuple[str, ...] = ()
 
     def base_projection(self, name: str, x: torch.Tensor, frozen: bool) -> torch.Tensor:
-        layer = getattr(self, name)
-        if isinstance(layer, ColumnParallelLinear):
-            return column_linear(layer, x, frozen)
-        return row_linear(layer, x, frozen)
+        return getattr(self, name)(x, frozen)
 
     def project(self, name: str, x: torch.Tensor, fast, frozen: bool, shared_base=None) -> torch.Tensor:
         layer = getattr(self, name)
@@ -103,10 +108,10 @@ class SelfAttention(ProjectionSet):
         self.num_heads_local = num_heads // tp_size
         self.head_dim = hidden // num_heads
         # Output rows are laid out [head, (q, k, v), head_dim] so a column split keeps whole heads.
-        self.qkv = ColumnParallelLinear(
+        self.qkv = ColumnLinear(
             hidden, 3 * hidden, config=config, init_method=init_method, bias=False, gather_output=False
         )
-        self.out = RowParallelLinear(
+        self.out = RowLinear(
             hidden, hidden, config=config, init_method=init_method, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
@@ -131,13 +136,13 @@ class SwiGLU(ProjectionSet):
 
     def __init__(self, hidden: int, ffn_hidden: int, config: ModelParallelConfig, init_method):
         super().__init__()
-        self.gate = ColumnParallelLinear(
+        self.gate = ColumnLinear(
             hidden, ffn_hidden, config=config, init_method=init_method, bias=False, gather_output=False
         )
-        self.up = ColumnParallelLinear(
+        self.up = ColumnLinear(
             hidden, ffn_hidden, config=config, init_method=init_method, bias=False, gather_output=False
         )
-        self.down = RowParallelLinear(
+        self.down = RowLinear(
             ffn_hidden, hidden, config=config, init_method=init_method, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )

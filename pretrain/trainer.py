@@ -1,10 +1,18 @@
-"""The training loop: load -> step -> optimizer -> log -> checkpoint, each one call."""
+"""The training loop: load -> step -> log -> checkpoint, each one call.
+
+Layouts: the engine (parallel/engine.py) decides how a step runs (one replica, DeepSpeed data
+parallelism, or pipeline stages); tensor parallelism lives in the model's layers. Each model
+replica reads its data on one rank (tensor rank 0 of stage 0) and broadcasts it to the rest
+of the replica; rank 0 alone writes metrics, the progress bar and wandb.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,16 +24,18 @@ import torch.distributed as dist
 from data_pipeline.loader import ReaderOptions, open_batches
 from data_pipeline.readers import MaskingSpec
 from data_pipeline.source import resolve_dataset
+from parallel.collectives import broadcast_batch
+from parallel.engine import build_engine
+from parallel.layout import check_model_layout, stage_layers
 from parallel.topology import Topology, initialize_topology
 from pretrain.bilevel import BilevelStep
 from pretrain.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
 from pretrain.config import ConfigError, RunConfig
 from pretrain.cpu_memory import keep_freed_memory
 from pretrain.fast_weights import build_fast_weight_plan
-from pretrain.metrics import MetricsLogger
+from pretrain.metrics import MetricsLogger, NullLogger
 from pretrain.model import DiffusionTransformer, count_parameters
-from pretrain.objective import LossNormalizer
-from pretrain.optim import build_optimizer, learning_rate, set_learning_rate
+from pretrain.optim import learning_rate
 
 
 @dataclass
@@ -43,10 +53,11 @@ class TrainSummary:
     metrics_file: Path
     wandb_dir: str | None
     stopped_early: bool
+    losses: list[float]
 
 
-def _autocast(cfg: RunConfig, device: torch.device):
-    if cfg.train.precision == "bf16":
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -55,7 +66,10 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     started = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    topology: Topology = initialize_topology(cfg.train.device)
+    topology: Topology = initialize_topology(
+        cfg.train.device, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, cfg.model.num_layers
+    )
+    check_model_layout(cfg, topology)
     device = topology.device
     if device.type == "cpu":
         keep_freed_memory()
@@ -72,27 +86,25 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
                      "dataset": {"path": str(data_root), "num_samples": manifest["num_samples"],
                                  "num_tokens": manifest["num_tokens"]}}
 
-    # 2. Model, fast-weight plan, step, optimizer.
-    torch.manual_seed(cfg.train.seed)
-    model = DiffusionTransformer(cfg.model).to(device)
-    plan = build_fast_weight_plan(
-        cfg.model, cfg.memory, topology.tensor_parallel_size, topology.tensor_parallel_rank,
-        topology.tensor_parallel_group,
-    )
-    step_fn = BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_id, cfg.data.document_attention)
-    optimizer = build_optimizer(model, cfg.optim)
-
-    # 3. Resume from the latest checkpoint of this out_dir.
-    start_step = 0
-    data_state = None
+    # 2. This rank's part of the model (initialised from the seed, layout-independent), the
+    #    step, and the engine that runs it on this layout.
+    model = DiffusionTransformer(cfg.model, seed=cfg.train.seed, layers=stage_layers(cfg, topology)).to(device)
     checkpoint = latest_checkpoint(out_dir) if cfg.train.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config_record)
-        load_model_weights(model, checkpoint)
+        load_model_weights(model, checkpoint, topology.tensor_parallel_size, topology.tensor_parallel_rank)
+    plan = build_fast_weight_plan(cfg.model, cfg.memory, topology.tensor_parallel_size,
+                                  topology.tensor_parallel_rank, topology.tensor_parallel_group)
+    step_fn = BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_id, cfg.data.document_attention)
+    engine = build_engine(model, step_fn, cfg, topology, functools.partial(_autocast, cfg.train.precision, device))
+
+    # 3. Resume: optimizer state, step, data position.
+    start_step, data_state = 0, None
+    if checkpoint is not None:
+        engine.load_optimizer(checkpoint / "optimizer")
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
-        data_state = state.get("data")
+        data_state = state["data"].get(topology.data_parallel_rank)
         torch.set_rng_state(state["torch_rng"])
     if start_step >= cfg.train.steps:
         raise ConfigError(
@@ -100,68 +112,72 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
             "raise --train.steps to continue, or use a new --train.out_dir"
         )
 
-    # 4. Micro-batches of this rank, masked in loader workers; the stream is fixed by the seed.
-    accumulation = cfg.train.global_batch_size // cfg.train.micro_batch_size
-    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
-                       cfg.model.seq_len, cfg.model.vocab_size)
-    reader = ReaderOptions(
-        data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-        num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
-        verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
-        pin_memory=device.type == "cuda",
-    )
-    data = open_batches(data_root, manifest, spec, cfg.train.micro_batch_size, reader,
-                        topology.data_parallel_rank, topology.data_parallel_size, data_state)
-    batches = iter(data)
+    # 4. This replica's micro-batches, masked in loader workers on its reading rank.
+    micro = cfg.train.micro_batch_size
+    accumulation = cfg.train.global_batch_size // (micro * topology.data_parallel_size)
+    data = _open_data(cfg, topology, data_root, manifest, data_state)
+    batches = iter(data) if data is not None else None
+    batch_shape = (micro, cfg.model.seq_len, cfg.memory.num_inner_steps - 1)
 
-    logger = MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps, start_step)
+    def next_micro_batch():
+        local = next(batches).to(device, non_blocking=True) if batches is not None else None
+        return broadcast_batch(local, batch_shape, topology.data_source_rank, topology.model_parallel_group, device)
+
+    logger = (MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps, start_step)
+              if topology.is_main else NullLogger())
     logger.write(
-        f"model: {count_parameters(model) / 1e6:.2f}M parameters, memory {'on' if cfg.memory.enabled else 'off'}; "
-        f"data: {manifest['num_samples']} samples of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
-        + (f"; resumed from {checkpoint}" if checkpoint else "")
+        f"model: {count_parameters(model) / 1e6:.2f}M parameters on this rank, memory "
+        f"{'on' if cfg.memory.enabled else 'off'}; layout: {topology.world_size} ranks = tensor "
+        f"{topology.tensor_parallel_size} x pipeline {topology.pipeline_parallel_size} x data "
+        f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} samples "
+        f"of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
+        + (f"; resumed from {checkpoint} at step {start_step}" if checkpoint else "")
     )
     tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
     losses, step_seconds = [], []
-    saved = checkpoint
-    completed = start_step
-    stopped_early = False
-
-    skipped_samples = 0
+    saved, completed, stopped_early, skipped_samples = checkpoint, start_step, False, 0
 
     def save(at_step: int) -> Path:
-        return save_checkpoint(
-            out_dir, at_step, model, optimizer, config_record, tokenizer_file,
-            {"step": at_step, "torch_rng": torch.get_rng_state(), "data": data.state_dict()},
-        )
+        data_states = [None] * topology.world_size
+        entry = (topology.data_parallel_rank, data.state_dict()) if data is not None else None
+        dist.all_gather_object(data_states, entry)
+        states = {rank: state for rank, state in filter(None, data_states)}
+        return save_checkpoint(out_dir, at_step, engine, topology, config_record, tokenizer_file,
+                               {"step": at_step, "torch_rng": torch.get_rng_state(), "data": states})
 
     try:
         for step in range(start_step, cfg.train.steps):
             tick = time.perf_counter()
-            micro_batches = [next(batches).to(device, non_blocking=True) for _ in range(accumulation)]
-            record = _optimizer_step(cfg, step, micro_batches, model, step_fn, optimizer, device)
+            micro_batches = [next_micro_batch() for _ in range(accumulation)]
+            stats = engine.train_step(micro_batches, step, learning_rate(step, cfg.train.steps, cfg.optim))
             completed = step + 1
+            seconds = time.perf_counter() - tick
             skipped_samples += sum(mb.num_skipped for mb in micro_batches)
+            record = {"step": completed, "loss": stats.loss, "inner_losses": stats.inner_losses,
+                      "lr": learning_rate(step, cfg.train.steps, cfg.optim), "grad_norm": stats.grad_norm,
+                      "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds}
             if cfg.data.format == "webdataset":
                 record["skipped_samples"] = skipped_samples
-            seconds = time.perf_counter() - tick
-            record["tokens_per_s"] = tokens_per_step / seconds
-            record["step_seconds"] = seconds
             logger.log(record)
-            losses.append(record["loss"])
+            losses.append(stats.loss)
             step_seconds.append(seconds)
             if cfg.train.checkpoint_every and completed % cfg.train.checkpoint_every == 0:
                 saved = save(completed)
-            if stop_requested() and completed < cfg.train.steps:
+            if _any_rank(stop_requested()) and completed < cfg.train.steps:
                 logger.write(f"stop requested: saving a checkpoint at step {completed} and exiting")
                 stopped_early = True
                 break
         if saved is None or saved.name != f"step_{completed:06d}":
             saved = save(completed)
-    except BaseException:
-        # Nothing lost on failure: keep what the completed steps trained.
-        if completed > start_step and (saved is None or saved.name != f"step_{completed:06d}"):
+    except KeyboardInterrupt:
+        # Nothing lost: keep what the completed steps trained (single process; with several
+        # ranks the others may be gone, so only a signal-driven stop saves collectively).
+        if topology.world_size == 1 and completed > start_step and (saved is None or saved.name != f"step_{completed:06d}"):
             saved = save(completed)
             logger.write(f"interrupted: saved a checkpoint at step {completed} in {saved}")
+        logger.close()
+        raise
+    except BaseException:
         logger.close()
         raise
     logger.close()
@@ -169,51 +185,53 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     timed = step_seconds[1:] or step_seconds
     head, tail = losses[:10], losses[-10:]
     return TrainSummary(
-        out_dir=out_dir,
-        steps_done=completed,
-        first_loss=losses[0],
-        last_loss=losses[-1],
-        first_losses_mean=sum(head) / len(head),
-        last_losses_mean=sum(tail) / len(tail),
-        tokens_per_s=tokens_per_step * len(timed) / sum(timed),
-        seconds=time.perf_counter() - started,
-        num_parameters=count_parameters(model),
-        checkpoint=saved,
-        metrics_file=logger.path,
-        wandb_dir=logger.wandb_dir,
-        stopped_early=stopped_early,
+        out_dir=out_dir, steps_done=completed, first_loss=losses[0], last_loss=losses[-1],
+        first_losses_mean=sum(head) / len(head), last_losses_mean=sum(tail) / len(tail),
+        tokens_per_s=tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
+        num_parameters=count_parameters(model), checkpoint=saved, metrics_file=out_dir / "metrics.jsonl",
+        wandb_dir=logger.wandb_dir, stopped_early=stopped_early, losses=losses,
     )
 
 
-def _optimizer_step(cfg, step, micro_batches, model, step_fn, optimizer, device) -> dict:
-    """Forward/backward over the micro-batches of one global batch, then one AdamW update."""
-    normalizer = LossNormalizer.of([mb.maskable for mb in micro_batches]).to(device)
-    lr = learning_rate(step, cfg.train.steps, cfg.optim)
-    set_learning_rate(optimizer, lr)
-    loss = torch.zeros((), device=device, dtype=torch.float64)
-    inner = torch.zeros(cfg.memory.num_inner_steps if cfg.memory.enabled else 0, device=device, dtype=torch.float64)
-    for micro_batch in micro_batches:
-        with _autocast(cfg, device):
-            result = step_fn(micro_batch, normalizer, step=step, seed=cfg.train.seed)
-        result.loss.backward()
-        loss += result.loss.detach()
-        if result.inner_loss_sums:
-            inner += torch.stack(result.inner_loss_sums).to(torch.float64)
-    if cfg.optim.grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-    else:
-        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    inner_means = (inner / normalizer.num_sequences).tolist()
-    return {
-        "step": step + 1,
-        "loss": float(loss),
-        "inner_losses": inner_means,
-        "lr": lr,
-        "grad_norm": float(grad_norm),
-        "masked_fraction": float(sum(mb.anchor_mask.sum() for mb in micro_batches) / normalizer.num_maskable),
-    }
+def _any_rank(flag: bool) -> bool:
+    """Whether any rank saw ``flag`` (a signal may reach only some ranks)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0])
+    dist.all_reduce(value)
+    return bool(value.item())
+
+
+def _open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state):
+    if not topology.reads_data:
+        return None
+    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
+                       cfg.model.seq_len, cfg.model.vocab_size)
+    reader = ReaderOptions(
+        data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
+        num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
+        verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
+        pin_memory=topology.device.type == "cuda",
+    )
+    _present_data_world_to_streaming(topology)
+    readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
+    return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
+                        topology.data_parallel_rank, topology.data_parallel_size, state,
+                        barrier_group=topology.data_parallel_group if readers_only else None)
+
+
+def _present_data_world_to_streaming(topology: Topology) -> None:
+    """mosaicml-streaming takes its world from RANK / WORLD_SIZE / LOCAL_*; only the reading ranks
+    (one per model replica) read, so present it the data-parallel world instead."""
+    if topology.tensor_parallel_size * topology.pipeline_parallel_size == 1:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
+    readers_per_node = max(1, local_world // topology.tensor_parallel_size)
+    os.environ.update(
+        RANK=str(topology.data_parallel_rank), WORLD_SIZE=str(topology.data_parallel_size),
+        LOCAL_RANK=str(topology.data_parallel_rank % readers_per_node),
+        LOCAL_WORLD_SIZE=str(min(readers_per_node, topology.data_parallel_size)),
+    )
 
 
 def _check_resumable(checkpoint: Path, config_record: dict) -> None:

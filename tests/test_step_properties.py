@@ -17,8 +17,7 @@ MASK_ID = 63
 
 
 def make_model(seed=0):
-    torch.manual_seed(seed)
-    return DiffusionTransformer(CFG)
+    return DiffusionTransformer(CFG, seed=seed)
 
 
 def make_batch(b=8, num_inner_steps=2, seed=1, first_index=0):
