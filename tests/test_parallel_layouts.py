@@ -96,7 +96,6 @@ def test_layout_trains_the_single_process_model(layout, reference, cache_dir, tm
     assert_same_training(run_layout(world, extra, tmp_path / layout, cache_dir), reference)
 
 
-@pytest.mark.slow
 def test_tp2_pp2_dp2_on_eight_ranks(reference, cache_dir, tmp_path):
     extra = ["--parallel.tensor_parallel_size", "2", "--parallel.pipeline_parallel_size", "2",
              "--train.micro_batch_size", "2"]
