@@ -7,6 +7,7 @@ bundled TinyShakespeare corpus, on the CPU, in a few minutes.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 from data_pipeline.errors import DataError
@@ -23,21 +24,66 @@ DESCRIPTION = (
 )
 
 
+LAUNCH_OPTIONS = [
+    ("--nproc-per-node N", "start N ranks on this machine through torchrun (same as `torchrun "
+                           "--nproc-per-node N -m launch.pretrain_cli ...`)"),
+]
+
+
 def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
+    if _is_main_rank():
+        print(f"{PROG}: error: {message}", file=sys.stderr)
     return 2
+
+
+def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
+    """Take ``--nproc-per-node N`` (or ``=N``) out of ``argv``."""
+    rest, nproc = [], None
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("--nproc-per-node", "--nproc_per_node"):
+            nproc = next(tokens, None)
+        elif token.startswith(("--nproc-per-node=", "--nproc_per_node=")):
+            nproc = token.split("=", 1)[1]
+        else:
+            rest.append(token)
+            continue
+        if nproc is None or not nproc.isdigit() or int(nproc) < 1:
+            raise ConfigError(f"--nproc-per-node expects a positive integer, got {nproc!r}")
+    return (int(nproc) if nproc is not None else None), rest
+
+
+def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """One process per rank on this machine, through torchrun (restarts resume from checkpoints)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "launch.pretrain_cli", *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(command, env=env)
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if "-h" in argv or "--help" in argv:
-        print(format_help(PROG, DESCRIPTION), end="")
+        print(format_help(PROG, DESCRIPTION, LAUNCH_OPTIONS), end="")
         return 0
     try:
+        nproc, argv = _split_launch_options(argv)
         cfg = build_config(argv)
     except ConfigError as err:
         return _fail(str(err))
-    os.environ.setdefault("OMP_NUM_THREADS", str(cfg.train.num_threads or os.cpu_count() or 1))
+    if nproc is not None and "RANK" not in os.environ:
+        from parallel.layout import check_launch
+
+        try:
+            check_launch(cfg, nproc)
+        except ConfigError as err:
+            return _fail(str(err))
+        return _launch_with_torchrun(nproc, argv)
 
     from launch.preemption import stop_on_signals
     from parallel.topology import shutdown_topology
@@ -49,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as err:
         return _fail(str(err))
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        if _is_main_rank():
+            print(f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
         return 130
     finally:
         shutdown_topology()
-    print(_summary_text(summary, cfg))
+    if _is_main_rank():
+        print(_summary_text(summary, cfg))
     return 0
 
 

@@ -61,10 +61,12 @@ class BilevelModule(torch.nn.Module):
         self.seed = seed
         self.autocast = autocast
         self.last_result = None
+        self.record_fast_weights = False  # tests read the inner loop's fast weights
 
     def forward(self, batch, normalizer, step: int) -> torch.Tensor:
         with self.autocast():
-            self.last_result = self.step_fn(batch, normalizer, step=step, seed=self.seed)
+            self.last_result = self.step_fn(batch, normalizer, step=step, seed=self.seed,
+                                            record_fast_weights=self.record_fast_weights)
         return self.last_result.loss
 
 
@@ -90,6 +92,7 @@ def deepspeed_config(cfg, data_parallel_size: int) -> dict:
 class DeepSpeedEngine:
     def __init__(self, model, step_fn, cfg, topology, autocast):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if topology.device.type == "cuda" else "cpu")
+        os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))  # DeepSpeed insists, even alone
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         import deepspeed
 

@@ -17,9 +17,8 @@ def stage_layers(cfg, topology) -> range:
     return range(start, start + per_stage)
 
 
-def check_model_layout(cfg, topology) -> None:
-    """Refuse, with the sizes that would work, what the layout cannot run."""
-    tp, pp, dp = topology.tensor_parallel_size, topology.pipeline_parallel_size, topology.data_parallel_size
+def check_model_layout(cfg, tp: int, pp: int, dp: int) -> None:
+    """Refuse, with the sizes that would work, what a tensor x pipeline x data layout cannot run."""
     model = cfg.model
     for name, size in (("num_heads", model.num_heads), ("ffn_hidden_size", model.ffn_hidden_size),
                        ("vocab_size", model.vocab_size)):
@@ -53,3 +52,12 @@ def check_model_layout(cfg, topology) -> None:
                     f"[{last_stage_start}, {model.num_layers}); fast weights must sit on the last stage: lower "
                     "--memory.layer_fraction or use fewer pipeline stages"
                 )
+
+
+def check_launch(cfg, world_size: int) -> None:
+    """Everything that can be checked before any rank starts (used by ``--nproc-per-node``)."""
+    from parallel.topology import check_layout
+
+    tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+    check_layout(world_size, tp, pp, cfg.model.num_layers)
+    check_model_layout(cfg, tp, pp, world_size // (tp * pp))

@@ -69,7 +69,8 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     topology: Topology = initialize_topology(
         cfg.train.device, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, cfg.model.num_layers
     )
-    check_model_layout(cfg, topology)
+    check_model_layout(cfg, topology.tensor_parallel_size, topology.pipeline_parallel_size,
+                       topology.data_parallel_size)
     device = topology.device
     if device.type == "cpu":
         keep_freed_memory()
@@ -100,9 +101,17 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
 
     # 3. Resume: optimizer state, step, data position.
     start_step, data_state = 0, None
+    layout = {"tensor": topology.tensor_parallel_size, "pipeline": topology.pipeline_parallel_size,
+              "data": topology.data_parallel_size, "zero_stage": cfg.parallel.zero_stage}
     if checkpoint is not None:
-        engine.load_optimizer(checkpoint / "optimizer")
         state = load_trainer_state(checkpoint)
+        if state.get("layout", layout) != layout:
+            raise ConfigError(
+                f"{checkpoint} holds optimizer state saved with layout {state['layout']}, not {layout}; resume "
+                "with the same --parallel.* options and rank count (the weights in model.safetensors load into "
+                "any layout: start a new --train.out_dir from them)"
+            )
+        engine.load_optimizer(checkpoint / "optimizer")
         start_step = state["step"]
         data_state = state["data"].get(topology.data_parallel_rank)
         torch.set_rng_state(state["torch_rng"])
@@ -143,7 +152,8 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         dist.all_gather_object(data_states, entry)
         states = {rank: state for rank, state in filter(None, data_states)}
         return save_checkpoint(out_dir, at_step, engine, topology, config_record, tokenizer_file,
-                               {"step": at_step, "torch_rng": torch.get_rng_state(), "data": states})
+                               {"step": at_step, "torch_rng": torch.get_rng_state(), "data": states,
+                                "layout": layout})
 
     try:
         for step in range(start_step, cfg.train.steps):

@@ -153,3 +153,21 @@ def test_prepared_dataset_with_another_sequence_length_is_refused(tmp_path):
                       "--train.steps", "2", "--logging.wandb", "false", "--train.out_dir", str(tmp_path / "ok"))
     assert trained.returncode == 0, trained.stderr
     assert len(read_metrics(tmp_path / "ok")) == 2
+
+
+def test_nproc_per_node_launches_data_parallel_ranks(tmp_path, cache_dir):
+    out = tmp_path / "dp"
+    args = [*TINY, "--train.steps", "2", "--parallel.zero_stage", "1", "--logging.wandb", "false",
+            "--train.out_dir", str(out), "--data.cache_dir", str(cache_dir)]
+    result = run_cli("--nproc-per-node", "2", *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Summary:") == 1, "rank 0 alone reports"
+    assert "data 2 (ZeRO 1)" in result.stdout
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    resumed = run_cli("--nproc-per-node", "2", *args, "--train.steps", "3")
+    assert resumed.returncode == 0, "the same layout resumes"
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]
+    other = run_cli(*TINY, "--train.steps", "4", "--logging.wandb", "false", "--train.out_dir", str(out),
+                    "--data.cache_dir", str(cache_dir))
+    assert other.returncode == 2
+    assert "resume with the same --parallel.* options" in other.stderr
