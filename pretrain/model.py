@@ -206,5 +206,11 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
         param.copy_(full.to(param.dtype))
 
 
+def full_parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the whole model, whatever part of it one rank holds."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    return 2 * cfg.vocab_size * h + cfg.num_layers * (4 * h * h + 3 * h * f + 2 * h) + h
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -34,7 +34,7 @@ from pretrain.config import ConfigError, RunConfig
 from pretrain.cpu_memory import keep_freed_memory
 from pretrain.fast_weights import build_fast_weight_plan
 from pretrain.metrics import MetricsLogger, NullLogger
-from pretrain.model import DiffusionTransformer, count_parameters
+from pretrain.model import DiffusionTransformer, count_parameters, full_parameter_count
 from pretrain.optim import learning_rate
 
 
@@ -90,6 +90,7 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     # 2. This rank's part of the model (initialised from the seed, layout-independent), the
     #    step, and the engine that runs it on this layout.
     model = DiffusionTransformer(cfg.model, seed=cfg.train.seed, layers=stage_layers(cfg, topology)).to(device)
+    local_parameters = count_parameters(model)  # before an engine partitions them
     checkpoint = latest_checkpoint(out_dir) if cfg.train.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config_record)
@@ -135,7 +136,8 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     logger = (MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps, start_step)
               if topology.is_main else NullLogger())
     logger.write(
-        f"model: {count_parameters(model) / 1e6:.2f}M parameters on this rank, memory "
+        f"model: {full_parameter_count(cfg.model) / 1e6:.2f}M parameters ({local_parameters / 1e6:.2f}M on this "
+        f"rank), memory "
         f"{'on' if cfg.memory.enabled else 'off'}; layout: {topology.world_size} ranks = tensor "
         f"{topology.tensor_parallel_size} x pipeline {topology.pipeline_parallel_size} x data "
         f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} samples "
@@ -198,7 +200,7 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         out_dir=out_dir, steps_done=completed, first_loss=losses[0], last_loss=losses[-1],
         first_losses_mean=sum(head) / len(head), last_losses_mean=sum(tail) / len(tail),
         tokens_per_s=tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
-        num_parameters=count_parameters(model), checkpoint=saved, metrics_file=out_dir / "metrics.jsonl",
+        num_parameters=full_parameter_count(cfg.model), checkpoint=saved, metrics_file=out_dir / "metrics.jsonl",
         wandb_dir=logger.wandb_dir, stopped_early=stopped_early, losses=losses,
     )
 
