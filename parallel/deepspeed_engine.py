@@ -19,7 +19,7 @@ import os
 import torch
 
 from parallel.collectives import gather_full_state, global_normalizer, sum_over
-from parallel.engine import StepStats
+from parallel.engine import StepStats, add_result, new_stats
 from pretrain.megatron_imports import parallel_state
 from pretrain.optim import build_optimizer, set_learning_rate
 
@@ -113,15 +113,12 @@ class DeepSpeedEngine:
         topology = self.topology
         normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
         set_learning_rate(self.optimizer, lr)
-        stats = torch.zeros(1 + self.cfg.memory.num_inner_steps, dtype=torch.float64, device=topology.device)
+        stats = new_stats(self.cfg, topology.device)
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
             self.engine.backward(loss * topology.data_parallel_size, scale_wrt_gas=False)
             self.engine.step()
-            stats[0] += loss.detach().double()
-            inner = self.module.last_result.inner_loss_sums
-            if inner:
-                stats[1:1 + len(inner)] += torch.stack(inner).double()
+            add_result(stats, self.module.last_result)
         sum_over(stats, topology.data_parallel_group)
         grad_norm = self.engine.get_global_grad_norm()
         return StepStats.from_sums(stats, normalizer, self.cfg.memory.enabled,

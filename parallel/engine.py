@@ -32,6 +32,17 @@ class StepStats:
         return StepStats(float(sums[0]), inner, grad_norm)
 
 
+def new_stats(cfg, device) -> torch.Tensor:
+    """[loss, inner loss sums...]: fixed size, so the same bytes cross ranks with memory on or off."""
+    return torch.zeros(1 + cfg.memory.num_inner_steps, dtype=torch.float64, device=device)
+
+
+def add_result(stats: torch.Tensor, result) -> None:
+    stats[0] += result.loss.detach().double()
+    if result.inner_loss_sums:
+        stats[1:1 + len(result.inner_loss_sums)] += torch.stack(result.inner_loss_sums).double()
+
+
 class LocalEngine:
     def __init__(self, model, step_fn, cfg, topology, autocast):
         self.model = model
@@ -45,15 +56,12 @@ class LocalEngine:
         topology = self.topology
         normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
         set_learning_rate(self.optimizer, lr)
-        # A fixed-size statistics vector: the same bytes whether memory is on or off.
-        stats = torch.zeros(1 + self.cfg.memory.num_inner_steps, dtype=torch.float64, device=topology.device)
+        stats = new_stats(self.cfg, topology.device)
         for micro_batch in micro_batches:
             with self.autocast():
                 result = self.step_fn(micro_batch, normalizer, step=step, seed=self.cfg.train.seed)
             result.loss.backward()
-            stats[0] += result.loss.detach().double()
-            if result.inner_loss_sums:
-                stats[1:1 + len(result.inner_loss_sums)] += torch.stack(result.inner_loss_sums).double()
+            add_result(stats, result)
         params = [p for p in self.model.parameters() if p.grad is not None]
         grad_norm = grad_norm_and_clip(params, self.cfg.optim.grad_clip, topology.tensor_parallel_group, None)
         self.optimizer.step()

@@ -28,9 +28,9 @@ import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from parallel.collectives import gather_full_state, global_normalizer, grad_norm_and_clip, sum_over
-from parallel.engine import StepStats
+from parallel.engine import LocalEngine, StepStats, new_stats
 from pretrain.objective import inner_sequence_scale, outer_sequence_scale, row_targets
-from pretrain.optim import build_optimizer, set_learning_rate
+from pretrain.optim import set_learning_rate
 
 
 class StageModule(nn.Module):
@@ -54,14 +54,11 @@ class StageModule(nn.Module):
         return engine.last_stage_loss(h, index, attention)
 
 
-class PipelineEngine:
+class PipelineEngine(LocalEngine):
+    """``LocalEngine``'s optimizer and its saving, with the pipelined step."""
+
     def __init__(self, model, step_fn, cfg, topology, autocast):
-        self.model = model
-        self.step_fn = step_fn
-        self.cfg = cfg
-        self.topology = topology
-        self.autocast = autocast
-        self.optimizer = build_optimizer(model, cfg.optim)
+        super().__init__(model, step_fn, cfg, topology, autocast)
         layers = model.layer_range
         self.first_block, self.last_block = 2 * layers.start, 2 * layers.stop
         plan = step_fn.plan
@@ -146,7 +143,7 @@ class PipelineEngine:
         self.normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
         set_learning_rate(self.optimizer, lr)
         self.current = micro_batches
-        self.stats = torch.zeros(1 + cfg.memory.num_inner_steps, dtype=torch.float64, device=topology.device)
+        self.stats = new_stats(cfg, topology.device)
         if self.step_fn.plan is not None:
             self._pre_anchor_sweep(step)
         self._run_schedule(micro_batches)
@@ -200,14 +197,6 @@ class PipelineEngine:
     # -- checkpoints ----------------------------------------------------------------------------
     def full_state(self):
         return gather_full_state(self.model, self.topology.tensor_parallel_group, self.group)
-
-    def save_optimizer(self, folder) -> None:
-        torch.save(self.optimizer.state_dict(), folder / f"optimizer_rank{self.topology.rank:05d}.pt")
-
-    def load_optimizer(self, folder) -> None:
-        state = torch.load(folder / f"optimizer_rank{self.topology.rank:05d}.pt", map_location="cpu",
-                           weights_only=False)
-        self.optimizer.load_state_dict(state)
 
 
 def _identity_loss(output, target):

@@ -142,7 +142,8 @@ def test_prepared_dataset_with_another_sequence_length_is_refused(tmp_path):
     data = tmp_path / "data"
     prepared = subprocess.run(
         [sys.executable, "-m", "launch.prepare_cli", "--input", str(ROOT / "data_pipeline" / "corpus" /
-         "tinyshakespeare.txt"), "--output", str(data), "--seq-len", "64", "--vocab-size", "512", "--no-progress"],
+         "tinyshakespeare.txt"), "--output", str(data), "--seq-len", "64", "--vocab-size", "512", "--no-progress",
+         "--format", "mds"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert prepared.returncode == 0, prepared.stderr
@@ -153,6 +154,9 @@ def test_prepared_dataset_with_another_sequence_length_is_refused(tmp_path):
                       "--train.steps", "2", "--logging.wandb", "false", "--train.out_dir", str(tmp_path / "ok"))
     assert trained.returncode == 0, trained.stderr
     assert len(read_metrics(tmp_path / "ok")) == 2
+    missing = run_cli(*TINY, "--model.seq_len", "64", "--data.path", str(data), "--data.format", "webdataset",
+                      "--train.out_dir", str(tmp_path / "wds"))
+    assert missing.returncode == 2 and "was not prepared in that format (it has: mds)" in missing.stderr
 
 
 def test_nproc_per_node_launches_data_parallel_ranks(tmp_path, cache_dir):
@@ -171,3 +175,19 @@ def test_nproc_per_node_launches_data_parallel_ranks(tmp_path, cache_dir):
                     "--data.cache_dir", str(cache_dir))
     assert other.returncode == 2
     assert "resume with the same --parallel.* options" in other.stderr
+
+
+def test_trains_on_a_prepared_webdataset_directory(tmp_path, cache_dir):
+    data = tmp_path / "wds"
+    prepared = subprocess.run(
+        [sys.executable, "-m", "launch.prepare_cli", "--input", str(ROOT / "data_pipeline" / "corpus" /
+         "tinyshakespeare.txt"), "--output", str(data), "--seq-len", "32", "--vocab-size", "512", "--no-progress",
+         "--format", "webdataset", "--samples-per-shard", "2000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert prepared.returncode == 0, prepared.stderr
+    out = tmp_path / "run"
+    result = run_cli(*TINY, "--data.path", str(data), "--data.format", "webdataset", "--train.steps", "2",
+                     "--logging.wandb", "false", "--train.out_dir", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [m["skipped_samples"] for m in read_metrics(out)] == [0, 0]

@@ -85,6 +85,8 @@ LAYOUTS = {
     "tp2-dp2-zero2": (4, ["--parallel.tensor_parallel_size", "2", "--parallel.zero_stage", "2",
                           "--train.micro_batch_size", "2"]),
     "pp2": (2, ["--parallel.pipeline_parallel_size", "2", "--train.micro_batch_size", "2"]),
+    "pp2-gpipe": (2, ["--parallel.pipeline_parallel_size", "2", "--parallel.pipeline_schedule", "gpipe",
+                      "--train.micro_batch_size", "2"]),
     "tp2-pp2": (4, ["--parallel.tensor_parallel_size", "2", "--parallel.pipeline_parallel_size", "2",
                     "--train.micro_batch_size", "2"]),
 }
