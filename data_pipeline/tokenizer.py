@@ -7,7 +7,6 @@ an error that says which names were looked for.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -35,9 +34,6 @@ class TokenizerInfo:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
 
 
 def _first_present(tokenizer: Tokenizer, names) -> int | None:

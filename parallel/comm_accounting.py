@@ -35,9 +35,6 @@ class CollectiveCount:
                 self.calls[name][op] += 1
                 self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
 
-    def total_calls(self, name: str) -> int:
-        return sum(self.calls[name].values())
-
 
 def _tensors_of(args, kwargs) -> list[torch.Tensor]:
     found = []

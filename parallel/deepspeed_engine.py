@@ -18,10 +18,10 @@ import os
 
 import torch
 
-from parallel.collectives import gather_full_state, global_normalizer, sum_over
-from parallel.engine import StepStats, add_result, new_stats
+from parallel.collectives import gather_full_state, sum_over
+from parallel.engine import StepStats, add_result, begin_step
 from pretrain.megatron_imports import parallel_state
-from pretrain.optim import build_optimizer, set_learning_rate
+from pretrain.optim import build_optimizer
 
 
 class MegatronMPU:
@@ -111,9 +111,7 @@ class DeepSpeedEngine:
 
     def train_step(self, micro_batches, step: int, lr: float) -> StepStats:
         topology = self.topology
-        normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
-        set_learning_rate(self.optimizer, lr)
-        stats = new_stats(self.cfg, topology.device)
+        normalizer, stats = begin_step(micro_batches, self.optimizer, lr, self.cfg, topology)
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
             self.engine.backward(loss * topology.data_parallel_size, scale_wrt_gas=False)

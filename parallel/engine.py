@@ -32,9 +32,13 @@ class StepStats:
         return StepStats(float(sums[0]), inner, grad_norm)
 
 
-def new_stats(cfg, device) -> torch.Tensor:
-    """[loss, inner loss sums...]: fixed size, so the same bytes cross ranks with memory on or off."""
-    return torch.zeros(1 + cfg.memory.num_inner_steps, dtype=torch.float64, device=device)
+def begin_step(micro_batches, optimizer, lr: float, cfg, topology):
+    """What every engine does first: the global normaliser, the learning rate, and the statistics
+    vector [loss, inner loss sums...] (fixed size, so the same bytes cross ranks with memory on or off)."""
+    normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
+    set_learning_rate(optimizer, lr)
+    stats = torch.zeros(1 + cfg.memory.num_inner_steps, dtype=torch.float64, device=topology.device)
+    return normalizer, stats
 
 
 def add_result(stats: torch.Tensor, result) -> None:
@@ -54,9 +58,7 @@ class LocalEngine:
 
     def train_step(self, micro_batches, step: int, lr: float) -> StepStats:
         topology = self.topology
-        normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
-        set_learning_rate(self.optimizer, lr)
-        stats = new_stats(self.cfg, topology.device)
+        normalizer, stats = begin_step(micro_batches, self.optimizer, lr, self.cfg, topology)
         for micro_batch in micro_batches:
             with self.autocast():
                 result = self.step_fn(micro_batch, normalizer, step=step, seed=self.cfg.train.seed)

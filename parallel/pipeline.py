@@ -27,10 +27,9 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from parallel.collectives import gather_full_state, global_normalizer, grad_norm_and_clip, sum_over
-from parallel.engine import LocalEngine, StepStats, new_stats
+from parallel.collectives import gather_full_state, grad_norm_and_clip, sum_over
+from parallel.engine import LocalEngine, StepStats, begin_step
 from pretrain.objective import inner_sequence_scale, outer_sequence_scale, row_targets
-from pretrain.optim import set_learning_rate
 
 
 class StageModule(nn.Module):
@@ -71,6 +70,7 @@ class PipelineEngine(LocalEngine):
         self.next = ranks[self.stage_index + 1] if self.stage_index < self.num_stages - 1 else None
         self.stage_module = StageModule(self)
         self.current = []
+        self._built = None  # (micro-batch count, schedule)
 
     # -- the last stage's part of the bi-level step ---------------------------------------------
     def last_stage_loss(self, h, index: int, attention) -> torch.Tensor:
@@ -140,10 +140,8 @@ class PipelineEngine(LocalEngine):
     # -- one optimizer step --------------------------------------------------------------------
     def train_step(self, micro_batches, step: int, lr: float) -> StepStats:
         topology, cfg = self.topology, self.cfg
-        self.normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
-        set_learning_rate(self.optimizer, lr)
+        self.normalizer, self.stats = begin_step(micro_batches, self.optimizer, lr, cfg, topology)
         self.current = micro_batches
-        self.stats = new_stats(cfg, topology.device)
         if self.step_fn.plan is not None:
             self._pre_anchor_sweep(step)
         self._run_schedule(micro_batches)
@@ -157,7 +155,10 @@ class PipelineEngine(LocalEngine):
         sum_over(self.stats, topology.data_parallel_group)
         return StepStats.from_sums(self.stats, self.normalizer, cfg.memory.enabled, grad_norm)
 
-    def _run_schedule(self, micro_batches) -> None:
+    def _schedule(self, num_micro_batches: int):
+        """The stage and its schedule, built on first use (shapes and counts are fixed for a run)."""
+        if self._built is not None and self._built[0] == num_micro_batches:
+            return self._built[1]
         device = self.topology.device
         dtype = next(self.model.parameters()).dtype
         b, l, hidden = self._activation_shape()
@@ -171,7 +172,12 @@ class PipelineEngine(LocalEngine):
         stage = PipelineStage(self.stage_module, self.stage_index, self.num_stages, device,
                               input_args=(example_in,), output_args=(example_out,), group=self.group)
         schedule_cls = Schedule1F1B if self.cfg.parallel.pipeline_schedule == "1f1b" else ScheduleGPipe
-        schedule = schedule_cls(stage, len(micro_batches), loss_fn=_identity_loss, scale_grads=False)
+        schedule = schedule_cls(stage, num_micro_batches, loss_fn=_identity_loss, scale_grads=False)
+        self._built = (num_micro_batches, schedule)
+        return schedule
+
+    def _run_schedule(self, micro_batches) -> None:
+        schedule = self._schedule(len(micro_batches))
         self.stage_module.calls = 0
         mask_id = self.step_fn.mask_token_id
         if self.previous is None:

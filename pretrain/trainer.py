@@ -161,12 +161,13 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
         for step in range(start_step, cfg.train.steps):
             tick = time.perf_counter()
             micro_batches = [next_micro_batch() for _ in range(accumulation)]
-            stats = engine.train_step(micro_batches, step, learning_rate(step, cfg.train.steps, cfg.optim))
+            lr = learning_rate(step, cfg.train.steps, cfg.optim)
+            stats = engine.train_step(micro_batches, step, lr)
             completed = step + 1
             seconds = time.perf_counter() - tick
             skipped_samples += sum(mb.num_skipped for mb in micro_batches)
             record = {"step": completed, "loss": stats.loss, "inner_losses": stats.inner_losses,
-                      "lr": learning_rate(step, cfg.train.steps, cfg.optim), "grad_norm": stats.grad_norm,
+                      "lr": lr, "grad_norm": stats.grad_norm,
                       "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds}
             if cfg.data.format == "webdataset":
                 record["skipped_samples"] = skipped_samples
