@@ -18,19 +18,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 from data_pipeline.loader import ReaderOptions, open_batches  # noqa: E402
 from data_pipeline.readers import MaskingSpec  # noqa: E402
 from data_pipeline.source import resolve_dataset  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
-from pretrain.bilevel import BilevelStep  # noqa: E402
 from pretrain.config import RunConfig  # noqa: E402
 from pretrain.cpu_memory import keep_freed_memory  # noqa: E402
-from pretrain.fast_weights import build_fast_weight_plan  # noqa: E402
-from pretrain.model import DiffusionTransformer  # noqa: E402
-from pretrain.objective import LossNormalizer  # noqa: E402
-from pretrain.optim import build_optimizer  # noqa: E402
+from pretrain.factory import build_training  # noqa: E402
 
 
 def main() -> None:
@@ -62,18 +57,10 @@ def main() -> None:
     del stream
 
     # 2. The training step of the default model on the same batches.
-    initialize_topology("cpu")
-    torch.manual_seed(0)
-    model = DiffusionTransformer(cfg.model)
-    step = BilevelStep(model, build_fast_weight_plan(cfg.model, cfg.memory), cfg.memory, cfg.diffusion,
-                       manifest["mask_token_id"])
-    optimizer = build_optimizer(model, cfg.optim)
+    engine = build_training(cfg, initialize_topology("cpu"), manifest["mask_token_id"]).engine
 
     def train_step(i: int) -> None:
-        batch = warm[i % len(warm)]
-        step(batch, LossNormalizer.of([batch.maskable]), step=i, seed=0).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine.train_step([warm[i % len(warm)]], step=i, lr=cfg.optim.lr)
 
     train_step(0)
     start = time.perf_counter()

@@ -17,7 +17,6 @@ Usage: python benchmarks/parallel_overhead.py [--device cpu|cuda] [--steps 6]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import resource
@@ -59,12 +58,11 @@ def _model_state_bytes(engine) -> int:
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
 
-    module = getattr(engine, "engine", None)
-    params = list((module.module if module is not None else engine.model).parameters())
-    for p in params:
+    for p in engine.model.parameters():
         add(getattr(p, "ds_tensor", p.data))
         add(p.grad)
-    optimizer = engine.optimizer
+    # DeepSpeed's ZeRO optimizer wraps the torch one; the other engines hold an OuterOptimizer.
+    optimizer = getattr(engine, "deepspeed_optimizer", None) or engine.optimizer
     inner = getattr(optimizer, "optimizer", optimizer)
     for state in inner.state.values():
         for value in state.values():
@@ -87,12 +85,9 @@ def _run(rank, world, port, out_dir, device_name, zero_stage, steps, threads):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
-    from parallel.engine import LocalEngine
     from parallel.topology import initialize_topology, shutdown_topology
-    from pretrain.bilevel import BilevelStep
     from pretrain.config import ParallelConfig, RunConfig, TrainConfig
-    from pretrain.fast_weights import build_fast_weight_plan
-    from pretrain.model import DiffusionTransformer
+    from pretrain.factory import build_training
 
     micro = GLOBAL_BATCH // 2
     cfg = RunConfig(train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,
@@ -100,17 +95,7 @@ def _run(rank, world, port, out_dir, device_name, zero_stage, steps, threads):
                     parallel=ParallelConfig(zero_stage=zero_stage))
     topology = initialize_topology(device_name, 1, 1, cfg.model.num_layers)
     device = topology.device
-    model = DiffusionTransformer(cfg.model, seed=0).to(device)
-    step_fn = BilevelStep(model, build_fast_weight_plan(cfg.model, cfg.memory), cfg.memory, cfg.diffusion,
-                          cfg.model.vocab_size - 1)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
-        else contextlib.nullcontext
-    if world == 1:
-        engine = LocalEngine(model, step_fn, cfg, topology, autocast)
-    else:
-        from parallel.deepspeed_engine import DeepSpeedEngine
-
-        engine = DeepSpeedEngine(model, step_fn, cfg, topology, autocast)
+    engine = build_training(cfg, topology, cfg.model.vocab_size - 1).engine
     per_rank = GLOBAL_BATCH // (micro * world)
     batches = [b.to(device) for b in _batches(cfg, per_rank, rank * per_rank)]
     if device.type == "cuda":

@@ -31,12 +31,11 @@ import torch  # noqa: E402
 from benchmarks.common import count_flops, matmul_rate, median, time_call  # noqa: E402
 from data_pipeline.masking import build_masked_batch  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
-from pretrain.bilevel import BilevelStep  # noqa: E402
-from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig  # noqa: E402
+from parallel.collectives import LossNormalizer  # noqa: E402
+from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from pretrain.cpu_memory import keep_freed_memory  # noqa: E402
-from pretrain.fast_weights import build_fast_weight_plan  # noqa: E402
-from pretrain.model import DiffusionTransformer, count_parameters  # noqa: E402
-from pretrain.objective import LossNormalizer  # noqa: E402
+from pretrain.factory import build_model, build_step  # noqa: E402
+from pretrain.model import count_parameters  # noqa: E402
 
 
 def model_flops(cfg: ModelConfig, tokens: int) -> float:
@@ -63,14 +62,11 @@ def main() -> None:
         keep_freed_memory()
     topology = initialize_topology(args.device)
     device = topology.device
-    torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536, seq_len=256)
-    model = DiffusionTransformer(cfg).to(device)
-    diffusion = DiffusionConfig()
-    steps = {}
-    for name, enabled in (("mdlm", False), ("memdlm", True)):
-        memory = MemoryConfig(enabled=enabled)
-        steps[name] = BilevelStep(model, build_fast_weight_plan(cfg, memory), memory, diffusion, cfg.vocab_size - 1)
+    runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled), train=TrainConfig(seed=0))
+            for name, enabled in (("mdlm", False), ("memdlm", True))}
+    model = build_model(runs["mdlm"], topology)  # one model, two steps
+    steps = {name: build_step(run, model, topology, cfg.vocab_size - 1) for name, run in runs.items()}
 
     # Several batches, cycled through by both steps alike: the cost of a step depends on how
     # many tokens its t's mask, so one batch of 8 would measure one draw of t, not the average.
@@ -84,7 +80,7 @@ def main() -> None:
 
     def run(name: str, step: int) -> None:
         batch, normalizer = batches[step % len(batches)]
-        result = steps[name](batch, normalizer, step=step, seed=0)
+        result = steps[name](batch, normalizer, step=step)
         result.loss.backward()
         model.zero_grad(set_to_none=True)
 

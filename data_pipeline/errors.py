@@ -1,5 +1,14 @@
-"""Errors in input data, reported to the user as one line naming the file and the fix."""
+"""Errors caused by what the user gave us, reported as one line naming the option or file and the fix.
+
+Every floor of the project raises its own kind (``DataError`` here, ``parallel.layout.LayoutError``,
+``pretrain.config.ConfigError``); the command-line tools catch ``UsageError`` and print the message
+instead of a traceback. It lives on the bottom floor so that every floor can derive from it.
+"""
 
 
-class DataError(ValueError):
-    pass
+class UsageError(ValueError):
+    """Bad input from the user; the message names the problem and the fix."""
+
+
+class DataError(UsageError):
+    """Bad input data (a corpus, a shard, a manifest)."""

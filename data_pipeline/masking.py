@@ -59,10 +59,6 @@ class MaskedBatch:
     num_skipped: int = 0  # damaged samples the reader skipped before this batch (webdataset)
 
     @property
-    def labels(self) -> torch.Tensor:
-        return self.input_ids
-
-    @property
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]
 
@@ -81,6 +77,35 @@ class MaskedBatch:
     def select(self, rows: slice) -> "MaskedBatch":
         """The sequences ``rows`` of this batch (``pre_anchor_masks`` sliced on its batch axis)."""
         return self._map(lambda name, t: t[:, rows] if name == "pre_anchor_masks" else t[rows])
+
+    # -- as two tensors, for sending a micro-batch to the other ranks of a model replica ------------
+    @staticmethod
+    def packed_shapes(num_sequences: int, seq_len: int, num_pre_anchor_states: int):
+        """Shapes of ``pack()``'s two tensors: int64 ``[5 + states, b, l]`` and float64 ``[4, b]``."""
+        return (5 + num_pre_anchor_states, num_sequences, seq_len), (4, num_sequences)
+
+    def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every field in two tensors (see ``packed_shapes``); ``unpack`` gives the batch back."""
+        ones = torch.ones_like(self.maskable)
+        padding = self.key_padding_mask if self.key_padding_mask is not None else ones
+        segments = self.segment_ids if self.segment_ids is not None else torch.zeros_like(self.input_ids)
+        epoch = self.epoch if self.epoch is not None else torch.zeros_like(self.sample_index)
+        ints = torch.stack([self.input_ids, self.maskable.long(), self.anchor_mask.long(), padding.long(),
+                            segments.long(), *self.pre_anchor_masks.long()])
+        skipped = torch.zeros_like(self.t, dtype=torch.float64)
+        skipped[0] = self.num_skipped
+        floats = torch.stack([self.t.double(), self.sample_index.double(), epoch.double(), skipped])
+        return ints, floats
+
+    @staticmethod
+    def unpack(ints: torch.Tensor, floats: torch.Tensor) -> "MaskedBatch":
+        padding = ints[3].bool()
+        return MaskedBatch(
+            input_ids=ints[0].clone(), maskable=ints[1].bool(), t=floats[0].clone(), anchor_mask=ints[2].bool(),
+            pre_anchor_masks=ints[5:].bool(), sample_index=floats[1].long(),
+            key_padding_mask=None if bool(padding.all()) else padding, segment_ids=ints[4].int(),
+            epoch=floats[2].long(), num_skipped=int(floats[3, 0]),
+        )
 
     def attention_mask(self, within_documents: bool = False) -> torch.Tensor | None:
         """What each position may attend to, for ``scaled_dot_product_attention``: ``None`` (all),

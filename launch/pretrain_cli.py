@@ -10,9 +10,8 @@ import os
 import subprocess
 import sys
 
-from data_pipeline.errors import DataError
+from data_pipeline.errors import UsageError
 from launch.config_cli import build_config, format_help
-from pretrain.config import ConfigError
 
 PROG = "memdlm-pretrain"
 DESCRIPTION = (
@@ -49,7 +48,7 @@ def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
             rest.append(token)
             continue
         if nproc is None or not nproc.isdigit() or int(nproc) < 1:
-            raise ConfigError(f"--nproc-per-node expects a positive integer, got {nproc!r}")
+            raise UsageError(f"--nproc-per-node expects a positive integer, got {nproc!r}")
     return (int(nproc) if nproc is not None else None), rest
 
 
@@ -74,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nproc, argv = _split_launch_options(argv)
         cfg = build_config(argv)
-    except ConfigError as err:
+    except UsageError as err:
         return _fail(str(err))
     if nproc is not None and "RANK" not in os.environ:
-        from parallel.layout import check_launch
+        from pretrain.factory import check_run_layout
 
         try:
-            check_launch(cfg, nproc)
-        except ConfigError as err:
+            check_run_layout(cfg, nproc)
+        except UsageError as err:
             return _fail(str(err))
         return _launch_with_torchrun(nproc, argv)
 
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop_on_signals() as stop_flag:
             summary = train(cfg, stop_flag)
-    except (ConfigError, DataError) as err:
+    except UsageError as err:
         return _fail(str(err))
     except KeyboardInterrupt:
         if _is_main_rank():

@@ -1,63 +1,66 @@
-"""Collectives the trainer needs around the step: sharing a replica's micro-batches with its
-tensor/pipeline ranks, the global loss normalizer, step statistics, the tensor-parallel-aware
-gradient norm, and gathering full weights for checkpoints and tests.
+"""Collectives the trainer and the engines need around the step: sharing a replica's micro-batches
+with its tensor/pipeline ranks, the global loss normalizer, step statistics, the
+tensor-parallel-aware gradient norm, and gathering full weights for checkpoints and tests.
 
 Process groups are always passed in; nothing here looks one up by itself.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
 from data_pipeline.masking import MaskedBatch
-from pretrain.objective import LossNormalizer
 
 
-def _world(group) -> int:
+def group_size(group) -> int:
+    """Ranks in ``group``; ``None`` stands for no group (this rank alone)."""
     return 1 if group is None else dist.get_world_size(group)
 
 
 def broadcast_batch(batch: MaskedBatch | None, shape: tuple[int, int, int], src: int, group,
                     device: torch.device) -> MaskedBatch:
-    """The source rank's micro-batch on every rank of ``group`` (one packed broadcast plus ``t``).
+    """The source rank's micro-batch on every rank of ``group`` (two broadcasts of its packed form).
 
     ``shape`` = (sequences, sequence length, pre-anchor states), known to every rank from the config.
     """
-    if _world(group) == 1:
+    if group_size(group) == 1:
         return batch
-    b, l, states = shape
-    rows = 5 + states  # ids, maskable, anchor, padding, segments, states...
-    packed = torch.empty(rows, b, l, dtype=torch.int64, device=device)
-    extra = torch.empty(3, b, dtype=torch.float64, device=device)  # t, sample index, epoch
+    int_shape, float_shape = MaskedBatch.packed_shapes(*shape)
     if batch is not None:
-        padding = batch.key_padding_mask if batch.key_padding_mask is not None else torch.ones_like(batch.maskable)
-        segments = batch.segment_ids if batch.segment_ids is not None else torch.zeros_like(batch.input_ids)
-        epoch = batch.epoch if batch.epoch is not None else torch.zeros_like(batch.sample_index)
-        packed.copy_(torch.stack([batch.input_ids, batch.maskable.long(), batch.anchor_mask.long(), padding.long(),
-                                  segments.long(), *batch.pre_anchor_masks.long()]))
-        extra.copy_(torch.stack([batch.t.double(), batch.sample_index.double(), epoch.double()]))
-        skipped = torch.tensor([batch.num_skipped], dtype=torch.int64, device=device)
+        ints, floats = (t.to(device) for t in batch.pack())
     else:
-        skipped = torch.zeros(1, dtype=torch.int64, device=device)
-    dist.broadcast(packed, src=src, group=group)
-    dist.broadcast(extra, src=src, group=group)
-    dist.broadcast(skipped, src=src, group=group)
-    if batch is not None:
-        return batch
-    padding = packed[3].bool()
-    return MaskedBatch(
-        input_ids=packed[0].clone(), maskable=packed[1].bool(), t=extra[0].clone(), anchor_mask=packed[2].bool(),
-        pre_anchor_masks=packed[5:].bool(), sample_index=extra[1].long(),
-        key_padding_mask=None if bool(padding.all()) else padding, segment_ids=packed[4].int(),
-        epoch=extra[2].long(), num_skipped=int(skipped.item()),
-    )
+        ints = torch.empty(int_shape, dtype=torch.int64, device=device)
+        floats = torch.empty(float_shape, dtype=torch.float64, device=device)
+    dist.broadcast(ints, src=src, group=group)
+    dist.broadcast(floats, src=src, group=group)
+    return batch if batch is not None else MaskedBatch.unpack(ints, floats)
+
+
+@dataclass
+class LossNormalizer:
+    """Counts over the whole global batch (all micro-batches, all data-parallel ranks) that the
+    losses are divided by, so cutting the batch into micro-batches or ranks changes nothing."""
+
+    num_maskable: torch.Tensor  # 0-d float64: maskable tokens
+    num_sequences: torch.Tensor  # 0-d float64: sequences
+
+    @staticmethod
+    def of(maskable_masks: list[torch.Tensor]) -> "LossNormalizer":
+        num_maskable = sum(m.sum(dtype=torch.float64) for m in maskable_masks)
+        num_sequences = torch.tensor(float(sum(m.shape[0] for m in maskable_masks)), dtype=torch.float64)
+        return LossNormalizer(torch.as_tensor(num_maskable, dtype=torch.float64), num_sequences)
+
+    def to(self, device) -> "LossNormalizer":
+        return LossNormalizer(self.num_maskable.to(device), self.num_sequences.to(device))
 
 
 def global_normalizer(micro_batches: list[MaskedBatch], data_parallel_group, device) -> LossNormalizer:
     """Maskable tokens and sequences of the whole global batch (all micro-batches, all data ranks)."""
     local = LossNormalizer.of([mb.maskable for mb in micro_batches]).to(device)
-    if _world(data_parallel_group) == 1:
+    if group_size(data_parallel_group) == 1:
         return local
     counts = torch.stack([local.num_maskable, local.num_sequences])
     dist.all_reduce(counts, group=data_parallel_group)
@@ -65,7 +68,7 @@ def global_normalizer(micro_batches: list[MaskedBatch], data_parallel_group, dev
 
 
 def sum_over(values: torch.Tensor, group) -> torch.Tensor:
-    if _world(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(values, group=group)
     return values
 
@@ -106,13 +109,13 @@ def gather_full_state(model: torch.nn.Module, tensor_group, pipeline_group) -> d
     state = {}
     for name, param in model.named_parameters():
         value = param.detach()
-        if is_tensor_parallel(param) and _world(tensor_group) > 1:
-            parts = [torch.empty_like(value) for _ in range(_world(tensor_group))]
+        if is_tensor_parallel(param) and group_size(tensor_group) > 1:
+            parts = [torch.empty_like(value) for _ in range(group_size(tensor_group))]
             dist.all_gather(parts, value.contiguous(), group=tensor_group)
             value = torch.cat(parts, dim=param.partition_dim)
         state[name] = value.cpu().clone()
-    if _world(pipeline_group) > 1:
-        gathered = [None] * _world(pipeline_group)
+    if group_size(pipeline_group) > 1:
+        gathered = [None] * group_size(pipeline_group)
         dist.all_gather_object(gathered, state, group=pipeline_group)
         state = {}
         for part in gathered:

@@ -18,10 +18,8 @@ import os
 
 import torch
 
-from parallel.collectives import gather_full_state, sum_over
-from parallel.engine import StepStats, add_result, begin_step
-from pretrain.megatron_imports import parallel_state
-from pretrain.optim import build_optimizer
+from parallel.engine import EngineBase, EngineOptions, StepFunction, add_output, set_learning_rate
+from parallel.megatron import parallel_state
 
 
 class MegatronMPU:
@@ -52,83 +50,78 @@ class MegatronMPU:
 
 
 class BilevelModule(torch.nn.Module):
-    """The model plus its bi-level step as one module: ``forward(batch, normalizer, step)`` -> loss."""
+    """The model plus its step as one module: ``forward(batch, normalizer, step)`` -> the outer loss.
 
-    def __init__(self, model: torch.nn.Module, step_fn, seed: int, autocast):
+    The step is a plain object, not a module, so the module's parameters are the model's."""
+
+    def __init__(self, model: torch.nn.Module, step_fn: StepFunction):
         super().__init__()
         self.model = model
         self.step_fn = step_fn
-        self.seed = seed
-        self.autocast = autocast
-        self.last_result = None
-        self.record_fast_weights = False  # tests read the inner loop's fast weights
+        self.last_output = None
 
     def forward(self, batch, normalizer, step: int) -> torch.Tensor:
-        with self.autocast():
-            self.last_result = self.step_fn(batch, normalizer, step=step, seed=self.seed,
-                                            record_fast_weights=self.record_fast_weights)
-        return self.last_result.loss
+        self.last_output = self.step_fn(batch, normalizer, step)
+        return self.last_output.loss
 
 
-def deepspeed_config(cfg, data_parallel_size: int) -> dict:
-    accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * data_parallel_size)
-    zero = {"stage": cfg.parallel.zero_stage}
-    if cfg.parallel.zero_stage == 3:
+def deepspeed_config(options: EngineOptions, data_parallel_size: int) -> dict:
+    accumulation = options.global_batch_size // (options.micro_batch_size * data_parallel_size)
+    zero = {"stage": options.zero_stage}
+    if options.zero_stage == 3:
         # Gather every parameter for each use: the step calls the same layers in several passes.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "train_micro_batch_size_per_gpu": options.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": cfg.train.global_batch_size,
+        "train_batch_size": options.global_batch_size,
         "zero_optimization": zero,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "gradient_clipping": options.grad_clip,
+        "bf16": {"enabled": options.bf16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
 
 
-class DeepSpeedEngine:
-    def __init__(self, model, step_fn, cfg, topology, autocast):
+class DeepSpeedEngine(EngineBase):
+    """DeepSpeed owns the optimizer (given here unwrapped), the gradient reduction and the clipping."""
+
+    def __init__(self, model, step_fn: StepFunction, optimizer: torch.optim.Optimizer, options: EngineOptions,
+                 topology):
+        super().__init__(model, options, topology, step_fn.num_inner_steps)
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if topology.device.type == "cuda" else "cpu")
         os.environ.setdefault("LOCAL_RANK", str(topology.local_rank))  # DeepSpeed insists, even alone
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         import deepspeed
 
-        self.cfg = cfg
-        self.topology = topology
-        self.module = BilevelModule(model, step_fn, cfg.train.seed, autocast)
-        optimizer = build_optimizer(model, cfg.optim)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=deepspeed_config(cfg, topology.data_parallel_size),
+        self.module = BilevelModule(model, step_fn)
+        self.engine, self.deepspeed_optimizer, _, _ = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, config=deepspeed_config(options, topology.data_parallel_size),
             mpu=MegatronMPU(), dist_init_required=False,
         )
 
-    @property
-    def model(self):
-        return self.module.model
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.deepspeed_optimizer, lr)
 
-    def train_step(self, micro_batches, step: int, lr: float) -> StepStats:
-        topology = self.topology
-        normalizer, stats = begin_step(micro_batches, self.optimizer, lr, self.cfg, topology)
+    def forward_backward(self, micro_batches, normalizer, step, sums) -> None:
+        # Each loss is already its share of the global batch: undo DeepSpeed's averaging over data ranks.
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
-            self.engine.backward(loss * topology.data_parallel_size, scale_wrt_gas=False)
-            self.engine.step()
-            add_result(stats, self.module.last_result)
-        sum_over(stats, topology.data_parallel_group)
-        grad_norm = self.engine.get_global_grad_norm()
-        return StepStats.from_sums(stats, normalizer, self.cfg.memory.enabled,
-                                   float(grad_norm) if grad_norm is not None else float("nan"))
+            self.engine.backward(loss * self.topology.data_parallel_size, scale_wrt_gas=False)
+            self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
+            add_output(sums, self.module.last_output)
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        if self.cfg.parallel.zero_stage == 3:
+    def apply_gradients(self) -> float:
+        grad_norm = self.engine.get_global_grad_norm()
+        return float(grad_norm) if grad_norm is not None else float("nan")
+
+    def gathered_parameters(self):
+        if self.options.zero_stage == 3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
-                return gather_full_state(self.model, self.topology.tensor_parallel_group, None)
-        return gather_full_state(self.model, self.topology.tensor_parallel_group, None)
+            return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        return super().gathered_parameters()
 
     def save_optimizer(self, folder) -> None:
         self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)

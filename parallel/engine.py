@@ -1,22 +1,71 @@
-"""Training engines: how one optimizer step runs on a layout. The trainer picks one:
+"""The engine contract: how one optimizer step runs on a layout, and what the trainer may call.
 
-- ``LocalEngine``: one model replica (optionally split by tensor parallelism), no data
-  parallelism: backward per micro-batch, tensor-parallel-aware clipping, AdamW;
-- ``DeepSpeedEngine`` (deepspeed_engine.py): data parallelism, ZeRO 0-3, with or without TP;
-- ``PipelineEngine`` (pipeline.py): pipeline stages on torch.distributed.pipelining.
+An engine receives the model and the step as objects (``StepFunction``; the pipeline engine a
+``pipeline.StageStep``) and never reads their internals. The trainer sees only ``Engine``:
+``train_step``, ``model``, ``full_state`` and the optimizer's save/load hooks.
 
-Each returns the same ``StepStats`` (global-batch loss, inner losses, gradient norm).
+``EngineBase.train_step`` is the one template every engine follows:
+
+1. the global loss normalizer (counts of the whole global batch) and the learning rate;
+2. ``forward_backward``: the layout-specific part, which accumulates the micro-batches' outer
+   gradients and adds their losses into a statistics vector ``[loss, inner loss sums...]``;
+3. ``apply_gradients``: clip on the global norm, optimizer step, zero the gradients;
+4. the statistics summed over the ranks that hold parts of them.
+
+The engines: ``LocalEngine`` (local_engine.py, one replica, optionally tensor-parallel),
+``DeepSpeedEngine`` (deepspeed_engine.py, data parallelism with ZeRO 0-3) and
+``PipelineEngine`` (pipeline.py, stages on torch.distributed.pipelining);
+``pretrain.factory.build_engine`` picks one for a layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, Sequence
 
 import torch
 
-from parallel.collectives import gather_full_state, global_normalizer, grad_norm_and_clip, sum_over
-from pretrain.optim import build_optimizer, set_learning_rate
+from data_pipeline.masking import MaskedBatch
+from parallel.collectives import (
+    LossNormalizer,
+    gather_full_state,
+    global_normalizer,
+    grad_norm_and_clip,
+    group_size,
+    sum_over,
+)
+
+
+# -- what engines are given -------------------------------------------------------------------
+class StepOutput(Protocol):
+    loss: torch.Tensor  # the micro-batch's share of the global-batch loss, attached to the base weights
+    inner_loss_sums: list[torch.Tensor]  # per inner step: sum over sequences of their inner loss (detached)
+
+
+class StepFunction(Protocol):
+    """One micro-batch's loss (the bi-level step of ``pretrain.bilevel``); the engine runs the backward."""
+
+    num_inner_steps: int  # inner steps it reports (0 with memory off)
+
+    def __call__(self, batch: MaskedBatch, normalizer: LossNormalizer, step: int) -> StepOutput: ...
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What an engine needs to know of the run (built from the run config by ``pretrain.factory``)."""
+
+    global_batch_size: int
+    micro_batch_size: int
+    grad_clip: float  # global-norm clip of the outer gradient; 0 = off
+    statistics_size: int  # 1 + the configured inner steps, whether memory is on or off (same bytes either way)
+    seed: int = 0
+    zero_stage: int = 0
+    pipeline_schedule: str = "1f1b"
+    bf16: bool = False  # DeepSpeed's bf16 mode, where it owns the optimizer
+    seq_len: int = 0  # the pipeline's activation shape: [micro_batch_size, seq_len, hidden_size]
+    hidden_size: int = 0
 
 
 @dataclass
@@ -25,71 +74,135 @@ class StepStats:
     inner_losses: list[float]
     grad_norm: float
 
-    @staticmethod
-    def from_sums(sums: torch.Tensor, normalizer, memory_enabled: bool, grad_norm: float) -> "StepStats":
-        """``sums`` = [global loss, inner loss sums...] over the global batch (already all-reduced)."""
-        inner = (sums[1:] / normalizer.num_sequences).tolist() if memory_enabled else []
-        return StepStats(float(sums[0]), inner, grad_norm)
+
+# -- what the trainer may call ----------------------------------------------------------------
+class Engine(Protocol):
+    model: torch.nn.Module  # this rank's part of the model
+
+    def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats: ...
+
+    def full_state(self) -> dict[str, torch.Tensor]: ...
+
+    def save_optimizer(self, folder: Path) -> None: ...
+
+    def load_optimizer(self, folder: Path) -> None: ...
 
 
-def begin_step(micro_batches, optimizer, lr: float, cfg, topology):
-    """What every engine does first: the global normaliser, the learning rate, and the statistics
-    vector [loss, inner loss sums...] (fixed size, so the same bytes cross ranks with memory on or off)."""
-    normalizer = global_normalizer(micro_batches, topology.data_parallel_group, topology.device)
-    set_learning_rate(optimizer, lr)
-    stats = torch.zeros(1 + cfg.memory.num_inner_steps, dtype=torch.float64, device=topology.device)
-    return normalizer, stats
+# -- the optimizer, by composition ----------------------------------------------------------------
+class OuterOptimizer:
+    """A torch optimizer over this rank's base weights, with the learning rate set per step and the
+    gradient clipped on the norm of the whole model (tensor shards and pipeline stages counted once).
 
+    ``reduce_group``: sum the gradients over it first (plain data parallelism under pipeline stages).
+    """
 
-def add_result(stats: torch.Tensor, result) -> None:
-    stats[0] += result.loss.detach().double()
-    if result.inner_loss_sums:
-        stats[1:1 + len(result.inner_loss_sums)] += torch.stack(result.inner_loss_sums).double()
+    def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, tensor_group, pipeline_group=None,
+                 reduce_group=None):
+        self.optimizer = optimizer
+        self.max_norm = max_norm
+        self.tensor_group = tensor_group
+        self.pipeline_group = pipeline_group
+        self.reduce_group = reduce_group
 
+    def set_learning_rate(self, lr: float) -> None:
+        set_learning_rate(self.optimizer, lr)
 
-class LocalEngine:
-    def __init__(self, model, step_fn, cfg, topology, autocast):
-        self.model = model
-        self.step_fn = step_fn
-        self.cfg = cfg
-        self.topology = topology
-        self.autocast = autocast
-        self.optimizer = build_optimizer(model, cfg.optim)
-
-    def train_step(self, micro_batches, step: int, lr: float) -> StepStats:
-        topology = self.topology
-        normalizer, stats = begin_step(micro_batches, self.optimizer, lr, self.cfg, topology)
-        for micro_batch in micro_batches:
-            with self.autocast():
-                result = self.step_fn(micro_batch, normalizer, step=step, seed=self.cfg.train.seed)
-            result.loss.backward()
-            add_result(stats, result)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = grad_norm_and_clip(params, self.cfg.optim.grad_clip, topology.tensor_parallel_group, None)
+    def apply(self, params: list[torch.nn.Parameter]) -> float:
+        """Reduce, clip, step and zero the gradients of ``params``; returns the gradient norm before clipping."""
+        params = [p for p in params if p.grad is not None]
+        if self.reduce_group is not None:
+            all_reduce_gradients(params, self.reduce_group)
+        grad_norm = grad_norm_and_clip(params, self.max_norm, self.tensor_group, self.pipeline_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        sum_over(stats, topology.data_parallel_group)
-        return StepStats.from_sums(stats, normalizer, self.cfg.memory.enabled, grad_norm)
+        return grad_norm
 
-    def full_state(self) -> dict[str, torch.Tensor]:
-        return gather_full_state(self.model, self.topology.tensor_parallel_group, None)
+    def save(self, path: Path) -> None:
+        torch.save(self.optimizer.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        self.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter], group) -> None:
+    """Sum the gradients over ``group`` in one flat all-reduce (the losses are global-batch shares)."""
+    if group_size(group) == 1:
+        return
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    sum_over(flat, group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# -- the template ------------------------------------------------------------------------------
+class EngineBase:
+    """The shared ``train_step``; subclasses supply ``forward_backward`` and ``apply_gradients``."""
+
+    def __init__(self, model: torch.nn.Module, options: EngineOptions, topology, num_inner_steps: int):
+        self.model = model
+        self.options = options
+        self.topology = topology
+        self.num_inner_steps = num_inner_steps
+        self.optimizer: OuterOptimizer | None = None  # set by the engines that use one
+        # Statistics live on the ranks that computed them; these groups add them up (in order).
+        self.statistics_groups = [topology.data_parallel_group]
+        # The group of this replica's pipeline stages (None: this rank holds every layer).
+        self.pipeline_group = None
+
+    def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats:
+        topology = self.topology
+        normalizer = global_normalizer(list(micro_batches), topology.data_parallel_group, topology.device)
+        self.set_learning_rate(lr)
+        sums = torch.zeros(self.options.statistics_size, dtype=torch.float64, device=topology.device)
+        self.forward_backward(micro_batches, normalizer, step, sums)
+        grad_norm = self.apply_gradients()
+        for group in self.statistics_groups:
+            sum_over(sums, group)
+        inner = (sums[1:1 + self.num_inner_steps] / normalizer.num_sequences).tolist()
+        return StepStats(float(sums[0]), inner, grad_norm)
+
+    # -- what differs by layout -------------------------------------------------------------------
+    def forward_backward(self, micro_batches, normalizer: LossNormalizer, step: int, sums: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    # An ``OuterOptimizer`` in ``self.optimizer`` serves these; DeepSpeed's engine replaces them.
+    def set_learning_rate(self, lr: float) -> None:
+        self.optimizer.set_learning_rate(lr)
+
+    def apply_gradients(self) -> float:
+        return self.optimizer.apply(list(self.model.parameters()))
 
     def save_optimizer(self, folder: Path) -> None:
-        torch.save(self.optimizer.state_dict(), Path(folder) / f"optimizer_rank{self.topology.rank:05d}.pt")
+        self.optimizer.save(self.optimizer_file(folder))
 
     def load_optimizer(self, folder: Path) -> None:
-        state = torch.load(Path(folder) / f"optimizer_rank{self.topology.rank:05d}.pt", map_location="cpu",
-                           weights_only=False)
-        self.optimizer.load_state_dict(state)
+        self.optimizer.load(self.optimizer_file(folder))
+
+    def gathered_parameters(self):
+        """A context in which every parameter of this rank holds its whole tensor-parallel shard
+        (ZeRO 3 partitions them further and overrides this)."""
+        return contextlib.nullcontext()
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Every base weight at full size on every rank (collective)."""
+        with self.gathered_parameters():
+            return gather_full_state(self.model, self.topology.tensor_parallel_group, self.pipeline_group)
+
+    def optimizer_file(self, folder: Path) -> Path:
+        return Path(folder) / f"optimizer_rank{self.topology.rank:05d}.pt"
 
 
-def build_engine(model, step_fn, cfg, topology, autocast):
-    if topology.pipeline_parallel_size > 1:
-        from parallel.pipeline import PipelineEngine
-
-        return PipelineEngine(model, step_fn, cfg, topology, autocast)
-    if topology.data_parallel_size > 1 or cfg.parallel.zero_stage > 0:
-        from parallel.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, step_fn, cfg, topology, autocast)
-    return LocalEngine(model, step_fn, cfg, topology, autocast)
+def add_output(sums: torch.Tensor, output: StepOutput) -> None:
+    """Add one micro-batch's loss and inner loss sums into ``sums``."""
+    sums[0] += output.loss.detach().double()
+    if output.inner_loss_sums:
+        sums[1:1 + len(output.inner_loss_sums)] += torch.stack(output.inner_loss_sums).double()

@@ -1,63 +1,67 @@
-"""Checks that a model and batch fit a parallel layout, and which layers a pipeline stage holds."""
+"""Which tensor x pipeline x data layouts can run a model and a batch, and which layers a stage holds.
+
+Everything here takes plain sizes, so it can be checked before any rank starts (the
+``--nproc-per-node`` launcher does) as well as inside a run.
+"""
 
 from __future__ import annotations
 
-from pretrain.config import ConfigError
-from pretrain.fast_weights import adapted_layers
+from data_pipeline.errors import UsageError
 
 
-def _divisors(n: int) -> list[int]:
+class LayoutError(UsageError):
+    """A parallel layout that cannot run this model or batch; the message names sizes that would."""
+
+
+def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def stage_layers(cfg, topology) -> range:
-    """The layers of this rank's pipeline stage (equal contiguous blocks)."""
-    per_stage = cfg.model.num_layers // topology.pipeline_parallel_size
-    start = topology.pipeline_parallel_rank * per_stage
-    return range(start, start + per_stage)
+def check_world(world_size: int, tensor: int, pipeline: int, num_layers: int) -> None:
+    """The ranks must split into tensor x pipeline x data, and the layers into equal stages."""
+    if world_size % (tensor * pipeline):
+        options = ", ".join(f"{t}x{p}" for t in divisors(world_size) for p in divisors(world_size // t))
+        raise LayoutError(
+            f"--parallel.tensor_parallel_size {tensor} x --parallel.pipeline_parallel_size {pipeline} = "
+            f"{tensor * pipeline} does not divide the world size {world_size}; possible tensor x pipeline sizes: "
+            f"{options}"
+        )
+    if num_layers % pipeline:
+        raise LayoutError(
+            f"--parallel.pipeline_parallel_size {pipeline}: {num_layers} layers do not split into {pipeline} equal "
+            f"stages; possible pipeline sizes for {num_layers} layers: {', '.join(map(str, divisors(num_layers)))}"
+        )
 
 
-def check_model_layout(cfg, tp: int, pp: int, dp: int) -> None:
-    """Refuse, with the sizes that would work, what a tensor x pipeline x data layout cannot run."""
-    model = cfg.model
-    for name, size in (("num_heads", model.num_heads), ("ffn_hidden_size", model.ffn_hidden_size),
-                       ("vocab_size", model.vocab_size)):
-        if size % tp:
-            common = [d for d in _divisors(model.num_heads) if model.ffn_hidden_size % d == 0
-                      and model.vocab_size % d == 0]
-            raise ConfigError(
-                f"--parallel.tensor_parallel_size {tp} does not divide --model.{name} {size}; tensor-parallel sizes "
+def check_tensor_split(tensor: int, sizes: dict[str, int]) -> None:
+    """Tensor parallelism splits each named size (``{"model.num_heads": 4, ...}``) into equal parts."""
+    for option, size in sizes.items():
+        if size % tensor:
+            common = [d for d in divisors(min(sizes.values())) if all(s % d == 0 for s in sizes.values())]
+            raise LayoutError(
+                f"--parallel.tensor_parallel_size {tensor} does not divide --{option} {size}; tensor-parallel sizes "
                 f"this model allows: {', '.join(map(str, common))}"
             )
-    micro, total = cfg.train.micro_batch_size, cfg.train.global_batch_size
-    if total % (micro * dp):
-        raise ConfigError(
-            f"--train.global_batch_size {total} is not a multiple of --train.micro_batch_size {micro} x "
-            f"{dp} data-parallel ranks; the global batch is split across ranks and micro-batches, never resized"
+
+
+def check_batch_split(global_batch: int, micro_batch: int, data: int, pipeline: int) -> None:
+    """The global batch is cut into data ranks x micro-batches, never resized; a pipeline needs enough
+    micro-batches to fill its stages."""
+    if global_batch % (micro_batch * data):
+        raise LayoutError(
+            f"--train.global_batch_size {global_batch} is not a multiple of --train.micro_batch_size {micro_batch} "
+            f"x {data} data-parallel ranks; the global batch is split across ranks and micro-batches, never resized"
         )
-    if pp > 1:
-        accumulation = total // (micro * dp)
-        if accumulation < pp:
-            raise ConfigError(
-                f"{pp} pipeline stages need at least {pp} micro-batches per rank and step, this layout has "
-                f"{accumulation}; lower --train.micro_batch_size or raise --train.global_batch_size"
-            )
-        if cfg.memory.enabled:
-            first_adapted = adapted_layers(model.num_layers, cfg.memory.layer_fraction).start
-            last_stage_start = model.num_layers - model.num_layers // pp
-            if first_adapted < last_stage_start:
-                raise ConfigError(
-                    f"--memory.layer_fraction {cfg.memory.layer_fraction} puts fast weights on layers "
-                    f"[{first_adapted}, {model.num_layers}) but the last of {pp} pipeline stages holds "
-                    f"[{last_stage_start}, {model.num_layers}); fast weights must sit on the last stage: lower "
-                    "--memory.layer_fraction or use fewer pipeline stages"
-                )
+    accumulation = global_batch // (micro_batch * data)
+    if pipeline > 1 and accumulation < pipeline:
+        raise LayoutError(
+            f"{pipeline} pipeline stages need at least {pipeline} micro-batches per rank and step, this layout has "
+            f"{accumulation}; lower --train.micro_batch_size or raise --train.global_batch_size"
+        )
 
 
-def check_launch(cfg, world_size: int) -> None:
-    """Everything that can be checked before any rank starts (used by ``--nproc-per-node``)."""
-    from parallel.topology import check_layout
-
-    tp, pp = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
-    check_layout(world_size, tp, pp, cfg.model.num_layers)
-    check_model_layout(cfg, tp, pp, world_size // (tp * pp))
+def stage_layers(num_layers: int, pipeline_size: int, pipeline_rank: int) -> range:
+    """The layers of a pipeline stage (equal contiguous blocks)."""
+    per_stage = num_layers // pipeline_size
+    start = pipeline_rank * per_stage
+    return range(start, start + per_stage)

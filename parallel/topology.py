@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ConfigError
-from pretrain.megatron_imports import parallel_state
+from parallel.layout import LayoutError, check_world
+from parallel.megatron import parallel_state
 
 
 @dataclass
@@ -29,7 +29,6 @@ class Topology:
     pipeline_parallel_size: int
     data_parallel_size: int
     device: torch.device
-    backend: str
 
     @property
     def tensor_parallel_group(self):
@@ -79,28 +78,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--train.device cuda: no CUDA device is visible; use --train.device cpu")
+        raise LayoutError("--train.device cuda: no CUDA device is visible; use --train.device cpu")
     return torch.device(name)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def check_layout(world_size: int, tensor: int, pipeline: int, num_layers: int) -> None:
-    """Refuse a layout that cannot work, naming the sizes that can."""
-    if world_size % (tensor * pipeline):
-        options = ", ".join(f"{t}x{p}" for t in _divisors(world_size) for p in _divisors(world_size // t))
-        raise ConfigError(
-            f"--parallel.tensor_parallel_size {tensor} x --parallel.pipeline_parallel_size {pipeline} = "
-            f"{tensor * pipeline} does not divide the world size {world_size}; possible tensor x pipeline sizes: "
-            f"{options}"
-        )
-    if num_layers % pipeline:
-        raise ConfigError(
-            f"--parallel.pipeline_parallel_size {pipeline}: {num_layers} layers do not split into {pipeline} equal "
-            f"stages; possible pipeline sizes for {num_layers} layers: {', '.join(map(str, _divisors(num_layers)))}"
-        )
 
 
 def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
@@ -120,7 +99,7 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pip
                 backend=backend, init_method=f"file://{store_dir}/store", rank=0, world_size=1
             )
     world_size = dist.get_world_size()
-    check_layout(world_size, tensor_parallel_size, pipeline_parallel_size, num_layers or pipeline_parallel_size)
+    check_world(world_size, tensor_parallel_size, pipeline_parallel_size, num_layers or pipeline_parallel_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
@@ -134,7 +113,6 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pip
         pipeline_parallel_size=pipeline_parallel_size,
         data_parallel_size=world_size // (tensor_parallel_size * pipeline_parallel_size),
         device=resolved,
-        backend=backend,
     )
 
 

@@ -1,13 +1,19 @@
-"""MemDLM's bi-level step (DESIGN.md sections 2 and 3), one function with a small result.
+"""MemDLM's bi-level step (DESIGN.md sections 2 and 3) as public stages, and one function that runs them.
 
-For a micro-batch with K inner steps:
+The stages, numbered as in DESIGN.md section 2 (``h`` = the activations entering the
+boundary sub-block, the first with fast weights; everything before it is the prefix):
 
-1. For each pre-anchor state ``j < K-1`` (noisiest first): the prefix under ``no_grad``, then the
-   tail with frozen base weights and ``phi_j``; ``phi_{j+1} = phi_j - eta * clip(d loss_j / d phi_j)``.
-2. The anchor state's prefix runs once, with grad. A detached copy feeds inner step K (tail,
-   frozen base, ``phi_{K-1}``) -> ``phi_K``.
-3. The outer tail runs on the attached prefix output with ``phi_K`` detached (first-order);
-   the returned loss is the MDLM loss, and its backward reaches only the base weights.
+0. ``noised_ids`` / ``initial_fast_weights``: the state's input ids; phi_0 for the step.
+1-3. ``inner_update``: one inner SGD step on one state (a pre-anchor state, noisiest first):
+   the tail with frozen base weights and phi_j, ``phi_{j+1} = phi_j - eta * clip(d loss_j / d phi_j)``.
+   The caller computes ``h`` without grad.
+4-5. ``anchor_loss``: on the anchor prefix output, computed once with grad: the last inner
+   step on a detached copy -> phi_K, then the outer tail with phi_K detached (first-order).
+   Its loss is the micro-batch's share of the global MDLM loss; its backward reaches only the
+   base weights.
+
+``BilevelStep.__call__`` runs them for one micro-batch on a whole model; the pipeline's last
+stage (``pretrain.pipeline_stage``) runs the same stages on the activations it receives.
 
 Inner gradients come from ``torch.autograd.grad`` on the fast-weight tensors, so no
 optimizer, gradient hook or data-parallel collective sees them. With memory disabled the
@@ -16,20 +22,19 @@ same path runs with no fast weights and no inner steps: plain MDLM.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from data_pipeline.masking import MaskedBatch
+from parallel.collectives import LossNormalizer
 from pretrain.config import DiffusionConfig, MemoryConfig
 from pretrain.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model import DiffusionTransformer
-from pretrain.objective import (
-    LossNormalizer,
-    inner_sequence_scale,
-    outer_sequence_scale,
-    row_targets,
-)
+from pretrain.modules import BlockEntry
+from pretrain.objective import inner_sequence_scale, outer_sequence_scale, row_targets
 
 
 @dataclass
@@ -40,7 +45,9 @@ class StepResult:
 
 
 class BilevelStep:
-    """Computes the MemDLM (or plain MDLM) loss of a micro-batch; the caller runs the backward."""
+    """Computes the MemDLM (or plain MDLM) loss of a micro-batch; the caller runs the backward.
+
+    ``autocast``: a context factory every stage runs under (bf16 autocast, or nothing)."""
 
     def __init__(
         self,
@@ -49,87 +56,114 @@ class BilevelStep:
         memory: MemoryConfig,
         diffusion: DiffusionConfig,
         mask_token_id: int,
+        seed: int = 0,
         within_documents: bool = False,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ):
         self.model = model
-        self.within_documents = within_documents
         self.memory = memory
         self.diffusion = diffusion
         self.mask_token_id = mask_token_id
+        self.seed = seed
+        self.within_documents = within_documents
+        self.autocast = autocast
         self.plan = plan if memory.enabled else None
         if self.plan is not None:
             model.attach_fast_weights(self.plan)
+        # The tail starts at the first sub-block with a fast weight (none: only the head).
+        self.boundary = self.plan.boundary_block if self.plan is not None else model.num_blocks
 
-    def __call__(
-        self,
-        batch: MaskedBatch,
-        normalizer: LossNormalizer,
-        step: int,
-        seed: int,
-        record_fast_weights: bool = False,
-    ) -> StepResult:
-        model, ids = self.model, batch.input_ids
-        attention = batch.attention_mask(self.within_documents)  # None, [b,1,1,l] or [b,1,l,l]
-        anchor = batch.anchor_mask
-        x_t = torch.where(anchor, self.mask_token_id, ids)  # [b, l]
-        outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
+    @property
+    def num_inner_steps(self) -> int:
+        return self.memory.num_inner_steps if self.plan is not None else 0
 
-        outer_targets, outer_row_scale = row_targets(ids, anchor, outer_scale)
+    # -- 0. inputs ---------------------------------------------------------------------------
+    def noised_ids(self, batch: MaskedBatch, state_mask: torch.Tensor) -> torch.Tensor:
+        """``[b, l]`` ids with the state's masked positions replaced by the mask token."""
+        return torch.where(state_mask, self.mask_token_id, batch.input_ids)
 
+    def attention(self, batch: MaskedBatch) -> torch.Tensor | None:
+        """None, ``[b, 1, 1, l]`` (key padding) or ``[b, 1, l, l]`` (within documents)."""
+        return batch.attention_mask(self.within_documents)
+
+    def initial_fast_weights(self, batch: MaskedBatch, step: int) -> FastWeights | None:
+        """phi_0 of this step (``None`` with memory off), in the dtype and device of the weights."""
         if self.plan is None:
-            h = model.prefix(x_t, model.num_blocks, attention)
-            loss = model.tail_loss(h, model.num_blocks, anchor, outer_targets, outer_row_scale, attention)
-            return StepResult(loss, [])
+            return None
+        param = next(self.model.parameters())
+        return self.plan.initial(batch.num_sequences, self.seed, step, param.device, param.dtype)
 
-        expected = self.memory.num_inner_steps - 1
-        if batch.pre_anchor_masks.shape[0] != expected:
+    # -- 1-3. one inner step ---------------------------------------------------------------------
+    def inner_update(self, fast: FastWeights, h: torch.Tensor, state_mask: torch.Tensor, batch: MaskedBatch,
+                     attention, entry: BlockEntry | None = None) -> tuple[FastWeights, torch.Tensor]:
+        """One SGD step of ``fast`` on the state's inner loss; ``h`` (or ``entry``) must carry no
+        graph to the base weights. Returns phi_{j+1} and the inner loss summed over sequences."""
+        scale = inner_sequence_scale(state_mask, batch.maskable, self.memory.inner_loss_weight)
+        targets, row_scale = row_targets(batch.input_ids, state_mask, scale)
+        with torch.enable_grad():
+            loss = self.model.tail_loss(h, self.boundary, state_mask, targets, row_scale, attention, fast,
+                                        frozen=True, entry=entry)
+            grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
+        return self.plan.sgd_step(fast, list(grads)), loss.detach()
+
+    # -- 4-5. the anchor state: last inner step and the outer loss -------------------------------------
+    def anchor_loss(self, h: torch.Tensor, batch: MaskedBatch, normalizer: LossNormalizer,
+                    fast: FastWeights | None, attention, inner_h: torch.Tensor | None = None):
+        """The outer loss on the anchor prefix output ``h`` (attached), after the last inner step.
+
+        The start of the boundary sub-block (its norm and the base projections that read the normed
+        input) is fast-weight free, so the last inner step and the outer tail share it, unless
+        ``inner_h`` (a separately computed prefix output) is given for the inner step.
+        Returns (loss, last inner loss sum or ``None``, phi_K or ``None``).
+        """
+        anchor = batch.anchor_mask
+        outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
+        targets, row_scale = row_targets(batch.input_ids, anchor, outer_scale)
+        if fast is None:
+            loss = self.model.tail_loss(h, self.boundary, anchor, targets, row_scale, attention)
+            return loss, None, None
+        if inner_h is None:
+            entry = self.model.block_entry(h, self.boundary)
+            fast, inner_sum = self.inner_update(fast, h.detach(), anchor, batch, attention, entry.detach())
+        else:
+            entry = None
+            fast, inner_sum = self.inner_update(fast, inner_h, anchor, batch, attention)
+        loss = self.model.tail_loss(h, self.boundary, anchor, targets, row_scale, attention, fast.detach(),
+                                    entry=entry)
+        return loss, inner_sum, fast
+
+    # -- the whole step on one model --------------------------------------------------------------
+    def __call__(self, batch: MaskedBatch, normalizer: LossNormalizer, step: int,
+                 record_fast_weights: bool = False) -> StepResult:
+        model = self.model
+        expected = self.num_inner_steps - 1
+        if self.plan is not None and batch.pre_anchor_masks.shape[0] != expected:
             raise ValueError(
                 f"batch has {batch.pre_anchor_masks.shape[0]} pre-anchor states but memory.num_inner_steps="
                 f"{self.memory.num_inner_steps} needs {expected}; build batches with the same num_inner_steps"
             )
-        boundary = self.plan.boundary_block
-        param = next(model.parameters())
-        fast = self.plan.initial(ids.shape[0], seed, step, param.device, param.dtype)
-        inner_loss_sums, history = [], []
-
-        def inner_step(h_detached: torch.Tensor, state: torch.Tensor, entry=None) -> None:
-            nonlocal fast
-            loss = self._inner_loss(h_detached, state, batch, attention, fast, boundary, entry)
-            grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
-            fast = self.plan.sgd_step(fast, list(grads))
-            inner_loss_sums.append(loss.detach())
+        with self.autocast():
+            attention = self.attention(batch)
+            fast = self.initial_fast_weights(batch, step)
+            inner_loss_sums, history = [], []
+            # 1-3. Pre-anchor states: prefix without grad, inner update on the tail.
+            for state in (batch.pre_anchor_masks if fast is not None else []):
+                with torch.no_grad():
+                    h_state = model.prefix(self.noised_ids(batch, state), self.boundary, attention)
+                fast, inner_sum = self.inner_update(fast, h_state, state, batch, attention)
+                inner_loss_sums.append(inner_sum)
+                if record_fast_weights:
+                    history.append(fast.clone_values())
+            # 4-5. The anchor prefix once, with grad; the last inner step; the outer loss with phi_K.
+            x_t = self.noised_ids(batch, batch.anchor_mask)
+            h_anchor = model.prefix(x_t, self.boundary, attention)
+            inner_h = None
+            if fast is not None and not self.memory.share_anchor_prefix:
+                with torch.no_grad():
+                    inner_h = model.prefix(x_t, self.boundary, attention)
+            loss, inner_sum, fast = self.anchor_loss(h_anchor, batch, normalizer, fast, attention, inner_h)
+        if inner_sum is not None:
+            inner_loss_sums.append(inner_sum)
             if record_fast_weights:
                 history.append(fast.clone_values())
-
-        # 1. Pre-anchor states: prefix without grad, inner update on the tail.
-        for state in batch.pre_anchor_masks:
-            with torch.no_grad():
-                h_state = model.prefix(torch.where(state, self.mask_token_id, ids), boundary, attention)
-            inner_step(h_state, state)
-
-        # 2. The anchor prefix, once, with grad; a detached copy feeds the last inner step. The
-        #    start of the first tail sub-block (its norm and the base projections that read the
-        #    normed input) is fast-weight free, so it is shared too.
-        h_anchor = model.prefix(x_t, boundary, attention)
-        if self.memory.share_anchor_prefix:
-            entry = model.block_entry(h_anchor, boundary)
-            inner_step(h_anchor.detach(), anchor, entry.detach())
-        else:
-            entry = None
-            with torch.no_grad():
-                h_inner = model.prefix(x_t, boundary, attention)
-            inner_step(h_inner, anchor)
-
-        # 3. Outer loss with phi_K as a constant.
-        loss = model.tail_loss(
-            h_anchor, boundary, anchor, outer_targets, outer_row_scale, attention, fast.detach(), entry=entry
-        )
         return StepResult(loss, inner_loss_sums, history)
-
-    def _inner_loss(self, h, state, batch: MaskedBatch, attention, fast: FastWeights, boundary: int, entry):
-        scale = inner_sequence_scale(state, batch.maskable, self.memory.inner_loss_weight)
-        targets, row_scale = row_targets(batch.input_ids, state, scale)
-        with torch.enable_grad():
-            return self.model.tail_loss(
-                h, boundary, state, targets, row_scale, attention, fast, frozen=True, entry=entry
-            )

@@ -78,7 +78,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 @torch.no_grad()
-def load_model_weights(model: torch.nn.Module, checkpoint: Path, tp_size: int = 1, tp_rank: int = 0) -> None:
+def load_model_weights(model: torch.nn.Module, checkpoint: Path, tensor_parallel_size: int = 1,
+                       tensor_parallel_rank: int = 0) -> None:
     """Full-size weights from ``checkpoint`` into this rank's part of the model (its layers, its
     tensor-parallel shard of each)."""
     tensors = load_file(str(Path(checkpoint) / "model.safetensors"))
@@ -88,8 +89,8 @@ def load_model_weights(model: torch.nn.Module, checkpoint: Path, tp_size: int = 
             missing.append(name)
             continue
         value = tensors[name]
-        if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
-            value = value.chunk(tp_size, dim=param.partition_dim)[tp_rank]
+        if getattr(param, "tensor_model_parallel", False) and tensor_parallel_size > 1:
+            value = value.chunk(tensor_parallel_size, dim=param.partition_dim)[tensor_parallel_rank]
         if value.shape != param.shape:
             raise ValueError(
                 f"checkpoint {checkpoint}: {name} has shape {tuple(value.shape)}, the model expects "

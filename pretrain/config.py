@@ -11,8 +11,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_pipeline.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A configuration value that cannot work; the message names the field and the fix."""
 
 
@@ -128,7 +130,6 @@ class MemoryConfig:
     share_anchor_prefix: bool = param(
         True, "compute the anchor state's prefix once for the last inner step and the outer loss"
     )
-    prompt_mask_ratio: float = param(0.2, "inference-time adaptation: anchor mask ratio on the prompt")
 
     def __post_init__(self):
         _check_choices(self, "memory")
@@ -142,7 +143,6 @@ class MemoryConfig:
         _check(self.inner_grad_clip >= 0, "memory.inner_grad_clip", "must be >= 0 (0 turns clipping off)")
         _check(0 < self.layer_fraction <= 1, "memory.layer_fraction", f"must lie in (0, 1], got {self.layer_fraction}")
         _check(self.lora_rank > 0, "memory.lora_rank", "must be positive")
-        _check(0 < self.prompt_mask_ratio <= 1, "memory.prompt_mask_ratio", "must lie in (0, 1]")
         known = {"qkv", "out", "gate", "up", "down"}
         modules = self.target_module_list
         unknown = [m for m in modules if m not in known]

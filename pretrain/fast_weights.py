@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import MemoryConfig
-from pretrain.megatron_imports import (
+from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
@@ -38,8 +38,8 @@ class FastWeightSite:
     module: str
     in_features: int  # logical (unpartitioned) sizes
     out_features: int
-    tp_size: int
-    tp_rank: int
+    tensor_parallel_size: int
+    tensor_parallel_rank: int
 
     @property
     def name(self) -> str:
@@ -91,10 +91,10 @@ class FastWeights:
 class FastWeightPlan:
     """Which projections carry fast weights, how to reset them and how to update them."""
 
-    def __init__(self, config: MemoryConfig, sites: list[FastWeightSite], tp_group=None):
+    def __init__(self, config: MemoryConfig, sites: list[FastWeightSite], tensor_parallel_group=None):
         self.config = config
         self.sites = sites
-        self.tp_group = tp_group
+        self.tensor_parallel_group = tensor_parallel_group
         # The tail starts at the first sub-block that holds a fast weight; everything
         # before it (the prefix) sees the same input in the last inner step and the outer pass.
         self.boundary_block = min(site.block for site in sites)
@@ -119,7 +119,7 @@ class FastWeightPlan:
             a_full = torch.empty(rank, site.in_features, dtype=torch.float64)
             a_full.uniform_(-bound, bound, generator=generator)
             if site.parallel == "row":
-                a_full = a_full.chunk(site.tp_size, dim=1)[site.tp_rank]
+                a_full = a_full.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
             a = a_full.to(device=device, dtype=dtype).expand(batch_size, rank, in_local).clone()
             b_out = out_local if site.parallel == "column" else site.out_features
             b = torch.zeros(batch_size, b_out, rank, device=device, dtype=dtype)
@@ -128,19 +128,19 @@ class FastWeightPlan:
 
     def _local_shape(self, site: FastWeightSite) -> tuple[int, int]:
         if site.parallel == "column":
-            return site.in_features, site.out_features // site.tp_size
-        return site.in_features // site.tp_size, site.out_features
+            return site.in_features, site.out_features // site.tensor_parallel_size
+        return site.in_features // site.tensor_parallel_size, site.out_features
 
     def leaf_is_sharded(self) -> list[bool]:
         """For each leaf (in ``FastWeights.leaves`` order): is it split across tensor-parallel ranks?"""
         flags = []
         for site in self.sites:
             if self.config.adapter == "full":
-                flags.append(site.tp_size > 1)
+                flags.append(site.tensor_parallel_size > 1)
             elif site.parallel == "column":
-                flags.extend([False, site.tp_size > 1])  # A replicated, B sharded
+                flags.extend([False, site.tensor_parallel_size > 1])  # A replicated, B sharded
             else:
-                flags.extend([site.tp_size > 1, False])  # A sharded, B replicated
+                flags.extend([site.tensor_parallel_size > 1, False])  # A sharded, B replicated
         return flags
 
     # -- inner SGD step --------------------------------------------------------------------
@@ -152,42 +152,43 @@ class FastWeightPlan:
         new_leaves = []
         for leaf, grad, sharded in zip(fast.leaves(), grads, self.leaf_is_sharded()):
             if clip > 0:
-                grad = clip_per_sequence(grad, clip, self.tp_group if sharded else None)
+                grad = clip_per_sequence(grad, clip, self.tensor_parallel_group if sharded else None)
             new_leaves.append((leaf - lr * grad).requires_grad_())
         return fast.with_leaves(new_leaves)
 
 
-def clip_per_sequence(grad: torch.Tensor, clip: float, tp_group=None) -> torch.Tensor:
+def clip_per_sequence(grad: torch.Tensor, clip: float, tensor_parallel_group=None) -> torch.Tensor:
     """Scale each sequence's gradient ``grad[i]`` to norm ``clip`` if its norm exceeds it.
 
     For a tensor sharded over tensor-parallel ranks the norm is that of the whole logical
-    tensor (sum of squares all-reduced over ``tp_group``).
+    tensor (sum of squares all-reduced over ``tensor_parallel_group``).
     """
     squares = grad.flatten(1).pow(2).sum(dim=1)  # [b]
-    if tp_group is not None and dist.get_world_size(tp_group) > 1:
-        dist.all_reduce(squares, group=tp_group)
+    if tensor_parallel_group is not None and dist.get_world_size(tensor_parallel_group) > 1:
+        dist.all_reduce(squares, group=tensor_parallel_group)
     norm = squares.sqrt()
     scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
     return grad * scale.view(-1, *([1] * (grad.dim() - 1)))
 
 
 def apply_fast_weight(
-    x: torch.Tensor, base_out: torch.Tensor, site: FastWeightSite, tensors, scaling: float, tp_group
+    x: torch.Tensor, base_out: torch.Tensor, site: FastWeightSite, tensors, scaling: float, tensor_parallel_group,
 ) -> torch.Tensor:
     """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]``."""
     if len(tensors) == 1:  # dense delta
         (delta,) = tensors
         if site.parallel == "column":
             return torch.baddbmm(base_out, x, delta.transpose(1, 2))
-        update = reduce_from_tensor_model_parallel_region(torch.bmm(x, delta.transpose(1, 2)), group=tp_group)
+        update = torch.bmm(x, delta.transpose(1, 2))
+        update = reduce_from_tensor_model_parallel_region(update, group=tensor_parallel_group)
         return base_out + update
     a, b = tensors
     low_rank = torch.bmm(x, a.transpose(1, 2))  # [b, l, r]
     if site.parallel == "column":
         # Every rank holds the full x A^T; its gradient is the sum of the ranks' partial B-shard terms.
-        low_rank = copy_to_tensor_model_parallel_region(low_rank, group=tp_group)
+        low_rank = copy_to_tensor_model_parallel_region(low_rank, group=tensor_parallel_group)
     else:
-        low_rank = reduce_from_tensor_model_parallel_region(low_rank, group=tp_group)
+        low_rank = reduce_from_tensor_model_parallel_region(low_rank, group=tensor_parallel_group)
     return torch.baddbmm(base_out, low_rank, b.transpose(1, 2), alpha=scaling)
 
 
@@ -199,14 +200,15 @@ def _mix(seed: int, step: int, index: int) -> int:
     return value >> 1
 
 
-def build_fast_weight_plan(model_cfg, memory_cfg: MemoryConfig, tp_size: int = 1, tp_rank: int = 0, tp_group=None):
+def build_fast_weight_plan(model_cfg, memory_cfg: MemoryConfig, tensor_parallel_size: int = 1,
+                           tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
     """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
     h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
     shapes = {"qkv": (h, 3 * h), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
     sites = [
-        FastWeightSite(layer, module, *shapes[module], tp_size=tp_size, tp_rank=tp_rank)
+        FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank)
         for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
         for module in ("qkv", "out", "gate", "up", "down")
         if module in memory_cfg.target_module_list
     ]
-    return FastWeightPlan(memory_cfg, sites, tp_group)
+    return FastWeightPlan(memory_cfg, sites, tensor_parallel_group)

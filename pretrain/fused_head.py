@@ -17,22 +17,26 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from pretrain.megatron_imports import ColumnParallelLinear, copy_to_tensor_model_parallel_region, parallel_state
-from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from parallel.megatron import (
+    ColumnParallelLinear,
+    VocabParallelCrossEntropy,
+    copy_to_tensor_model_parallel_region,
+    parallel_state,
+)
 
 DEFAULT_CHUNK_ROWS = 1024
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, row_scale, chunk_rows, tp_group, grad_enabled):
+    def forward(ctx, x, weight, targets, row_scale, chunk_rows, tensor_parallel_group, grad_enabled):
         # x [n, hidden] (normed, replicated over TP); weight [vocab/tp, hidden]; targets [n]; row_scale [n].
         # needs_input_grad does not see no_grad mode, hence the caller's grad_enabled.
         need_x = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
         vocab_local = weight.shape[0]
-        tp_size = dist.get_world_size(tp_group)
-        vocab_start = dist.get_rank(tp_group) * vocab_local
+        tensor_parallel_size = dist.get_world_size(tensor_parallel_group)
+        vocab_start = dist.get_rank(tensor_parallel_group) * vocab_local
         loss_dtype = torch.promote_types(x.dtype, torch.float32)
         # Matmuls in the autocast dtype when autocast is on (bf16 on GPU), else in x's dtype;
         # softmax, loss and the weight-gradient accumulator in at least fp32.
@@ -49,16 +53,16 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             # megatron's calculate_logits_max would also cast float64 to float32; keep >= fp32 instead.
             logits = (x_chunk.to(compute_dtype) @ w.t()).to(loss_dtype)
             logits_max = logits.max(dim=-1)[0]
-            if tp_size > 1:
-                dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp_group)
+            if tensor_parallel_size > 1:
+                dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tensor_parallel_group)
             target_mask, target_1d, predicted, sum_exp, exp_logits = (
                 VocabParallelCrossEntropy.calculate_predicted_logits(
                     logits, targets[rows], logits_max, vocab_start, vocab_start + vocab_local
                 )
             )
-            if tp_size > 1:
-                dist.all_reduce(predicted, group=tp_group)
-                dist.all_reduce(sum_exp, group=tp_group)
+            if tensor_parallel_size > 1:
+                dist.all_reduce(predicted, group=tensor_parallel_group)
+                dist.all_reduce(sum_exp, group=tensor_parallel_group)
             softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
             total += (loss.to(loss_dtype) * scale.to(loss_dtype)).sum()
             if need_x or need_w:

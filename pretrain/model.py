@@ -5,8 +5,10 @@ embedding and the head (final norm + LM head). The bi-level step cuts that chain
 a prefix that ends before the first sub-block with fast weights, and a tail. The head runs
 only on the rows a loss needs (``rows``), because every loss here is zero elsewhere.
 
-The model makes no ``torch.distributed`` calls of its own; the megatron-core layers do the
-tensor-parallel communication, and which ranks they talk to comes from ``parallel_state``.
+The model never decides how it is parallelised. Its communication is tensor-parallel only: the
+megatron-core layers' own, the fused head's vocab-parallel cross entropy (all-reduces of the
+row maxima, predicted logits and sums over the tensor-parallel group) and the fast weights'
+reductions (``pretrain.fast_weights``); which ranks they talk to comes from ``parallel_state``.
 """
 
 from __future__ import annotations
@@ -17,10 +19,7 @@ import math
 import torch
 import torch.nn as nn
 
-from pretrain.config import ModelConfig
-from pretrain.fast_weights import FastWeightPlan, FastWeights
-from pretrain.fused_head import VocabParallelHead
-from pretrain.megatron_imports import (
+from parallel.megatron import (
     ColumnParallelLinear,
     ModelParallelConfig,
     RowParallelLinear,
@@ -28,6 +27,9 @@ from pretrain.megatron_imports import (
     VocabParallelEmbedding,
     parallel_state,
 )
+from pretrain.config import ModelConfig
+from pretrain.fast_weights import FastWeightPlan, FastWeights
+from pretrain.fused_head import VocabParallelHead
 from pretrain.modules import BlockEntry, RMSNorm, TransformerLayer, rotary_tables
 
 
@@ -39,15 +41,15 @@ class DiffusionTransformer(nn.Module):
                  layers: range | None = None):
         super().__init__()
         self.cfg = cfg
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        if cfg.num_heads % tp_size or cfg.ffn_hidden_size % tp_size or cfg.vocab_size % tp_size:
+        tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+        if any(size % tensor_parallel_size for size in (cfg.num_heads, cfg.ffn_hidden_size, cfg.vocab_size)):
             raise ValueError(
-                f"tensor-parallel size {tp_size} must divide model.num_heads ({cfg.num_heads}), "
+                f"tensor-parallel size {tensor_parallel_size} must divide model.num_heads ({cfg.num_heads}), "
                 f"model.ffn_hidden_size ({cfg.ffn_hidden_size}) and model.vocab_size ({cfg.vocab_size})"
             )
         self.layer_range = layers if layers is not None else range(cfg.num_layers)
         mp_config = ModelParallelConfig(
-            tensor_model_parallel_size=tp_size,
+            tensor_model_parallel_size=tensor_parallel_size,
             params_dtype=dtype,
             use_cpu_initialization=True,
             perform_initialization=False,  # initialize_parameters draws every weight from (seed, name)
@@ -61,7 +63,7 @@ class DiffusionTransformer(nn.Module):
         # A dict keyed by the global layer index keeps parameter names ("layers.7.mlp...") the
         # same whichever stage holds the layer.
         self.layers = nn.ModuleDict({
-            str(i): TransformerLayer(cfg, mp_config, unused, tp_size) for i in self.layer_range
+            str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size) for i in self.layer_range
         })
         if self.has_head:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
@@ -179,8 +181,8 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
     Normal(0, init_std) for matrices, smaller for the residual-branch outputs (attention out, MLP
     down) so the residual stream does not grow with depth; ones for norms.
     """
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
     # megatron marks partitioned weights only when it initialises them itself; mark them here.
     for module in model.modules():
         if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
@@ -194,15 +196,15 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
         std = cfg.init_std
         if name.endswith(("attention.out.weight", "mlp.down.weight")):
             std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
-        sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        sharded = getattr(param, "tensor_model_parallel", False) and tensor_parallel_size > 1
         dim = getattr(param, "partition_dim", 0)
         shape = list(param.shape)
         if sharded:
-            shape[dim] *= tp_size
+            shape[dim] *= tensor_parallel_size
         generator = torch.Generator().manual_seed(_name_seed(seed, name))
         full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
         if sharded:
-            full = full.chunk(tp_size, dim=dim)[tp_rank]
+            full = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
         param.copy_(full.to(param.dtype))
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.fast_weights import FastWeightSite, apply_fast_weight
-from pretrain.megatron_imports import (
+from parallel.megatron import (
     ColumnParallelLinear,
     ModelParallelConfig,
     RowParallelLinear,
@@ -103,9 +103,10 @@ class SelfAttention(ProjectionSet):
     """Multi-head attention with no causal mask. ``attention_mask`` (bool, true = may attend) is
     ``None`` or broadcastable to ``[b, heads, l, l]``: key padding or within-document attention."""
 
-    def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method, tp_size: int):
+    def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method,
+                 tensor_parallel_size: int):
         super().__init__()
-        self.num_heads_local = num_heads // tp_size
+        self.num_heads_local = num_heads // tensor_parallel_size
         self.head_dim = hidden // num_heads
         # Output rows are laid out [head, (q, k, v), head_dim] so a column split keeps whole heads.
         self.qkv = ColumnLinear(
@@ -158,11 +159,11 @@ class SwiGLU(ProjectionSet):
 class TransformerLayer(nn.Module):
     """Pre-norm layer as two sub-blocks: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
 
-    def __init__(self, cfg, config: ModelParallelConfig, init_method, tp_size: int):
+    def __init__(self, cfg, config: ModelParallelConfig, init_method, tensor_parallel_size: int):
         super().__init__()
         dtype = config.params_dtype
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tp_size)
+        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tensor_parallel_size)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
 

@@ -10,28 +10,10 @@ fused head computes it from ``row_targets``); only the per-sequence scale differ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+from parallel.collectives import LossNormalizer
 from pretrain.config import DiffusionConfig
-
-
-@dataclass
-class LossNormalizer:
-    """Counts over the whole global batch (all micro-batches, all data-parallel ranks)."""
-
-    num_maskable: torch.Tensor  # 0-d float: maskable tokens
-    num_sequences: torch.Tensor  # 0-d float: sequences
-
-    @staticmethod
-    def of(maskable_masks: list[torch.Tensor]) -> "LossNormalizer":
-        num_maskable = sum(m.sum(dtype=torch.float64) for m in maskable_masks)
-        num_sequences = torch.tensor(float(sum(m.shape[0] for m in maskable_masks)), dtype=torch.float64)
-        return LossNormalizer(torch.as_tensor(num_maskable, dtype=torch.float64), num_sequences)
-
-    def to(self, device) -> "LossNormalizer":
-        return LossNormalizer(self.num_maskable.to(device), self.num_sequences.to(device))
 
 
 def outer_sequence_scale(

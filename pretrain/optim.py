@@ -1,4 +1,4 @@
-"""AdamW over the base weights with linear warm-up and cosine decay."""
+"""AdamW over the base weights with linear warm-up and cosine decay (the engines set the rate each step)."""
 
 from __future__ import annotations
 
@@ -30,8 +30,3 @@ def learning_rate(step: int, total_steps: int, cfg: OptimizerConfig) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
-
-
-def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -25,16 +24,13 @@ from data_pipeline.loader import ReaderOptions, open_batches
 from data_pipeline.readers import MaskingSpec
 from data_pipeline.source import resolve_dataset
 from parallel.collectives import broadcast_batch
-from parallel.engine import build_engine
-from parallel.layout import check_model_layout, stage_layers
 from parallel.topology import Topology, initialize_topology
-from pretrain.bilevel import BilevelStep
 from pretrain.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
 from pretrain.config import ConfigError, RunConfig
 from pretrain.cpu_memory import keep_freed_memory
-from pretrain.fast_weights import build_fast_weight_plan
+from pretrain.factory import build_model, build_training, check_run_layout
 from pretrain.metrics import MetricsLogger, NullLogger
-from pretrain.model import DiffusionTransformer, count_parameters, full_parameter_count
+from pretrain.model import count_parameters, full_parameter_count
 from pretrain.optim import learning_rate
 
 
@@ -56,21 +52,21 @@ class TrainSummary:
     losses: list[float]
 
 
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) -> TrainSummary:
+    """Train ``cfg`` to ``cfg.train.steps`` (resuming from the latest checkpoint), stopping early and
+    saving when ``stop_requested()`` turns true on any rank."""
+    with _restored_environment(_STREAMING_WORLD):
+        return _train(cfg, stop_requested)
+
+
+def _train(cfg: RunConfig, stop_requested: Callable[[], bool]) -> TrainSummary:
     started = time.perf_counter()
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     topology: Topology = initialize_topology(
         cfg.train.device, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, cfg.model.num_layers
     )
-    check_model_layout(cfg, topology.tensor_parallel_size, topology.pipeline_parallel_size,
-                       topology.data_parallel_size)
+    check_run_layout(cfg, topology.world_size)
     device = topology.device
     if device.type == "cpu":
         keep_freed_memory()
@@ -89,16 +85,13 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
 
     # 2. This rank's part of the model (initialised from the seed, layout-independent), the
     #    step, and the engine that runs it on this layout.
-    model = DiffusionTransformer(cfg.model, seed=cfg.train.seed, layers=stage_layers(cfg, topology)).to(device)
+    model = build_model(cfg, topology)
     local_parameters = count_parameters(model)  # before an engine partitions them
     checkpoint = latest_checkpoint(out_dir) if cfg.train.resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, config_record)
         load_model_weights(model, checkpoint, topology.tensor_parallel_size, topology.tensor_parallel_rank)
-    plan = build_fast_weight_plan(cfg.model, cfg.memory, topology.tensor_parallel_size,
-                                  topology.tensor_parallel_rank, topology.tensor_parallel_group)
-    step_fn = BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_id, cfg.data.document_attention)
-    engine = build_engine(model, step_fn, cfg, topology, functools.partial(_autocast, cfg.train.precision, device))
+    engine = build_training(cfg, topology, mask_id, model).engine
 
     # 3. Resume: optimizer state, step, data position.
     start_step, data_state = 0, None
@@ -231,6 +224,23 @@ def _open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, s
     return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
                         topology.data_parallel_rank, topology.data_parallel_size, state,
                         barrier_group=topology.data_parallel_group if readers_only else None)
+
+
+_STREAMING_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def _restored_environment(names):
+    """Put ``names`` back as they were afterwards (a later run in this process must see its own world)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _present_data_world_to_streaming(topology: Topology) -> None:

@@ -19,6 +19,7 @@ with warnings.catch_warnings():
         VocabParallelEmbedding,
         vocab_parallel_cross_entropy,
     )
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
     from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
@@ -32,6 +33,7 @@ __all__ = [
     "RowParallelLinear",
     "VocabParallelEmbedding",
     "vocab_parallel_cross_entropy",
+    "VocabParallelCrossEntropy",
     "set_tensor_model_parallel_attributes",
     "copy_to_tensor_model_parallel_region",
     "reduce_from_tensor_model_parallel_region",
