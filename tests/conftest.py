@@ -12,9 +12,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import torch  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def topology():
-    """A world-size-1 process group with megatron-core parallel state, shared by the session."""
+    """A world-size-1 process group with megatron-core parallel state (made once, re-made if a test
+    that runs a whole CLI in-process has shut it down)."""
     from parallel.topology import initialize_topology
 
     return initialize_topology("cpu")

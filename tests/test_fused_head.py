@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.fused_head import VocabParallelHead
-from pretrain.megatron_imports import ModelParallelConfig, vocab_parallel_cross_entropy
+from parallel.megatron import ModelParallelConfig, vocab_parallel_cross_entropy
 
 
 def make_head(dtype):

@@ -82,8 +82,19 @@ def test_webdataset_resume_refuses_another_layout(dataset):
         take(dataset, "webdataset", 2, 1, state=state)
 
 
-def _ranked_stream(rank, world, root, fmt, micro, count, state, workers=0):
-    return take(root, fmt, micro, count, rank=rank, ranks=world, state=state, workers=workers)
+def _two_rank_streams(rank, world, root):
+    """Every two-rank stream this file checks, read in one spawned group (MDS, micro-batches of 4):
+    20 batches straight (no workers), 12 with one worker, and 7 + 13 with a resume in between."""
+    straight = take(root, "mds", 4, 20, rank=rank, ranks=world, workers=0)[0]
+    with_worker = take(root, "mds", 4, 12, rank=rank, ranks=world, workers=1)[0]
+    first, state = take(root, "mds", 4, 7, rank=rank, ranks=world, workers=0)
+    rest = take(root, "mds", 4, 13, rank=rank, ranks=world, state=state, workers=0)[0]
+    return {"straight": straight, "with_worker": with_worker, "first": first, "state": state, "rest": rest}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(dataset):
+    return run_ranks(_two_rank_streams, 2, dataset)
 
 
 def global_batches(per_rank: list, micro_per_global: int) -> list:
@@ -93,27 +104,22 @@ def global_batches(per_rank: list, micro_per_global: int) -> list:
             for i in range(0, len(merged), micro_per_global)]
 
 
-def test_one_and_two_ranks_see_the_same_global_batches(dataset):
+def test_one_and_two_ranks_see_the_same_global_batches(dataset, two_ranks):
     single, _ = take(dataset, "mds", 8, 12)
-    ranks = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 12, None, 1)
-    assert global_batches([single], 1) == global_batches([r[0] for r in ranks], 1)
+    assert global_batches([single], 1) == global_batches([r["with_worker"] for r in two_ranks], 1)
+    assert global_batches([single], 1) == global_batches([r["straight"][:12] for r in two_ranks], 1)
 
 
-def test_two_ranks_resume_exactly(dataset):
-    straight = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 20, None)
-    first = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 7, None)
-    assert first[0][1] == first[1][1], "every rank saves the same streaming state"
-    rest = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 13, first[0][1])
+def test_two_ranks_resume_exactly(two_ranks):
+    assert two_ranks[0]["state"] == two_ranks[1]["state"], "every rank saves the same streaming state"
     for rank in range(2):
-        assert first[rank][0] + rest[rank][0] == straight[rank][0]
+        assert two_ranks[rank]["first"] + two_ranks[rank]["rest"] == two_ranks[rank]["straight"]
 
 
-def test_elastic_resume_from_two_ranks_to_one(dataset):
+def test_elastic_resume_from_two_ranks_to_one(dataset, two_ranks):
     """Save with 2 ranks x 4, resume on 1 rank x 8: the global batches continue unchanged."""
-    straight = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 20, None)
-    first = run_ranks(_ranked_stream, 2, dataset, "mds", 4, 7, None)
-    resumed, _ = take(dataset, "mds", 8, 13, state=first[0][1])
-    assert global_batches([resumed], 1) == global_batches([r[0] for r in straight], 1)[7:]
+    resumed, _ = take(dataset, "mds", 8, 13, state=two_ranks[0]["state"])
+    assert global_batches([resumed], 1) == global_batches([r["straight"] for r in two_ranks], 1)[7:]
 
 
 # -- bad shards --------------------------------------------------------------------------------

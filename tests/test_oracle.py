@@ -9,7 +9,7 @@ from pretrain.bilevel import BilevelStep
 from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
 from pretrain.fast_weights import build_fast_weight_plan
 from pretrain.model import DiffusionTransformer
-from pretrain.objective import LossNormalizer
+from parallel.collectives import LossNormalizer
 from tests.reference_step import reference_step
 
 TINY = ModelConfig(vocab_size=48, hidden_size=32, num_layers=3, num_heads=2, ffn_hidden_size=40, seq_len=16)
@@ -59,12 +59,12 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
     plan = build_fast_weight_plan(TINY, memory)
-    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID)
+    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)
     batch = tiny_batch(memory.num_inner_steps, padded=padded)
     batch.t = batch.t.to(torch.float64)
     normalizer = LossNormalizer.of([batch.maskable])
 
-    result = step(batch, normalizer, step=5, seed=11, record_fast_weights=True)
+    result = step(batch, normalizer, step=5, record_fast_weights=True)
     result.loss.backward()
 
     phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
@@ -95,7 +95,7 @@ def test_reference_detects_a_wrong_inner_step(topology):
     batch = tiny_batch(2)
     batch.t = batch.t.to(torch.float64)
     normalizer = LossNormalizer.of([batch.maskable])
-    BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID)(batch, normalizer, 5, 11).loss.backward()
+    BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)(batch, normalizer, 5).loss.backward()
     phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
     weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     wrong = MemoryConfig(inner_lr=0.11)

@@ -1,8 +1,6 @@
 """memdlm-prepare-data: round trips through both shard formats, determinism, bad input."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,6 @@ from tokenizers import Tokenizer
 from data_pipeline.errors import DataError
 from data_pipeline.readers import IndexedStreamingDataset, MaskingCollate, MaskingSpec
 from data_pipeline.shards import decode_webdataset_sample
-from tests.conftest import ROOT
 from tests.data_fixtures import SEQ_LEN, VOCAB, prepare, write_corpus
 
 
@@ -138,15 +135,15 @@ def test_bad_input_is_named(tmp_path, make_input, message):
     assert not (tmp_path / "out").exists(), "a failed preparation leaves no dataset behind"
 
 
-def test_cli_prepares_and_refuses_to_overwrite(corpus, tmp_path):
+def test_cli_prepares_and_refuses_to_overwrite(corpus, tmp_path, capsys):
+    from launch.prepare_cli import main
+
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "launch.prepare_cli", "--input", str(corpus / "a_plays.txt"), "--output",
-               str(out), "--format", "webdataset", "--seq-len", "64", "--vocab-size", "400", "--no-progress"]
-    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert "prepared" in first.stdout and (out / "webdataset" / "shard-000000.tar").is_file()
-    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 2 and "already holds a prepared dataset; pass --overwrite" in second.stderr
-    missing = subprocess.run(command[:4] + ["/nonexistent/x.txt"] + command[5:], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    command = ["--input", str(corpus / "a_plays.txt"), "--output", str(out), "--format", "webdataset", "--seq-len",
+               "64", "--vocab-size", "400", "--no-progress"]
+    assert main(command) == 0
+    assert "prepared" in capsys.readouterr().out and (out / "webdataset" / "shard-000000.tar").is_file()
+    assert main(command) == 2
+    assert "already holds a prepared dataset; pass --overwrite" in capsys.readouterr().err
+    assert main(["--input", "/nonexistent/x.txt"] + command[2:]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pretrain.bilevel import BilevelStep
 from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
 from pretrain.fast_weights import build_fast_weight_plan, clip_per_sequence
 from pretrain.model import DiffusionTransformer
-from pretrain.objective import LossNormalizer
+from parallel.collectives import LossNormalizer
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, num_layers=4, num_heads=4, ffn_hidden_size=96, seq_len=24)
 MASK_ID = 63
@@ -29,11 +29,11 @@ def make_batch(b=8, num_inner_steps=2, seed=1, first_index=0):
 def loss_and_grads(model, memory, batches, diffusion=DiffusionConfig(), step=3):
     """Sum of the step's losses over ``batches`` (one global batch) and the accumulated gradients."""
     model.zero_grad(set_to_none=True)
-    stepper = BilevelStep(model, build_fast_weight_plan(CFG, memory), memory, diffusion, MASK_ID)
+    stepper = BilevelStep(model, build_fast_weight_plan(CFG, memory), memory, diffusion, MASK_ID, seed=5)
     normalizer = LossNormalizer.of([b.maskable for b in batches])
     total = 0.0
     for batch in batches:
-        result = stepper(batch, normalizer, step=step, seed=5)
+        result = stepper(batch, normalizer, step=step)
         result.loss.backward()
         total = total + result.loss.detach()
     return total, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -106,7 +106,7 @@ def test_inner_loop_gives_base_weights_no_gradient(topology):
     memory = MemoryConfig(num_inner_steps=3)
     stepper = BilevelStep(model, build_fast_weight_plan(CFG, memory), memory, DiffusionConfig(), MASK_ID)
     batch = make_batch(num_inner_steps=3)
-    result = stepper(batch, LossNormalizer.of([batch.maskable]), step=0, seed=0, record_fast_weights=True)
+    result = stepper(batch, LossNormalizer.of([batch.maskable]), step=0, record_fast_weights=True)
     assert all(p.grad is None for p in model.parameters()), "the inner loop must not touch .grad"
     assert len(result.inner_loss_sums) == 3 and len(result.fast_weight_history) == 3
     # Fast weights are not parameters of the model, so no optimizer can hold them.

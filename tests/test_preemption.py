@@ -1,0 +1,47 @@
+"""Stop on a signal: the flag, and the trainer saving at the step it stopped and resuming from there."""
+
+import os
+import signal
+
+from launch.config_cli import build_config
+from launch.preemption import stop_on_signals
+
+TINY = [
+    "--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads", "2",
+    "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
+    "--train.micro_batch_size", "2", "--data.num_workers", "0", "--logging.progress_bar", "false",
+    "--logging.wandb", "false",
+]
+
+
+def test_a_signal_sets_the_flag_and_the_handlers_come_back():
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    with stop_on_signals() as stop:
+        assert not stop()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop() and stop.signal_name == "SIGUSR1"
+        # A second signal takes the default action (the user insists): the handler is gone.
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
+def test_a_stop_request_saves_that_step_and_the_rerun_continues_exactly(topology, tmp_path):
+    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.trainer import train
+
+    common = [*TINY, "--data.cache_dir", str(tmp_path / "cache"), "--train.steps", "3"]
+    straight = train(build_config([*common, "--train.out_dir", str(tmp_path / "straight")]))
+
+    calls = []
+
+    def stop_after_first_step():
+        calls.append(1)
+        return len(calls) >= 1
+
+    out = tmp_path / "stopped"
+    stopped = train(build_config([*common, "--train.out_dir", str(out)]), stop_after_first_step)
+    assert stopped.stopped_early and stopped.steps_done == 1
+    assert latest_checkpoint(out).name == "step_000001"
+    resumed = train(build_config([*common, "--train.out_dir", str(out)]))
+    assert not resumed.stopped_early and resumed.steps_done == 3
+    assert stopped.losses + resumed.losses == straight.losses
