@@ -7,11 +7,13 @@ bundled TinyShakespeare corpus, on the CPU, in a few minutes.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 from data_pipeline.errors import UsageError
 from launch.config_cli import build_config, format_help
+from launch.process_guard import die_with_parent, started_by_torchrun
 
 PROG = "memdlm-pretrain"
 DESCRIPTION = (
@@ -53,12 +55,19 @@ def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
 
 
 def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
-    """One process per rank on this machine, through torchrun (restarts resume from checkpoints)."""
+    """One process per rank on this machine, through torchrun (restarts resume from checkpoints).
+
+    The agent gets SIGTERM if this process dies (it then stops its ranks), and each rank dies with the
+    agent (``launch.process_guard``), so no rank outlives the command that started it."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "launch.pretrain_cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(command, env=env)
+    agent = subprocess.Popen(command, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+    try:
+        return agent.wait()
+    except KeyboardInterrupt:  # the agent got the same Ctrl-C; let it stop its ranks
+        return agent.wait()
 
 
 def _is_main_rank() -> bool:
@@ -84,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(err))
         return _launch_with_torchrun(nproc, argv)
 
+    if started_by_torchrun():
+        die_with_parent(signal.SIGKILL)  # the launcher is gone: nobody could coordinate a save
     from launch.preemption import stop_on_signals
     from parallel.topology import shutdown_topology
     from pretrain.trainer import train

@@ -1,6 +1,6 @@
 """Collectives the trainer and the engines need around the step: sharing a replica's micro-batches
-with its tensor/pipeline ranks, the global loss normalizer, step statistics, the
-tensor-parallel-aware gradient norm, and gathering full weights for checkpoints and tests.
+with its tensor/pipeline ranks, the global loss normalizer, step statistics and the
+tensor-parallel-aware gradient norm.
 
 Process groups are always passed in; nothing here looks one up by itself.
 """
@@ -97,28 +97,3 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor
         for g in grads:
             g.mul_(scale)
     return norm
-
-
-@torch.no_grad()
-def gather_full_state(model: torch.nn.Module, tensor_group, pipeline_group) -> dict[str, torch.Tensor]:
-    """Every base weight at full size on every rank (tests and single-file checkpoints).
-
-    Tensor-parallel shards are concatenated along their ``partition_dim``; pipeline stages
-    contribute the layers they hold (their names already carry global layer indices).
-    """
-    state = {}
-    for name, param in model.named_parameters():
-        value = param.detach()
-        if is_tensor_parallel(param) and group_size(tensor_group) > 1:
-            parts = [torch.empty_like(value) for _ in range(group_size(tensor_group))]
-            dist.all_gather(parts, value.contiguous(), group=tensor_group)
-            value = torch.cat(parts, dim=param.partition_dim)
-        state[name] = value.cpu().clone()
-    if group_size(pipeline_group) > 1:
-        gathered = [None] * group_size(pipeline_group)
-        dist.all_gather_object(gathered, state, group=pipeline_group)
-        state = {}
-        for part in gathered:
-            for name, value in part.items():
-                state.setdefault(name, value)  # tied/replicated entries appear once
-    return state

@@ -18,8 +18,17 @@ import os
 
 import torch
 
-from parallel.engine import EngineBase, EngineOptions, StepFunction, add_output, set_learning_rate
+from parallel.engine import (
+    EngineBase,
+    EngineOptions,
+    StepFunction,
+    adam_parameter_state,
+    add_output,
+    load_adam_parameter_state,
+    set_learning_rate,
+)
 from parallel.megatron import parallel_state
+from parallel.sharded_state import ParameterState
 
 
 class MegatronMPU:
@@ -116,16 +125,86 @@ class DeepSpeedEngine(EngineBase):
         grad_norm = self.engine.get_global_grad_norm()
         return float(grad_norm) if grad_norm is not None else float("nan")
 
-    def gathered_parameters(self):
-        if self.options.zero_stage == 3:
-            import deepspeed
+    # -- checkpoints: per parameter, whatever the ZeRO stage -----------------------------------------
+    def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:
+        """Each parameter's tensor-parallel shard of weight and AdamW state, whole on every data rank.
 
-            return deepspeed.zero.GatheredParameters(list(self.model.parameters()))
-        return super().gathered_parameters()
+        Under ZeRO the state is split over the data ranks; DeepSpeed's ``safe_get_full_*`` gathers one
+        parameter at a time (a collective: every rank walks the parameters in the same order).
+        ``values=False``: zeros of the right shapes, without communication (a template to load into)."""
+        if self.options.zero_stage == 0:
+            return {name: adam_parameter_state(self.deepspeed_optimizer, p) for name, p in self.model.named_parameters()}
+        if not values:
+            return {name: ParameterState(*(torch.zeros(tuple(getattr(p, "ds_shape", p.shape)), dtype=torch.float32,
+                                                       device=self.topology.device) for _ in range(3)),
+                                         torch.zeros((), dtype=torch.float32))
+                    for name, p in self.model.named_parameters()}
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    def save_optimizer(self, folder) -> None:
-        self.engine.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        step = self._adam_step()
+        self._ensure_optimizer_state()
+        states = {}
+        for name, param in self.model.named_parameters():
+            weight = safe_get_full_fp32_param(param)
+            moments = [safe_get_full_optimizer_state(param, key) for key in ("exp_avg", "exp_avg_sq")]
+            moments = [m if m is not None else torch.zeros_like(weight) for m in moments]
+            states[name] = ParameterState(weight, moments[0], moments[1], step.clone())
+        return states
 
-    def load_optimizer(self, folder) -> None:
-        self.engine.load_checkpoint(str(folder), tag="deepspeed", load_module_strict=False,
-                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+    def load_parameter_states(self, states: dict[str, ParameterState]) -> None:
+        if self.options.zero_stage == 0:
+            for name, param in self.model.named_parameters():
+                load_adam_parameter_state(self.deepspeed_optimizer, param, states[name])
+            return
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        zero = self.deepspeed_optimizer
+        base = zero.optimizer  # torch AdamW over ZeRO's flat fp32 partitions
+        self._ensure_optimizer_state()
+        step = None
+        for name, param in self.model.named_parameters():
+            state = states[name]
+            safe_set_full_fp32_param(param, state.weight)
+            safe_set_full_optimizer_state(param, state.exp_avg, "exp_avg")
+            safe_set_full_optimizer_state(param, state.exp_avg_sq, "exp_avg_sq")
+            step = state.step
+        # The masters are set; copy them into the module's own weights.
+        if hasattr(zero, "update_lp_params"):  # ZeRO 1 and 2
+            zero.update_lp_params()
+        else:  # ZeRO 3 (a private DeepSpeed method: re-copy each group's partitions)
+            for index in range(len(zero.fp16_groups)):
+                zero._reassign_or_swap_out_partitioned_parameters(index)
+        for flat in self._flat_partitions():
+            base.state[flat]["step"] = step.detach().to(torch.float32).clone()
+
+    def _ensure_optimizer_state(self) -> None:
+        """Adam state for every flat partition (zeros before the first step, exactly what AdamW would
+        start from), and each parameter's ZeRO 1/2 fragment pointed at its slice of it.
+
+        DeepSpeed links the fragments once, right after the first group's first step, when later groups
+        have no state yet: their fragments stay empty and ``safe_get_full_optimizer_state`` fails on them."""
+        zero = self.deepspeed_optimizer
+        base = zero.optimizer
+        for flat in self._flat_partitions():
+            if not base.state.get(flat):
+                base.state[flat] = {"step": torch.zeros((), dtype=torch.float32),
+                                    "exp_avg": torch.zeros_like(flat), "exp_avg_sq": torch.zeros_like(flat)}
+        if not hasattr(zero, "single_partition_of_fp32_groups"):
+            return  # ZeRO 3 reads its partitions directly
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
+
+        for index in range(len(zero.optimizer.param_groups)):
+            flat = zero.single_partition_of_fp32_groups[index]
+            if zero.optimizer.state.get(flat):
+                lazy_init_hp_params_optimizer_state(zero.bit16_groups[index], flat, zero.optimizer.state)
+
+    def _flat_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 partitions, one per parameter group: what ZeRO's inner AdamW steps."""
+        zero = self.deepspeed_optimizer
+        if hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO 1 and 2
+            return list(zero.single_partition_of_fp32_groups)
+        return list(zero.fp32_partitioned_groups_flat)  # ZeRO 3 (its param groups hold them only while stepping)
+
+    def _adam_step(self) -> torch.Tensor:
+        steps = [s["step"] for s in self.deepspeed_optimizer.optimizer.state.values() if "step" in s]
+        return torch.as_tensor(steps[0] if steps else 0.0, dtype=torch.float32).reshape(())

@@ -2,7 +2,8 @@
 
 An engine receives the model and the step as objects (``StepFunction``; the pipeline engine a
 ``pipeline.StageStep``) and never reads their internals. The trainer sees only ``Engine``:
-``train_step``, ``model``, ``full_state`` and the optimizer's save/load hooks.
+``train_step``, ``model``, and the checkpoint hooks ``parameter_states`` / ``load_parameter_states``
+(per parameter: weight, AdamW moments and step, the same for every engine; ``sharded_state``).
 
 ``EngineBase.train_step`` is the one template every engine follows:
 
@@ -20,22 +21,14 @@ The engines: ``LocalEngine`` (local_engine.py, one replica, optionally tensor-pa
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, Sequence
 
 import torch
 
 from data_pipeline.masking import MaskedBatch
-from parallel.collectives import (
-    LossNormalizer,
-    gather_full_state,
-    global_normalizer,
-    grad_norm_and_clip,
-    group_size,
-    sum_over,
-)
+from parallel.collectives import LossNormalizer, global_normalizer, grad_norm_and_clip, group_size, sum_over
+from parallel.sharded_state import ParameterState
 
 
 # -- what engines are given -------------------------------------------------------------------
@@ -81,11 +74,12 @@ class Engine(Protocol):
 
     def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats: ...
 
-    def full_state(self) -> dict[str, torch.Tensor]: ...
+    def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:
+        """This rank's part of every parameter's training state, by logical name (collective under ZeRO);
+        ``values=False`` may skip reading the values (a template for a load)."""
 
-    def save_optimizer(self, folder: Path) -> None: ...
-
-    def load_optimizer(self, folder: Path) -> None: ...
+    def load_parameter_states(self, states: dict[str, ParameterState]) -> None:
+        """Set weights and optimizer state from ``states`` (shaped as ``parameter_states`` gives them)."""
 
 
 # -- the optimizer, by composition ----------------------------------------------------------------
@@ -117,11 +111,29 @@ class OuterOptimizer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def save(self, path: Path) -> None:
-        torch.save(self.optimizer.state_dict(), path)
+    def parameter_state(self, param: torch.nn.Parameter) -> ParameterState:
+        return adam_parameter_state(self.optimizer, param)
 
-    def load(self, path: Path) -> None:
-        self.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+    def load_parameter_state(self, param: torch.nn.Parameter, state: ParameterState) -> None:
+        load_adam_parameter_state(self.optimizer, param, state)
+
+
+def adam_parameter_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter) -> ParameterState:
+    """A parameter of a torch AdamW: its weight (shared with it) and its state (zeros before the first step)."""
+    state = optimizer.state.get(param, {})
+    zeros = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    return ParameterState(param.detach(), state.get("exp_avg", zeros), state.get("exp_avg_sq", zeros.clone()),
+                          state.get("step", torch.zeros((), dtype=torch.float32)))
+
+
+def load_adam_parameter_state(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter,
+                              state: ParameterState) -> None:
+    with torch.no_grad():
+        if state.weight.data_ptr() != param.data_ptr():
+            param.copy_(state.weight)
+    optimizer.state[param] = {"step": state.step.detach().to(torch.float32).clone(),
+                              "exp_avg": state.exp_avg.to(param.dtype).contiguous(),
+                              "exp_avg_sq": state.exp_avg_sq.to(param.dtype).contiguous()}
 
 
 def set_learning_rate(optimizer, lr: float) -> None:
@@ -154,8 +166,6 @@ class EngineBase:
         self.optimizer: OuterOptimizer | None = None  # set by the engines that use one
         # Statistics live on the ranks that computed them; these groups add them up (in order).
         self.statistics_groups = [topology.data_parallel_group]
-        # The group of this replica's pipeline stages (None: this rank holds every layer).
-        self.pipeline_group = None
 
     def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats:
         topology = self.topology
@@ -180,25 +190,12 @@ class EngineBase:
     def apply_gradients(self) -> float:
         return self.optimizer.apply(list(self.model.parameters()))
 
-    def save_optimizer(self, folder: Path) -> None:
-        self.optimizer.save(self.optimizer_file(folder))
+    def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:
+        return {name: self.optimizer.parameter_state(p) for name, p in self.model.named_parameters()}
 
-    def load_optimizer(self, folder: Path) -> None:
-        self.optimizer.load(self.optimizer_file(folder))
-
-    def gathered_parameters(self):
-        """A context in which every parameter of this rank holds its whole tensor-parallel shard
-        (ZeRO 3 partitions them further and overrides this)."""
-        return contextlib.nullcontext()
-
-    # -- checkpoints ------------------------------------------------------------------------------
-    def full_state(self) -> dict[str, torch.Tensor]:
-        """Every base weight at full size on every rank (collective)."""
-        with self.gathered_parameters():
-            return gather_full_state(self.model, self.topology.tensor_parallel_group, self.pipeline_group)
-
-    def optimizer_file(self, folder: Path) -> Path:
-        return Path(folder) / f"optimizer_rank{self.topology.rank:05d}.pt"
+    def load_parameter_states(self, states: dict[str, ParameterState]) -> None:
+        for name, param in self.model.named_parameters():
+            self.optimizer.load_parameter_state(param, states[name])
 
 
 def add_output(sums: torch.Tensor, output: StepOutput) -> None:

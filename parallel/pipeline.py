@@ -84,7 +84,6 @@ class PipelineEngine(EngineBase):
         self.stage = stage
         self.optimizer = optimizer
         self.group = topology.pipeline_parallel_group
-        self.pipeline_group = self.group
         # The losses live on the last stage: share them with the whole replica, then the data ranks.
         self.statistics_groups = [self.group, topology.data_parallel_group]
         self.stage_index = topology.pipeline_parallel_rank

@@ -73,6 +73,20 @@ class Topology:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def layout(self) -> dict:
+        return {"world_size": self.world_size, "tensor": self.tensor_parallel_size,
+                "pipeline": self.pipeline_parallel_size, "data": self.data_parallel_size}
+
+    def stage_mesh(self):
+        """A ``DeviceMesh`` over this pipeline stage's ranks with dims (data, tensor), the same groups as
+        megatron's (collective: every rank calls it)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (self.pipeline_parallel_size, self.data_parallel_size, self.tensor_parallel_size)
+        mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("pipeline", "data", "tensor"))
+        return mesh["data", "tensor"]
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

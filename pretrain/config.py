@@ -51,12 +51,19 @@ class ModelConfig:
     hidden_size: int = param(256, "model width")
     num_layers: int = param(6, "number of transformer layers")
     num_heads: int = param(4, "attention heads (must divide hidden_size; head size must be even for RoPE)")
+    num_kv_heads: int = param(
+        0, "key/value heads for grouped-query attention (must divide num_heads); 0 = num_heads (multi-head)"
+    )
     ffn_hidden_size: int = param(704, "SwiGLU inner width (gate/up output, down input)")
     seq_len: int = param(128, "training sequence length and the longest sequence the model takes")
     rope_theta: float = param(10000.0, "rotary embedding base")
     norm_eps: float = param(1e-5, "RMSNorm epsilon")
     init_std: float = param(0.02, "std of the normal initialisation of all weight matrices")
     mask_token_id: int = param(-1, "id of the mask token; -1 takes the tokenizer's <|mask|> token")
+    init_from: str = param(
+        "", "start from a Hugging Face checkpoint directory (Llama architecture: Llama, Mistral without sliding "
+        "window, or a memdlm-export-hf export); its config sets the model's shape and its tokenizer the data's"
+    )
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
@@ -76,6 +83,11 @@ class ModelConfig:
             "model.seq_len",
             f"a sequence needs at least 2 tokens, got {self.seq_len}",
         )
+        _check(
+            self.num_kv_heads >= 0 and (self.num_kv_heads == 0 or self.num_heads % self.num_kv_heads == 0),
+            "model.num_kv_heads",
+            f"{self.num_kv_heads} key/value heads do not divide num_heads {self.num_heads}; pick a divisor (or 0)",
+        )
         _check(self.init_std > 0, "model.init_std", "must be positive")
         _check(
             -1 <= self.mask_token_id < self.vocab_size,
@@ -86,6 +98,15 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def key_value_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Rows of the fused query/key/value projection."""
+        return (self.num_heads + 2 * self.key_value_heads) * self.head_dim
 
 
 @dataclass
@@ -193,8 +214,7 @@ class TrainConfig:
     precision: str = param("fp32", "fp32, or bf16 autocast (GPU)", ("fp32", "bf16"))
     device: str = param("auto", "cpu, cuda, or auto (cuda when available)", ("auto", "cpu", "cuda"))
     num_threads: int = param(0, "torch CPU threads (0 keeps torch's default)")
-    checkpoint_every: int = param(0, "save a resumable checkpoint every N steps (0: only at the end)")
-    resume: bool = param(True, "continue from the latest checkpoint in out_dir when there is one")
+    resume: bool = param(True, "continue from the newest intact checkpoint in out_dir when there is one")
 
     def __post_init__(self):
         _check_choices(self, "train")
@@ -208,8 +228,27 @@ class TrainConfig:
             "pick a divisor",
         )
         _check(self.out_dir != "", "train.out_dir", "must name a directory")
-        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.num_threads >= 0, "train.num_threads", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded checkpoints (torch.distributed.checkpoint): saving, keeping, verifying."""
+
+    every: int = param(0, "save a resumable checkpoint every N steps (0: only at the end or on a stop signal)")
+    keep: int = param(2, "how many of the newest checkpoints to keep")
+    asynchronous: bool = param(
+        False, "write checkpoints in a background thread while training goes on (dcp.async_save); the loop "
+        "stops only to copy the state"
+    )
+    verify_hashes: bool = param(
+        True, "on resume, check every checkpoint file's sha256 against the manifest (false: sizes only, for huge "
+        "checkpoints)"
+    )
+
+    def __post_init__(self):
+        _check(self.every >= 0, "checkpoint.every", "must be >= 0")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1 (the newest checkpoint is always kept)")
 
 
 @dataclass
@@ -296,6 +335,7 @@ class RunConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -40,8 +40,11 @@ def check_run_layout(cfg: RunConfig, world_size: int) -> None:
     tensor, pipeline = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
     model = cfg.model
     check_world(world_size, tensor, pipeline, model.num_layers)
-    check_tensor_split(tensor, {"model.num_heads": model.num_heads, "model.ffn_hidden_size": model.ffn_hidden_size,
-                                "model.vocab_size": model.vocab_size})
+    sizes = {"model.num_heads": model.num_heads, "model.ffn_hidden_size": model.ffn_hidden_size,
+             "model.vocab_size": model.vocab_size}
+    if model.num_kv_heads:
+        sizes["model.num_kv_heads"] = model.num_kv_heads
+    check_tensor_split(tensor, sizes)
     data = world_size // (tensor * pipeline)
     check_batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, data, pipeline)
     if pipeline > 1 and cfg.memory.enabled:

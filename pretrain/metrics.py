@@ -2,7 +2,8 @@
 
 wandb runs offline unless ``--logging.wandb_mode`` or ``$WANDB_MODE`` says otherwise; an
 offline run lives under ``OUT_DIR/wandb`` and ``wandb sync`` uploads it later. A resumed
-run appends to the same metrics file and continues the same wandb run id.
+run keeps the metrics file's lines up to its checkpoint's step, appends after them, and continues
+the same wandb run id.
 """
 
 from __future__ import annotations
@@ -24,16 +25,34 @@ def wandb_mode(cfg: LoggingConfig) -> str:
 
 
 class MetricsLogger:
-    def __init__(self, out_dir: Path, cfg: LoggingConfig, run_config: dict, total_steps: int, start_step: int):
+    """Created before the run knows where it starts; ``start(step)`` opens the file, wandb and the bar."""
+
+    def __init__(self, out_dir: Path, cfg: LoggingConfig, run_config: dict, total_steps: int):
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.run_config, self.total_steps = cfg, run_config, total_steps
         self.path = self.out_dir / "metrics.jsonl"
-        if start_step == 0 and self.path.exists():
-            self.path.unlink()  # a fresh run owns its metrics file
+        self.file = self.run = self.bar = None
+        self.wandb_dir: str | None = None  # the offline run's directory, once started
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self, start_step: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            # A fresh run owns its metrics file; a resumed one drops the steps after its checkpoint
+            # (a run that died after them will now compute them again).
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if _step_of(line) is not None and _step_of(line) <= start_step]
+            self.path.write_text("".join(kept))
         self.file = open(self.path, "a")
-        self.run = self._start_wandb(cfg, run_config)
+        self.run = self._start_wandb(self.cfg, self.run_config)
+        self.wandb_dir = None if self.run is None else str(Path(self.run.dir).parent)
         self.bar = tqdm(
-            total=total_steps, initial=start_step, disable=not cfg.progress_bar,
+            total=self.total_steps, initial=start_step, disable=not self.cfg.progress_bar,
             unit="step", dynamic_ncols=True, desc="train",
         )
 
@@ -57,9 +76,6 @@ class MetricsLogger:
             settings=wandb.Settings(silent=True, console="off"),
         )
 
-    @property
-    def wandb_dir(self) -> str | None:
-        return None if self.run is None else str(Path(self.run.dir).parent)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -74,19 +90,41 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
-        self.bar.write(message)
+        if self.bar is None:
+            print(message, flush=True)
+        else:
+            self.bar.write(message)
 
     def close(self) -> None:
-        self.bar.close()
-        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+            self.file.close()
         if self.run is not None:
             self.run.finish()
+        self.file = self.run = self.bar = None
+
+
+def _step_of(line: str) -> int | None:
+    """The step of a metrics line, or None for a line cut short when a run was killed mid-write."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class NullLogger:
     """What ranks other than 0 log: nothing."""
 
     wandb_dir = None
+
+    def __enter__(self) -> "NullLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def start(self, start_step: int) -> None:
+        pass
 
     def log(self, record: dict) -> None:
         pass

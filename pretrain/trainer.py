@@ -1,17 +1,16 @@
 """The training loop: load -> step -> log -> checkpoint, each one call.
 
-Layouts: the engine (parallel/engine.py) decides how a step runs (one replica, DeepSpeed data
+Layouts: the engine (``pretrain.factory``) decides how a step runs (one replica, DeepSpeed data
 parallelism, or pipeline stages); tensor parallelism lives in the model's layers. Each model
-replica reads its data on one rank (tensor rank 0 of stage 0) and broadcasts it to the rest
-of the replica; rank 0 alone writes metrics, the progress bar and wandb.
+replica reads its data on one rank and broadcasts it to the rest of the replica
+(``pretrain.training_data``); rank 0 alone writes metrics, the progress bar and wandb, and holds the
+run directory's lock. Checkpoints are sharded and resume at any layout (``pretrain.checkpoint``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +19,23 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from data_pipeline.loader import ReaderOptions, open_batches
-from data_pipeline.readers import MaskingSpec
-from data_pipeline.source import resolve_dataset
-from parallel.collectives import broadcast_batch
 from parallel.topology import Topology, initialize_topology
-from pretrain.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
+from pretrain.checkpoint import Checkpointer
 from pretrain.config import ConfigError, RunConfig
 from pretrain.cpu_memory import keep_freed_memory
 from pretrain.factory import build_model, build_training, check_run_layout
+from pretrain.hf_import import load_hf_weights, resolve_init_from
 from pretrain.metrics import MetricsLogger, NullLogger
 from pretrain.model import count_parameters, full_parameter_count
 from pretrain.optim import learning_rate
+from pretrain.run_lock import RunDirectoryBusy, RunLock
+from pretrain.training_data import (
+    STREAMING_WORLD,
+    ReplicaBatches,
+    data_state_for,
+    prepare_data,
+    restored_environment,
+)
 
 
 @dataclass
@@ -50,31 +54,51 @@ class TrainSummary:
     wandb_dir: str | None
     stopped_early: bool
     losses: list[float]
+    resumed_from: Path | None = None
 
 
 def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) -> TrainSummary:
-    """Train ``cfg`` to ``cfg.train.steps`` (resuming from the latest checkpoint), stopping early and
-    saving when ``stop_requested()`` turns true on any rank."""
-    with _restored_environment(_STREAMING_WORLD):
-        return _train(cfg, stop_requested)
-
-
-def _train(cfg: RunConfig, stop_requested: Callable[[], bool]) -> TrainSummary:
-    started = time.perf_counter()
+    """Train ``cfg`` to ``cfg.train.steps`` (resuming from the newest intact checkpoint), stopping early
+    and saving when ``stop_requested()`` turns true on any rank."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    cfg = resolve_init_from(cfg)
     topology: Topology = initialize_topology(
         cfg.train.device, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size, cfg.model.num_layers
     )
     check_run_layout(cfg, topology.world_size)
-    device = topology.device
-    if device.type == "cpu":
+    lock = _lock_run_directory(Path(cfg.train.out_dir), topology)
+    try:
+        with restored_environment(STREAMING_WORLD):
+            return _train(cfg, topology, stop_requested)
+    finally:
+        lock.release()
+
+
+def _lock_run_directory(out_dir: Path, topology: Topology) -> RunLock:
+    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
+    lock, failure = RunLock(out_dir), [None]
+    if topology.is_main:
+        try:
+            lock.acquire()
+        except RunDirectoryBusy as err:
+            failure = [err]
+    if topology.world_size > 1:
+        dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise failure[0]
+    return lock
+
+
+def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool]) -> TrainSummary:
+    started = time.perf_counter()
+    if topology.device.type == "cpu":
         keep_freed_memory()
     out_dir = Path(cfg.train.out_dir)
 
     # 1. The prepared dataset (raw input is prepared on first use, by rank 0 alone); the model's
     #    mask token comes from its tokenizer unless set.
-    data_root, manifest = _prepare_data(cfg, topology)
+    data_root, manifest = prepare_data(cfg, topology)
     tokenizer_file = data_root / manifest["tokenizer"]
     mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else manifest["mask_token_id"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mask_token_id=mask_id))
@@ -82,121 +106,133 @@ def _train(cfg: RunConfig, stop_requested: Callable[[], bool]) -> TrainSummary:
                                                   "pad_token_id": manifest["pad_token_id"]},
                      "dataset": {"path": str(data_root), "num_samples": manifest["num_samples"],
                                  "num_tokens": manifest["num_tokens"]}}
+    logger = MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps) if topology.is_main else NullLogger()
+    checkpointer = Checkpointer(out_dir, topology, config_record, tokenizer_file, cfg.checkpoint.keep,
+                                cfg.checkpoint.asynchronous, cfg.checkpoint.verify_hashes, log=logger.write)
+    with logger:
+        # 2. Where the run starts: the newest intact checkpoint (whatever layout saved it), else the
+        #    weights of --model.init_from, else the seed.
+        checkpoint = checkpointer.newest_good() if cfg.train.resume else None
+        if checkpoint is not None:
+            _check_resumable(checkpoint, config_record)
 
-    # 2. This rank's part of the model (initialised from the seed, layout-independent), the
-    #    step, and the engine that runs it on this layout.
-    model = build_model(cfg, topology)
-    local_parameters = count_parameters(model)  # before an engine partitions them
-    checkpoint = latest_checkpoint(out_dir) if cfg.train.resume else None
-    if checkpoint is not None:
-        _check_resumable(checkpoint, config_record)
-        load_model_weights(model, checkpoint, topology.tensor_parallel_size, topology.tensor_parallel_rank)
-    engine = build_training(cfg, topology, mask_id, model).engine
-
-    # 3. Resume: optimizer state, step, data position.
-    start_step, data_state = 0, None
-    layout = {"tensor": topology.tensor_parallel_size, "pipeline": topology.pipeline_parallel_size,
-              "data": topology.data_parallel_size, "zero_stage": cfg.parallel.zero_stage}
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        if state.get("layout", layout) != layout:
+        # 3. This rank's part of the model, the step, and the engine that runs it on this layout.
+        model = build_model(cfg, topology)
+        local_parameters = count_parameters(model)  # before an engine partitions them
+        if checkpoint is None and cfg.model.init_from:
+            load_hf_weights(model, Path(cfg.model.init_from), cfg.model, topology.tensor_parallel_size,
+                            topology.tensor_parallel_rank)
+        engine = build_training(cfg, topology, mask_id, model).engine
+        start_step, data_state = 0, None
+        if checkpoint is not None:
+            state = checkpointer.load(checkpoint, engine)
+            start_step = state["step"]
+            data_state = data_state_for(state["data"], cfg.data.format, topology.data_parallel_rank)
+        if start_step >= cfg.train.steps:
             raise ConfigError(
-                f"{checkpoint} holds optimizer state saved with layout {state['layout']}, not {layout}; resume "
-                "with the same --parallel.* options and rank count (the weights in model.safetensors load into "
-                "any layout: start a new --train.out_dir from them)"
+                f"--train.steps {cfg.train.steps}: {out_dir} already holds a checkpoint at step {start_step}; "
+                "raise --train.steps to continue, or use a new --train.out_dir"
             )
-        engine.load_optimizer(checkpoint / "optimizer")
-        start_step = state["step"]
-        data_state = state["data"].get(topology.data_parallel_rank)
-        torch.set_rng_state(state["torch_rng"])
-    if start_step >= cfg.train.steps:
-        raise ConfigError(
-            f"--train.steps {cfg.train.steps}: {out_dir} already holds a checkpoint at step {start_step}; "
-            "raise --train.steps to continue, or use a new --train.out_dir"
+        logger.start(start_step)
+
+        # 4. This replica's micro-batches, masked in loader workers on its reading rank.
+        batches = ReplicaBatches(cfg, topology, data_root, manifest, data_state)
+        logger.write(
+            f"model: {full_parameter_count(cfg.model) / 1e6:.2f}M parameters ({local_parameters / 1e6:.2f}M on "
+            f"this rank), memory {'on' if cfg.memory.enabled else 'off'}; layout: {topology.world_size} ranks = "
+            f"tensor {topology.tensor_parallel_size} x pipeline {topology.pipeline_parallel_size} x data "
+            f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} "
+            f"samples of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
+            + (f"; resumed from {checkpoint} at step {start_step}" if checkpoint else "")
+            + (f"; weights from {cfg.model.init_from}" if checkpoint is None and cfg.model.init_from else "")
         )
 
-    # 4. This replica's micro-batches, masked in loader workers on its reading rank.
-    micro = cfg.train.micro_batch_size
-    accumulation = cfg.train.global_batch_size // (micro * topology.data_parallel_size)
-    data = _open_data(cfg, topology, data_root, manifest, data_state)
-    batches = iter(data) if data is not None else None
-    batch_shape = (micro, cfg.model.seq_len, cfg.memory.num_inner_steps - 1)
+        # 5. The loop.
+        loop = _Loop(cfg, topology, engine, batches, checkpointer, logger, start_step, checkpoint)
+        loop.run(stop_requested)
 
-    def next_micro_batch():
-        local = next(batches).to(device, non_blocking=True) if batches is not None else None
-        return broadcast_batch(local, batch_shape, topology.data_source_rank, topology.model_parallel_group, device)
-
-    logger = (MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps, start_step)
-              if topology.is_main else NullLogger())
-    logger.write(
-        f"model: {full_parameter_count(cfg.model) / 1e6:.2f}M parameters ({local_parameters / 1e6:.2f}M on this "
-        f"rank), memory "
-        f"{'on' if cfg.memory.enabled else 'off'}; layout: {topology.world_size} ranks = tensor "
-        f"{topology.tensor_parallel_size} x pipeline {topology.pipeline_parallel_size} x data "
-        f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} samples "
-        f"of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
-        + (f"; resumed from {checkpoint} at step {start_step}" if checkpoint else "")
-    )
-    tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-    losses, step_seconds = [], []
-    saved, completed, stopped_early, skipped_samples = checkpoint, start_step, False, 0
-
-    def save(at_step: int) -> Path:
-        data_states = [None] * topology.world_size
-        entry = (topology.data_parallel_rank, data.state_dict()) if data is not None else None
-        dist.all_gather_object(data_states, entry)
-        states = {rank: state for rank, state in filter(None, data_states)}
-        return save_checkpoint(out_dir, at_step, engine, topology, config_record, tokenizer_file,
-                               {"step": at_step, "torch_rng": torch.get_rng_state(), "data": states,
-                                "layout": layout})
-
-    try:
-        for step in range(start_step, cfg.train.steps):
-            tick = time.perf_counter()
-            micro_batches = [next_micro_batch() for _ in range(accumulation)]
-            lr = learning_rate(step, cfg.train.steps, cfg.optim)
-            stats = engine.train_step(micro_batches, step, lr)
-            completed = step + 1
-            seconds = time.perf_counter() - tick
-            skipped_samples += sum(mb.num_skipped for mb in micro_batches)
-            record = {"step": completed, "loss": stats.loss, "inner_losses": stats.inner_losses,
-                      "lr": lr, "grad_norm": stats.grad_norm,
-                      "tokens_per_s": tokens_per_step / seconds, "step_seconds": seconds}
-            if cfg.data.format == "webdataset":
-                record["skipped_samples"] = skipped_samples
-            logger.log(record)
-            losses.append(stats.loss)
-            step_seconds.append(seconds)
-            if cfg.train.checkpoint_every and completed % cfg.train.checkpoint_every == 0:
-                saved = save(completed)
-            if _any_rank(stop_requested()) and completed < cfg.train.steps:
-                logger.write(f"stop requested: saving a checkpoint at step {completed} and exiting")
-                stopped_early = True
-                break
-        if saved is None or saved.name != f"step_{completed:06d}":
-            saved = save(completed)
-    except KeyboardInterrupt:
-        # Nothing lost: keep what the completed steps trained (single process; with several
-        # ranks the others may be gone, so only a signal-driven stop saves collectively).
-        if topology.world_size == 1 and completed > start_step and (saved is None or saved.name != f"step_{completed:06d}"):
-            saved = save(completed)
-            logger.write(f"interrupted: saved a checkpoint at step {completed} in {saved}")
-        logger.close()
-        raise
-    except BaseException:
-        logger.close()
-        raise
-    logger.close()
-
-    timed = step_seconds[1:] or step_seconds
+    timed = loop.step_seconds[1:] or loop.step_seconds
+    losses = loop.losses
     head, tail = losses[:10], losses[-10:]
     return TrainSummary(
-        out_dir=out_dir, steps_done=completed, first_loss=losses[0], last_loss=losses[-1],
+        out_dir=out_dir, steps_done=loop.completed, first_loss=losses[0], last_loss=losses[-1],
         first_losses_mean=sum(head) / len(head), last_losses_mean=sum(tail) / len(tail),
-        tokens_per_s=tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
-        num_parameters=full_parameter_count(cfg.model), checkpoint=saved, metrics_file=out_dir / "metrics.jsonl",
-        wandb_dir=logger.wandb_dir, stopped_early=stopped_early, losses=losses,
+        tokens_per_s=loop.tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
+        num_parameters=full_parameter_count(cfg.model), checkpoint=loop.saved, metrics_file=out_dir / "metrics.jsonl",
+        wandb_dir=logger.wandb_dir, stopped_early=loop.stopped_early, losses=losses, resumed_from=checkpoint,
     )
+
+
+class _Loop:
+    """The optimizer steps of one run, with their logging and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, topology: Topology, engine, batches: ReplicaBatches,
+                 checkpointer: Checkpointer, logger, start_step: int, checkpoint: Path | None):
+        self.cfg, self.topology, self.engine, self.batches = cfg, topology, engine, batches
+        self.checkpointer, self.logger = checkpointer, logger
+        self.start_step = self.completed = start_step
+        self.saved = checkpoint
+        self.stopped_early = False
+        self.losses, self.step_seconds, self.skipped_samples = [], [], 0
+        self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+
+    def run(self, stop_requested: Callable[[], bool]) -> None:
+        cfg, checkpointer = self.cfg, self.checkpointer
+        try:
+            for step in range(self.start_step, cfg.train.steps):
+                self.step(step)
+                if cfg.checkpoint.asynchronous:
+                    self.saved = checkpointer.poll() or self.saved
+                if cfg.checkpoint.every and self.completed % cfg.checkpoint.every == 0:
+                    self.save()
+                if _any_rank(stop_requested()) and self.completed < cfg.train.steps:
+                    self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
+                    self.stopped_early = True
+                    break
+            self.save_if_new()
+        except KeyboardInterrupt:
+            # Nothing lost: keep what the completed steps trained (single process; with several
+            # ranks the others may be gone, so only a signal-driven stop saves collectively).
+            if self.topology.world_size == 1 and self.completed > self.start_step:
+                self.save_if_new()
+                self.logger.write(f"interrupted: saved a checkpoint at step {self.completed} in {self.saved}")
+            raise
+
+    def step(self, step: int) -> None:
+        cfg = self.cfg
+        tick = time.perf_counter()
+        micro_batches = [self.batches.next() for _ in range(self.accumulation)]
+        lr = learning_rate(step, cfg.train.steps, cfg.optim)
+        stats = self.engine.train_step(micro_batches, step, lr)
+        self.completed = step + 1
+        seconds = time.perf_counter() - tick
+        self.skipped_samples += sum(mb.num_skipped for mb in micro_batches)
+        record = {"step": self.completed, "loss": stats.loss, "inner_losses": stats.inner_losses,
+                  "lr": lr, "grad_norm": stats.grad_norm,
+                  "tokens_per_s": self.tokens_per_step / seconds, "step_seconds": seconds}
+        if cfg.data.format == "webdataset":
+            record["skipped_samples"] = self.skipped_samples
+        self.logger.log(record)
+        self.losses.append(stats.loss)
+        self.step_seconds.append(seconds)
+
+    def save(self) -> None:
+        report = self.checkpointer.save(self.completed, self.engine, {
+            "data": self.batches.states(), "layout": {**self.topology.layout, "zero_stage": self.cfg.parallel.zero_stage}})
+        if report.pending:
+            self.logger.write(f"checkpoint at step {self.completed}: state copied in {report.seconds:.2f} s, "
+                              "writing in the background")
+        elif report.folder is not None:
+            self.logger.write(f"checkpoint {report.folder.name} saved in {report.seconds:.2f} s")
+            self.saved = report.folder
+
+    def save_if_new(self) -> None:
+        """Finish a pending save; save the last completed step unless that is what was saved."""
+        self.saved = self.checkpointer.wait() or self.saved
+        if self.saved is None or self.saved.name != f"step_{self.completed:06d}":
+            self.save()
+            self.saved = self.checkpointer.wait() or self.saved
 
 
 def _any_rank(flag: bool) -> bool:
@@ -206,55 +242,6 @@ def _any_rank(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0])
     dist.all_reduce(value)
     return bool(value.item())
-
-
-def _open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state):
-    if not topology.reads_data:
-        return None
-    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
-                       cfg.model.seq_len, cfg.model.vocab_size)
-    reader = ReaderOptions(
-        data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
-        num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
-        verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
-        pin_memory=topology.device.type == "cuda",
-    )
-    _present_data_world_to_streaming(topology)
-    readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
-    return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
-                        topology.data_parallel_rank, topology.data_parallel_size, state,
-                        barrier_group=topology.data_parallel_group if readers_only else None)
-
-
-_STREAMING_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
-@contextlib.contextmanager
-def _restored_environment(names):
-    """Put ``names`` back as they were afterwards (a later run in this process must see its own world)."""
-    saved = {name: os.environ.get(name) for name in names}
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _present_data_world_to_streaming(topology: Topology) -> None:
-    """mosaicml-streaming takes its world from RANK / WORLD_SIZE / LOCAL_*; only the reading ranks
-    (one per model replica) read, so present it the data-parallel world instead."""
-    if topology.tensor_parallel_size * topology.pipeline_parallel_size == 1:
-        return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
-    readers_per_node = max(1, local_world // topology.tensor_parallel_size)
-    os.environ.update(
-        RANK=str(topology.data_parallel_rank), WORLD_SIZE=str(topology.data_parallel_size),
-        LOCAL_RANK=str(topology.data_parallel_rank % readers_per_node),
-        LOCAL_WORLD_SIZE=str(min(readers_per_node, topology.data_parallel_size)),
-    )
 
 
 def _check_resumable(checkpoint: Path, config_record: dict) -> None:
@@ -267,17 +254,3 @@ def _check_resumable(checkpoint: Path, config_record: dict) -> None:
             )
 
 
-def _prepare_data(cfg: RunConfig, topology: Topology):
-    """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
-    args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
-    if topology.world_size > 1:
-        failure = None
-        if topology.is_main:
-            try:
-                resolve_dataset(*args, prepare=True, prepare_workers=cfg.data.prepare_workers)
-            except Exception as err:  # re-raised after the barrier, so no rank waits forever
-                failure = err
-        dist.barrier()
-        if failure is not None:
-            raise failure
-    return resolve_dataset(*args, prepare=topology.is_main, prepare_workers=cfg.data.prepare_workers)

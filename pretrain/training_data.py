@@ -1,0 +1,120 @@
+"""The trainer's data: the prepared dataset (raw input prepared on first use), each replica's stream of
+masked micro-batches (read on one rank, broadcast to the replica's other ranks), and the loader state
+that checkpoints carry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch.distributed as dist
+
+from data_pipeline.loader import ReaderOptions, open_batches
+from data_pipeline.readers import MaskingSpec
+from data_pipeline.source import resolve_dataset
+from parallel.collectives import broadcast_batch
+from parallel.topology import Topology
+from pretrain.config import RunConfig
+
+
+class ReplicaBatches:
+    """This replica's micro-batches on every one of its ranks, and the reading rank's loader state."""
+
+    def __init__(self, cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state: dict | None):
+        self.topology = topology
+        self.data = open_data(cfg, topology, root, manifest, state)
+        self.stream = iter(self.data) if self.data is not None else None
+        self.shape = (cfg.train.micro_batch_size, cfg.model.seq_len, cfg.memory.num_inner_steps - 1)
+
+    def next(self):
+        topology = self.topology
+        local = next(self.stream).to(topology.device, non_blocking=True) if self.stream is not None else None
+        return broadcast_batch(local, self.shape, topology.data_source_rank, topology.model_parallel_group,
+                               topology.device)
+
+    def states(self) -> dict:
+        """Every data-parallel rank's loader state, by data rank (collective)."""
+        gathered = [None] * self.topology.world_size
+        entry = (self.topology.data_parallel_rank, self.data.state_dict()) if self.data is not None else None
+        if dist.is_initialized() and self.topology.world_size > 1:
+            dist.all_gather_object(gathered, entry)
+        else:
+            gathered = [entry]
+        return {rank: state for rank, state in filter(None, gathered)}
+
+
+def data_state_for(saved: dict, data_format: str, data_parallel_rank: int):
+    """The loader state this data rank resumes from. MDS ranks all save the same state, which resumes
+    at any number of ranks; webdataset's is per rank (its loader refuses another layout)."""
+    if not saved:
+        return None
+    if data_format == "mds":
+        return next(iter(saved.values()))
+    return saved.get(data_parallel_rank, next(iter(saved.values())))
+
+
+def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state):
+    if not topology.reads_data:
+        return None
+    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
+                       cfg.model.seq_len, cfg.model.vocab_size)
+    reader = ReaderOptions(
+        data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
+        num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
+        verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
+        pin_memory=topology.device.type == "cuda",
+    )
+    _present_data_world_to_streaming(topology)
+    readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
+    return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
+                        topology.data_parallel_rank, topology.data_parallel_size, state,
+                        barrier_group=topology.data_parallel_group if readers_only else None)
+
+
+STREAMING_WORLD = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextlib.contextmanager
+def restored_environment(names):
+    """Put ``names`` back as they were afterwards (a later run in this process must see its own world)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _present_data_world_to_streaming(topology: Topology) -> None:
+    """mosaicml-streaming takes its world from RANK / WORLD_SIZE / LOCAL_*; only the reading ranks
+    (one per model replica) read, so present it the data-parallel world instead."""
+    if topology.tensor_parallel_size * topology.pipeline_parallel_size == 1:
+        return
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
+    readers_per_node = max(1, local_world // topology.tensor_parallel_size)
+    os.environ.update(
+        RANK=str(topology.data_parallel_rank), WORLD_SIZE=str(topology.data_parallel_size),
+        LOCAL_RANK=str(topology.data_parallel_rank % readers_per_node),
+        LOCAL_WORLD_SIZE=str(min(readers_per_node, topology.data_parallel_size)),
+    )
+
+
+def prepare_data(cfg: RunConfig, topology: Topology):
+    """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
+    args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
+    if topology.world_size > 1:
+        failure = None
+        if topology.is_main:
+            try:
+                resolve_dataset(*args, prepare=True, prepare_workers=cfg.data.prepare_workers)
+            except Exception as err:  # re-raised after the barrier, so no rank waits forever
+                failure = err
+        dist.barrier()
+        if failure is not None:
+            raise failure
+    return resolve_dataset(*args, prepare=topology.is_main, prepare_workers=cfg.data.prepare_workers)
