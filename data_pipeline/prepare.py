@@ -50,7 +50,7 @@ class PrepareOptions:
             raise DataError(f"--format: unknown format(s) {unknown}; choose mds, webdataset or both")
         if self.seq_len < 2:
             raise DataError(f"--seq-len: a sequence needs at least 2 tokens, got {self.seq_len}")
-        if self.vocab_size < 300:
+        if self.vocab_size < 300 and not self.tokenizer:  # only a BPE trained here needs the byte alphabet
             raise DataError(f"--vocab-size: {self.vocab_size} is below the 256 bytes + special tokens a byte-level BPE needs")
         if self.samples_per_shard < 1:
             raise DataError("--samples-per-shard must be positive")

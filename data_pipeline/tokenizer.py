@@ -20,7 +20,7 @@ MASK_TOKEN = "<|mask|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOT_TOKEN, MASK_TOKEN, PAD_TOKEN]
 _MASK_NAMES = (MASK_TOKEN, "<|mdm_mask|>", "[MASK]", "<mask>")
-_EOT_NAMES = (EOT_TOKEN, "</s>", "<|eot_id|>", "[SEP]", "<eos>")
+_EOT_NAMES = (EOT_TOKEN, "</s>", "<|end_of_text|>", "<|eot_id|>", "[SEP]", "<eos>")
 
 
 @dataclass
@@ -34,6 +34,11 @@ class TokenizerInfo:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def find_mask_token(tokenizer: Tokenizer) -> int | None:
+    """The id of the tokenizer's mask token, under any of the usual names, or None."""
+    return _first_present(tokenizer, _MASK_NAMES)
 
 
 def _first_present(tokenizer: Tokenizer, names) -> int | None:

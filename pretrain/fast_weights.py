@@ -204,7 +204,7 @@ def build_fast_weight_plan(model_cfg, memory_cfg: MemoryConfig, tensor_parallel_
                            tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
     """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
     h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
-    shapes = {"qkv": (h, 3 * h), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+    shapes = {"qkv": (h, model_cfg.qkv_size), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
     sites = [
         FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank)
         for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)

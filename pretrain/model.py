@@ -42,9 +42,11 @@ class DiffusionTransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
-        if any(size % tensor_parallel_size for size in (cfg.num_heads, cfg.ffn_hidden_size, cfg.vocab_size)):
+        sizes = (cfg.num_heads, cfg.key_value_heads, cfg.ffn_hidden_size, cfg.vocab_size)
+        if any(size % tensor_parallel_size for size in sizes):
             raise ValueError(
                 f"tensor-parallel size {tensor_parallel_size} must divide model.num_heads ({cfg.num_heads}), "
+                f"the key/value heads ({cfg.key_value_heads}), "
                 f"model.ffn_hidden_size ({cfg.ffn_hidden_size}) and model.vocab_size ({cfg.vocab_size})"
             )
         self.layer_range = layers if layers is not None else range(cfg.num_layers)
@@ -156,7 +158,7 @@ class DiffusionTransformer(nn.Module):
         """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).
         ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask."""
         if attention_mask is not None and attention_mask.dim() == 2:
-            attention_mask = attention_mask[:, None, None, :]
+            attention_mask = attention_mask.bool()[:, None, None, :]
         h = self.embedding(input_ids)
         h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast)
         return self.head(h)
@@ -211,7 +213,7 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
 def full_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the whole model, whatever part of it one rank holds."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    return 2 * cfg.vocab_size * h + cfg.num_layers * (4 * h * h + 3 * h * f + 2 * h) + h
+    return 2 * cfg.vocab_size * h + cfg.num_layers * (h * cfg.qkv_size + h * h + 3 * h * f + 2 * h) + h
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -100,17 +100,26 @@ class ProjectionSet(nn.Module):
 
 
 class SelfAttention(ProjectionSet):
-    """Multi-head attention with no causal mask. ``attention_mask`` (bool, true = may attend) is
-    ``None`` or broadcastable to ``[b, heads, l, l]``: key padding or within-document attention."""
+    """Multi-head (or grouped-query) attention with no causal mask. ``attention_mask`` (bool, true = may
+    attend) is ``None`` or broadcastable to ``[b, heads, l, l]``: key padding or within-document attention.
+
+    The fused projection's rows are laid out per key/value head: ``[kv head, (its group of query heads,
+    key, value), head_dim]``, so a column split over tensor-parallel ranks keeps whole groups. With as many
+    key/value heads as query heads that is ``[head, (q, k, v), head_dim]``. Query head ``i`` uses key/value
+    head ``i // group`` (as Llama's ``repeat_kv``).
+    """
 
     def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method,
-                 tensor_parallel_size: int):
+                 tensor_parallel_size: int, num_kv_heads: int = 0):
         super().__init__()
-        self.num_heads_local = num_heads // tensor_parallel_size
+        num_kv_heads = num_kv_heads or num_heads
         self.head_dim = hidden // num_heads
-        # Output rows are laid out [head, (q, k, v), head_dim] so a column split keeps whole heads.
+        self.group = num_heads // num_kv_heads
+        self.num_kv_heads_local = num_kv_heads // tensor_parallel_size
+        self.num_heads_local = self.num_kv_heads_local * self.group
         self.qkv = ColumnLinear(
-            hidden, 3 * hidden, config=config, init_method=init_method, bias=False, gather_output=False
+            hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, config=config, init_method=init_method,
+            bias=False, gather_output=False,
         )
         self.out = RowLinear(
             hidden, hidden, config=config, init_method=init_method, bias=False,
@@ -121,13 +130,16 @@ class SelfAttention(ProjectionSet):
 
     def forward(self, x, rope, attention_mask, fast=None, frozen=False, shared_base=None):
         b, l, _ = x.shape
-        qkv = self.project("qkv", x, fast, frozen, shared_base).view(b, l, self.num_heads_local, 3, self.head_dim)
+        group = self.group
+        qkv = self.project("qkv", x, fast, frozen, shared_base).view(
+            b, l, self.num_kv_heads_local, group + 2, self.head_dim)
         cos, sin = rope
-        query_key = apply_rotary(qkv[:, :, :, :2], cos[:, None, None], sin[:, None, None])  # [b, l, heads, 2, d]
-        q = query_key[:, :, :, 0].transpose(1, 2)  # [b, heads, l, d]
-        k = query_key[:, :, :, 1].transpose(1, 2)
-        v = qkv[:, :, :, 2].transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False)
+        rotated = apply_rotary(qkv[:, :, :, :group + 1], cos[:, None, None], sin[:, None, None])  # q..., k
+        q = rotated[:, :, :, :group].reshape(b, l, self.num_heads_local, self.head_dim).transpose(1, 2)
+        k = rotated[:, :, :, group].transpose(1, 2)  # [b, kv heads, l, d]
+        v = qkv[:, :, :, group + 1].transpose(1, 2)
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False,
+                                                 enable_gqa=group > 1)
         context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
         return self.project("out", context, fast, frozen)
 
@@ -163,7 +175,8 @@ class TransformerLayer(nn.Module):
         super().__init__()
         dtype = config.params_dtype
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tensor_parallel_size)
+        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tensor_parallel_size,
+                                       cfg.num_kv_heads)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
 
