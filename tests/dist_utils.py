@@ -30,7 +30,9 @@ def _entry(rank: int, world_size: int, port: int, out_dir: str, fn, args) -> Non
     torch.set_num_threads(1)
     result_file = Path(out_dir) / f"rank{rank}.pkl"
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # A file store, not TCP: test files run side by side (pytest-xdist) and two of them could be
+        # handed the same free port.
+        dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         payload = ("ok", result)
     except BaseException as err:  # reported to the parent test, with the traceback

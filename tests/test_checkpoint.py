@@ -1,13 +1,22 @@
-"""Checkpoints round-trip: weights, optimizer state and the pointer to the newest one (one process)."""
+"""Sharded checkpoints in one process: round trip, retention, verification of damaged checkpoints,
+refusing non-finite state, asynchronous saves, and the run directory's lock."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
+import pytest
 import torch
 
 from data_pipeline.masking import build_masked_batch
-from pretrain.checkpoint import latest_checkpoint, load_model_weights, load_trainer_state, save_checkpoint
+from pretrain.checkpoint import CheckpointError, Checkpointer, check_checkpoint, read_weights
 from pretrain.config import MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from pretrain.run_lock import RunDirectoryBusy, RunLock
+from tests.conftest import ROOT
 
 CFG = RunConfig(model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48,
                                   seq_len=12),
@@ -20,54 +29,177 @@ def _batch(index: int):
     return build_masked_batch(ids, np.arange(4) + 4 * index, seed=0, epoch=0, num_inner_steps=2, pre_anchor_scale=1.5)
 
 
-def _parts(topology, checkpoint=None):
-    from pretrain.factory import build_model, build_training
+def _engine(topology):
+    from pretrain.factory import build_training
 
-    model = build_model(CFG, topology)
-    if checkpoint is not None:
-        load_model_weights(model, checkpoint)
-    parts = build_training(CFG, topology, 63, model)
-    if checkpoint is not None:
-        parts.engine.load_optimizer(checkpoint / "optimizer")
-    return parts
+    return build_training(CFG, topology, 63).engine
 
 
-def test_save_load_round_trip_continues_identically(topology, tmp_path):
-    tokenizer = tmp_path / "tokenizer.json"
+class _Saver:
+    """A Checkpointer bound to one engine, as the trainer uses it."""
+
+    def __init__(self, checkpointer, engine):
+        self.checkpointer, self.engine = checkpointer, engine
+
+    def save(self, step, trainer_state):
+        return self.checkpointer.save(step, self.engine, trainer_state)
+
+    def load(self, folder):
+        return self.checkpointer.load(folder, self.engine)
+
+    def __getattr__(self, name):
+        return getattr(self.checkpointer, name)
+
+
+def _checkpointer(topology, engine, root, messages=None, **options):
+    tokenizer = root / "tokenizer.json"
+    root.mkdir(parents=True, exist_ok=True)
     tokenizer.write_text("{}")
-    original = _parts(topology)
-    for step in range(2):
-        original.engine.train_step([_batch(step)], step, 1e-3)
-    folder = save_checkpoint(tmp_path / "run", 2, original.engine, topology, {"note": "cfg"}, tokenizer,
-                             {"step": 2, "data": {}})
-    assert folder.name == "step_000002" and latest_checkpoint(tmp_path / "run") == folder
-    assert not list(folder.parent.glob(".staging_*")), "the staging directory is renamed into place"
-    assert json.loads((folder / "config.json").read_text()) == {"note": "cfg"}
-    assert load_trainer_state(folder)["step"] == 2
+    log = messages.append if messages is not None else (lambda m: None)
+    return _Saver(Checkpointer(root / "run", topology, {"note": "cfg"}, tokenizer, log=log, **options), engine)
 
-    restored = _parts(topology, folder)
+
+def _trained(topology, steps=2):
+    engine = _engine(topology)
+    for step in range(steps):
+        engine.train_step([_batch(step)], step, 1e-3)
+    return engine
+
+
+def test_round_trip_continues_identically(topology, tmp_path):
+    original = _trained(topology)
+    saver = _checkpointer(topology, original, tmp_path)
+    report = saver.save(2, {"data": {}})
+    folder = report.folder
+    assert folder.name == "step_000002" and report.seconds > 0
+    assert (folder.parent / "latest").read_text().strip() == "step_000002"
+    assert not list(folder.parent.glob(".staging_*")), "the staging directory is renamed into place"
+    assert check_checkpoint(folder) is None
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert {".metadata", "trainer_state.pt", "config.json", "tokenizer.json", "rank_states/rank_00000.pt"} <= set(
+        manifest["files"])
+
+    restored = _engine(topology)
+    loader = _checkpointer(topology, restored, tmp_path)
+    assert loader.newest_good() == folder
+    assert loader.load(folder)["step"] == 2
     for (name, a), b in zip(original.model.named_parameters(), restored.model.parameters()):
         assert torch.equal(a, b), name
-    state_a = original.engine.optimizer.optimizer.state_dict()["state"]
-    state_b = restored.engine.optimizer.optimizer.state_dict()["state"]
+    state_a = original.optimizer.optimizer.state_dict()["state"]
+    state_b = restored.optimizer.optimizer.state_dict()["state"]
     assert state_a.keys() == state_b.keys() and state_a
     for key in state_a:
         for field in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(state_a[key][field], state_b[key][field]), (key, field)
-    # The next step is the same step in both.
-    after_a = original.engine.train_step([_batch(2)], 2, 1e-3)
-    after_b = restored.engine.train_step([_batch(2)], 2, 1e-3)
+    after_a = original.train_step([_batch(2)], 2, 1e-3)
+    after_b = restored.train_step([_batch(2)], 2, 1e-3)
     assert after_a.loss == after_b.loss and after_a.grad_norm == after_b.grad_norm
-    for a, b in zip(original.model.parameters(), restored.model.parameters()):
-        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(original.model.parameters(), restored.model.parameters()))
+    weights = read_weights(folder)  # what export and the layout tests read: full tensors, one process
+    assert set(weights) == {n for n, _ in original.model.named_parameters()}
 
 
 def test_only_the_newest_checkpoints_are_kept(topology, tmp_path):
-    tokenizer = tmp_path / "tokenizer.json"
-    tokenizer.write_text("{}")
-    engine = _parts(topology).engine
+    saver = _checkpointer(topology, _trained(topology, 1), tmp_path, keep=2)
     for step in (1, 2, 3):
-        save_checkpoint(tmp_path / "run", step, engine, topology, {}, tokenizer, {"step": step}, keep=2)
+        saver.save(step, {"data": {}})
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_000002", "step_000003"]
-    assert latest_checkpoint(tmp_path / "run").name == "step_000003"
+
+
+def _flip_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+DAMAGE = {
+    "flipped bit in a tensor file": (lambda f: _flip_byte(next(f.glob("*.distcp"))), "does not match its sha256"),
+    "truncated file": (lambda f: _truncate(f / "trainer_state.pt"), "trainer_state.pt has"),
+    "manifest deleted": (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing"),
+    ".metadata deleted": (lambda f: (f / ".metadata").unlink(), ".metadata is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(topology, tmp_path, damage):
+    engine = _trained(topology, 1)
+    saver = _checkpointer(topology, engine, tmp_path, keep=3)
+    good = saver.save(1, {"data": {}}).folder
+    engine.train_step([_batch(1)], 1, 1e-3)
+    newest = saver.save(2, {"data": {}}).folder
+    spoil, expected = DAMAGE[damage]
+    spoil(newest)
+    messages = []
+    finder = _checkpointer(topology, _engine(topology), tmp_path, messages, keep=3)
+    assert finder.newest_good() == good
+    assert len(messages) == 1 and "step_000002 is unusable" in messages[0] and expected in messages[0], messages
+    assert "resuming from step_000001" in messages[0]
+    finder.load(good)  # and the previous one loads
+
+
+def test_no_intact_checkpoint_stops_with_a_message(topology, tmp_path):
+    saver = _checkpointer(topology, _trained(topology, 1), tmp_path)
+    folder = saver.save(1, {"data": {}}).folder
+    (folder / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="no usable checkpoint in .*step_000001: manifest.json is missing"):
+        saver.newest_good()
+
+
+def test_hash_checks_can_be_skipped_for_huge_checkpoints(topology, tmp_path):
+    saver = _checkpointer(topology, _trained(topology, 1), tmp_path)
+    folder = saver.save(1, {"data": {}}).folder
+    _flip_byte(next(folder.glob("*.distcp")))  # same size: only a hash can tell
+    assert _checkpointer(topology, _engine(topology), tmp_path, verify_hashes=False).newest_good() == folder
+    assert "sha256" in check_checkpoint(folder, verify_hashes=True)
+
+
+def test_non_finite_state_is_never_saved(topology, tmp_path):
+    engine = _trained(topology, 1)
+    messages = []
+    saver = _checkpointer(topology, engine, tmp_path, messages)
+    saver.save(1, {"data": {}})
+    with torch.no_grad():
+        next(engine.model.parameters())[0, 0] = float("nan")
+    report = saver.save(2, {"data": {}})
+    assert report.folder is None and "not saving step 2" in messages[-1]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000001"
+    assert not (tmp_path / "run" / "checkpoints" / "step_000002").exists()
+
+
+def test_asynchronous_save_writes_the_same_state(topology, tmp_path):
+    engine = _trained(topology, 2)
+    sync = _checkpointer(topology, engine, tmp_path / "sync").save(2, {"data": {}}).folder
+    background = _checkpointer(topology, engine, tmp_path / "async", asynchronous=True)
+    report = background.save(2, {"data": {}})
+    assert report.pending and report.folder is None
+    folder = background.wait()
+    assert folder.name == "step_000002" and check_checkpoint(folder) is None
+    a, b = read_weights(sync), read_weights(folder)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_live_run_holds_its_directory_and_a_dead_one_does_not(tmp_path):
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    with pytest.raises(RunDirectoryBusy, match=f'is in use by a live run: .*"pid": {os.getpid()}'):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    RunLock(tmp_path).acquire()  # released: free again (and released by this process's exit)
+
+    # A holder killed with SIGKILL leaves the file behind but not the lock.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pretrain.run_lock import RunLock; "
+        "lock = RunLock(sys.argv[2]); lock.acquire(); print('held', flush=True); time.sleep(60)"), str(ROOT),
+        str(tmp_path / "other")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(RunDirectoryBusy, match=f'"pid": {holder.pid}'):
+        RunLock(tmp_path / "other").acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    time.sleep(0.1)
+    RunLock(tmp_path / "other").acquire()

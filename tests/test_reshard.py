@@ -1,0 +1,96 @@
+"""A checkpoint saved at one layout resumes at another, and training continues exactly.
+
+Each pair trains 3 steps at layout A (a 6-step run stopped after step 3, so the learning-rate
+schedule is the 6-step one), then resumes at layout B to step 6. The six losses and the final
+weights must equal six uninterrupted single-process steps to a relative error below 1e-5.
+Runs of one world size share one spawned group of ranks.
+"""
+
+import pytest
+
+from pretrain.checkpoint import read_weights
+from tests.dist_utils import run_ranks
+from tests.test_parallel_layouts import LAYOUTS, TINY, relative
+
+STEPS = ["--train.steps", "6"]
+
+PAIRS = {  # name: (layout A, layout B)
+    "dp2-zero1 -> single": ("dp2-zero1", "single"),
+    "single -> tp2-dp2-zero2": ("single", "tp2-dp2-zero2"),
+    "tp2 -> pp2": ("tp2", "pp2"),
+    "dp2-zero3 -> dp2-zero1": ("dp2-zero3", "dp2-zero1"),
+    "pp2 -> dp2-zero3": ("pp2", "dp2-zero3"),
+}
+
+
+class StopAfter:
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        return self.calls >= self.steps
+
+
+def _train_each(rank, world, runs):
+    """``(key, layout, folder, stop after)`` in turn on these ranks; each run's losses by key."""
+    from launch.config_cli import build_config
+    from parallel.megatron import parallel_state
+    from pretrain.trainer import train
+
+    losses = {}
+    for key, layout, folder, cache, stop in runs:
+        args = [*TINY, *STEPS, *LAYOUTS[layout][1], "--train.out_dir", folder, "--data.cache_dir", cache]
+        summary = train(build_config(args), StopAfter(stop) if stop else (lambda: False))
+        losses[key] = (summary.losses, summary.resumed_from.name if summary.resumed_from else None)
+        parallel_state.destroy_model_parallel()
+    return losses
+
+
+def _run(world, runs):
+    """World size 1 runs in this process; larger ones in one spawned group of ranks."""
+    if world == 1:
+        return _train_each(0, 1, runs)
+    return run_ranks(_train_each, world, runs)[0]
+
+
+@pytest.fixture(scope="module")
+def resharded(tmp_path_factory):
+    """Every pair's losses (A then B) and final weights, plus the uninterrupted reference.
+
+    Runs go in the order their checkpoints need, grouped by world size: 1 (the reference and the
+    one-process A), 2 (every two-rank A, then the two-rank B that resume from them), 1, 4."""
+    root, cache = tmp_path_factory.mktemp("reshard"), str(tmp_path_factory.mktemp("cache"))
+    folders = {name: str(root / name.replace(" ", "").replace(">", "")) for name in PAIRS}
+
+    def run(name, phase):
+        layout = PAIRS[name][phase]
+        return (f"{name}/{phase}", layout, folders[name], cache, 3 if phase == 0 else 0)
+
+    def worlds(phase, world):
+        return [run(name, phase) for name in PAIRS if LAYOUTS[PAIRS[name][phase]][0] == world]
+
+    losses = _run(1, [("reference", "single", str(root / "reference"), cache, 0)] + worlds(0, 1))
+    losses.update(_run(2, worlds(0, 2) + worlds(1, 2)))
+    losses.update(_run(1, worlds(1, 1)))
+    losses.update(_run(4, worlds(1, 4)))
+    reference = (losses["reference"][0], read_weights(root / "reference" / "checkpoints" / "step_000006"))
+    results = {}
+    for name in PAIRS:
+        first, _ = losses[f"{name}/0"]
+        second, resumed_from = losses[f"{name}/1"]
+        assert resumed_from == "step_000003", (name, resumed_from)
+        results[name] = (first + second, read_weights(f"{folders[name]}/checkpoints/step_000006"))
+    return reference, results
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_resume_at_another_layout_continues_exactly(resharded, pair):
+    (ref_losses, ref_weights), results = resharded
+    losses, weights = results[pair]
+    assert len(losses) == 6
+    for ours, theirs in zip(losses, ref_losses):
+        assert abs(ours - theirs) / abs(theirs) < 1e-5, (pair, losses, ref_losses)
+    assert set(weights) == set(ref_weights)
+    for name in ref_weights:
+        assert relative(weights[name], ref_weights[name]) < 1e-5, (pair, name)
