@@ -66,3 +66,33 @@ def count_flops(fn) -> int:
 
 def median(values) -> float:
     return statistics.median(values)
+
+
+def peak_step_memory(fn, device: torch.device, baseline_bytes: int | None = None) -> dict:
+    """Peak memory of one call of ``fn`` (bytes): ``before`` (what was allocated when it started),
+    ``peak`` and ``activations`` (= peak - before: activations, gradients and temporaries).
+
+    CUDA: the caching allocator's counters. CPU: the torch profiler's memory timeline (tensors created
+    and freed during the call; ``before`` = ``baseline_bytes``, e.g. the model's parameters)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"before": before, "peak": peak, "activations": peak - before}
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import Action
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        fn()
+    live = highest = 0
+    for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.CREATE:
+            live += size
+        elif action == Action.DESTROY:
+            live -= size
+        highest = max(highest, live)
+    before = baseline_bytes or 0
+    return {"before": before, "peak": before + highest, "activations": highest}

@@ -1,25 +1,29 @@
-"""Cost of the MemDLM bi-level step against the plain MDLM step, in one run.
+"""Cost of the MemDLM bi-level step against the plain MDLM step, in one run: time, FLOPs, MFU, peak memory.
 
-Model: hidden 256, 10 layers, FFN 1536, vocab 8192 (about 18.6M parameters), sequence 256,
-batch 8, fp32. A "step" here is the loss and its backward (what the bi-level step changes);
-the optimizer update is the same for both and left out.
+Presets:
+- ``small`` (CPU default): hidden 256, 10 layers, FFN 1536, vocab 8192 (18.6M parameters), sequence 256,
+  batch 8, fp32;
+- ``1b`` (GPU): a Llama-shaped ~1B model, hidden 2048, 16 layers, 16 heads, FFN 5632, vocab 32000,
+  sequence 2048, bf16, activation recomputation; the micro-batch is the largest that fits (memory on,
+  with recomputation) unless ``--batch`` is given.
 
-Timing: warm-up steps, then MDLM and MemDLM steps interleaved, medians. The fp32 matmul
-rate (2048^3) is measured in the same run, before and after the steps.
+A "step" is the loss and its backward (what the bi-level step changes); the optimizer update is the
+same for both and left out. MDLM and MemDLM steps are interleaved after a warm-up; medians.
 
-FLOP counts, both printed:
-- executed: what the step runs, counted by ``torch.utils.flop_counter`` (matmuls, batched
-  matmuls and attention, forward and backward; the LM head runs on masked rows only);
-- model: the usual ``3 x forward`` of an MDLM step with the head on every token,
-  forward = ``2 * tokens * (layer matmul params + hidden * vocab) + 4 * tokens * seq * hidden * layers``
-  (the convention the reference figures use).
+Figures: executed FLOPs (``pretrain.flops.executed_flops``, equal to torch's FLOP counter) and model
+FLOPs (the plain MDLM convention, ``6 N + 12 L l h`` per token, bidirectional attention), both as MFU
+against the device's peak (data-sheet bf16 peak on known GPUs, else a 2048^3 matmul measured in the
+same run); tokens/s; peak memory of one step with memory on and off, with and without recomputation
+(CUDA: ``torch.cuda.max_memory_allocated``; CPU: the torch profiler's memory timeline, tensors only).
 
-Usage: python benchmarks/step_cost.py [--device cpu|cuda] [--threads 2] [--rounds 10]
+Usage: python benchmarks/step_cost.py [--device cpu|cuda] [--preset small|1b] [--batch N] [--rounds 12]
+       [--recompute none|full|selective] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -28,101 +32,189 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import count_flops, matmul_rate, median, time_call  # noqa: E402
+from benchmarks.common import matmul_rate, median, peak_step_memory, time_call  # noqa: E402
 from data_pipeline.masking import build_masked_batch  # noqa: E402
-from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
 from parallel.collectives import LossNormalizer  # noqa: E402
+from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
 from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from pretrain.cpu_memory import keep_freed_memory  # noqa: E402
 from pretrain.factory import build_model, build_step  # noqa: E402
+from pretrain.flops import executed_flops, model_flops_per_token, peak_flops  # noqa: E402
 from pretrain.model import count_parameters  # noqa: E402
 
+PRESETS = {
+    "small": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536,
+                             seq_len=256), batch=8, precision="fp32", recompute="none"),
+    "1b": dict(model=dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, ffn_hidden_size=5632,
+                          seq_len=2048), batch=0, precision="bf16", recompute="full"),
+}
 
-def model_flops(cfg: ModelConfig, tokens: int) -> float:
-    h, f, layers = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    layer_params = 4 * h * h + 3 * h * f
-    forward = 2 * tokens * (layers * layer_params + h * cfg.vocab_size) + 4 * tokens * cfg.seq_len * h * layers
-    return 3.0 * forward
+
+class Bench:
+    """Both steps on one model, and batches with several draws of t (a step's cost depends on them)."""
+
+    def __init__(self, cfg: ModelConfig, precision: str, recompute: str, topology, batch: int, num_batches: int):
+        self.cfg, self.topology, self.batch = cfg, topology, batch
+        self.runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled),
+                                     train=TrainConfig(seed=0, precision=precision, recompute=recompute))
+                     for name, enabled in (("mdlm", False), ("memdlm", True))}
+        self.model = build_model(self.runs["mdlm"], topology)
+        self.steps = {name: build_step(run, self.model, topology, cfg.vocab_size - 1) for name, run in self.runs.items()}
+        rng = np.random.default_rng(0)
+        self.batches = []
+        for index in range(num_batches):
+            ids = rng.integers(0, cfg.vocab_size - 1, size=(batch, cfg.seq_len))
+            masked = build_masked_batch(ids, np.arange(index * batch, (index + 1) * batch), seed=0, epoch=0,
+                                        num_inner_steps=2, pre_anchor_scale=1.5)
+            self.batches.append((masked.to(topology.device), LossNormalizer.of([masked.maskable]).to(topology.device)))
+
+    def run(self, name: str, index: int) -> None:
+        batch, normalizer = self.batches[index % len(self.batches)]
+        self.steps[name](batch, normalizer, step=index).loss.backward()
+        self.model.zero_grad(set_to_none=True)
+
+    def executed(self, name: str) -> float:
+        run = self.runs[name]
+        counts = [b.row_counts if run.memory.enabled else b.row_counts[-1:] for b, _ in self.batches]
+        return sum(executed_flops(self.cfg, run.memory, self.batch, c, run.train.recompute) for c in counts) / len(counts)
+
+    def set_recompute(self, mode: str) -> None:
+        for name, step in self.steps.items():
+            step.recompute = mode
+            self.runs[name].train.recompute = mode
+
+
+def fit_batch(bench: Bench, candidates=(32, 24, 16, 12, 8, 6, 4, 3, 2, 1)) -> int:
+    """Cut ``bench``'s batches to the largest micro-batch whose MemDLM step fits on the GPU (one step per
+    try, largest first; the model is built once)."""
+    full = bench.batches
+    for batch in (c for c in candidates if c <= bench.batch):
+        bench.batches = [(b.select(slice(0, batch)), None) for b, _ in full]
+        bench.batches = [(b, LossNormalizer.of([b.maskable])) for b, _ in bench.batches]
+        try:
+            bench.run("memdlm", 0)
+            torch.cuda.synchronize()
+            bench.batch = batch
+            return batch
+        except torch.cuda.OutOfMemoryError:
+            bench.model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    raise RuntimeError("not even a micro-batch of 1 fits")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
+    parser.add_argument("--preset", default="", choices=["", *PRESETS], help="model (default: small on CPU, 1b on GPU)")
+    parser.add_argument("--batch", type=int, default=-1, help="micro-batch (default: the preset's; 0 = largest that fits)")
+    parser.add_argument("--precision", default="", choices=["", "fp32", "bf16"], help="default: the preset's")
+    parser.add_argument("--recompute", default="", choices=["", "none", "full", "selective"],
+                        help="recomputation for the timed steps (default: the preset's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--rounds", type=int, default=12, help="timed rounds (one step of each per round)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
-    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches (draws of t) cycled through")
-    parser.add_argument("--no-keep-freed-memory", action="store_true",
-                        help="leave glibc's default of returning large freed blocks to the OS")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--memory-batch", type=int, default=0,
+                        help="micro-batch of the memory table (default: the timed one; smaller lets every "
+                             "recomputation mode fit)")
+    parser.add_argument("--memory-rounds", type=int, default=3,
+                        help="steps timed for each recomputation mode in the memory table")
+    parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
+    preset = PRESETS[args.preset or ("1b" if args.device == "cuda" else "small")]
+    precision = args.precision or preset["precision"]
+    recompute = args.recompute or preset["recompute"]
     torch.set_num_threads(args.threads)
-    if args.device == "cpu" and not args.no_keep_freed_memory:
+    if args.device == "cpu":
         keep_freed_memory()
     topology = initialize_topology(args.device)
     device = topology.device
-    cfg = ModelConfig(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536, seq_len=256)
-    runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled), train=TrainConfig(seed=0))
-            for name, enabled in (("mdlm", False), ("memdlm", True))}
-    model = build_model(runs["mdlm"], topology)  # one model, two steps
-    steps = {name: build_step(run, model, topology, cfg.vocab_size - 1) for name, run in runs.items()}
+    cfg = ModelConfig(**preset["model"])
+    batch = preset["batch"] if args.batch < 0 else args.batch
+    search = batch == 0 and device.type == "cuda"
+    bench = Bench(cfg, precision, recompute, topology, 32 if search else (batch or 8), args.num_batches)
+    if search:
+        batch = fit_batch(bench)
+    batch = bench.batch
+    peak, peak_source = peak_flops(device, precision == "bf16")
+    tokens = batch * cfg.seq_len
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"{count_parameters(bench.model) / 1e6:.1f}M parameters, micro-batch {batch} x seq {cfg.seq_len}, "
+          f"{precision}, recompute {recompute}; peak {peak / 1e12:.1f} TFLOP/s ({peak_source})", flush=True)
 
-    # Several batches, cycled through by both steps alike: the cost of a step depends on how
-    # many tokens its t's mask, so one batch of 8 would measure one draw of t, not the average.
-    rng = np.random.default_rng(0)
-    batches = []
-    for index in range(args.num_batches):
-        ids = rng.integers(0, cfg.vocab_size - 1, size=(args.batch, cfg.seq_len))
-        sample_index = np.arange(index * args.batch, (index + 1) * args.batch)
-        batch = build_masked_batch(ids, sample_index, seed=0, epoch=0, num_inner_steps=2, pre_anchor_scale=1.5)
-        batches.append((batch.to(device), LossNormalizer.of([batch.maskable]).to(device)))
-
-    def run(name: str, step: int) -> None:
-        batch, normalizer = batches[step % len(batches)]
-        result = steps[name](batch, normalizer, step=step)
-        result.loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    print(f"device: {device}, threads: {torch.get_num_threads()}, params: {count_parameters(model) / 1e6:.1f}M, "
-          f"batch {args.batch} x seq {cfg.seq_len}, fp32")
     for i in range(args.warmup):
-        for name in steps:
-            run(name, i)
-    times = {name: [] for name in steps}
+        for name in bench.steps:
+            bench.run(name, i)
+    times = {name: [] for name in bench.steps}
     rates = []
     for i in range(args.rounds):
-        rates.append(matmul_rate(device, repeats=3))
-        for name in steps:
-            times[name].append(time_call(lambda: run(name, i), device))
-    rate = median(rates)
-    # FLOPs per step averaged over the batches, as the timing is.
-    flops = {name: sum(count_flops(lambda: run(name, i)) for i in range(len(batches))) / len(batches)
-             for name in steps}
-    tokens = args.batch * cfg.seq_len
-    mdlm_model_flops = model_flops(cfg, tokens)
-
-    print(f"fp32 matmul 2048^3: median {rate / 1e9:.1f} GFLOP/s over {len(rates)} rounds "
-          f"(range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f})")
-    anchor = sum(int(b.anchor_mask.sum()) for b, _ in batches) / len(batches)
-    pre = sum(int(b.pre_anchor_masks[0].sum()) for b, _ in batches) / len(batches)
-    print(f"masked rows per step (mean of {len(batches)} batches): anchor {anchor:.0f}, pre-anchor {pre:.0f} "
-          f"of {tokens} tokens")
-    for name in steps:
+        if device.type == "cpu":
+            rates.append(matmul_rate(device, repeats=3))
+        for name in bench.steps:
+            times[name].append(time_call(lambda: bench.run(name, i), device))
+    results = {"device": str(device), "parameters": count_parameters(bench.model), "batch": batch,
+               "seq_len": cfg.seq_len, "precision": precision, "recompute": recompute, "peak_flops": peak,
+               "peak_source": peak_source}
+    model_flops = model_flops_per_token(cfg) * tokens
+    for name in bench.steps:
         seconds = median(times[name])
-        executed = flops[name] / seconds
-        line = (f"{name:>6} step: median {seconds * 1e3:7.1f} ms over {args.rounds} "
-                f"(min {min(times[name]) * 1e3:.1f}), executed {flops[name] / 1e9:6.1f} GFLOP "
-                f"-> {executed / 1e9:6.1f} GFLOP/s = {executed / rate:5.1%} of matmul")
-        if name == "mdlm":
-            line += (f"; model FLOPs {mdlm_model_flops / 1e9:.1f} GFLOP -> "
-                     f"{mdlm_model_flops / seconds / rate:5.1%} of matmul")
-        print(line)
-    print(f"executed FLOP ratio memdlm/mdlm: {flops['memdlm'] / flops['mdlm']:.3f}")
-    print(f"tokens/s: mdlm {tokens / median(times['mdlm']):.0f}, memdlm {tokens / median(times['memdlm']):.0f}")
+        executed = bench.executed(name)
+        results[name] = {"seconds": seconds, "min_seconds": min(times[name]), "tokens_per_s": tokens / seconds,
+                         "executed_flops": executed, "mfu_total": executed / seconds / peak,
+                         "mfu_model": model_flops / seconds / peak}
+        print(f"{name:>6} step: median {seconds * 1e3:8.1f} ms over {args.rounds} (min {min(times[name]) * 1e3:.1f}), "
+              f"{tokens / seconds:9.0f} tokens/s, executed {executed / 1e12:7.3f} TFLOP -> mfu_total "
+              f"{executed / seconds / peak:5.1%}, model {model_flops / 1e12:.3f} TFLOP -> mfu_model "
+              f"{model_flops / seconds / peak:5.1%}", flush=True)
+    if rates:
+        print(f"fp32 matmul 2048^3 during the rounds: median {median(rates) / 1e9:.1f} GFLOP/s "
+              f"(range {min(rates) / 1e9:.1f}-{max(rates) / 1e9:.1f})")
     per_round = [m / d for m, d in zip(times["memdlm"], times["mdlm"])]
+    results["time_ratio"] = median(times["memdlm"]) / median(times["mdlm"])
+    results["executed_flop_ratio"] = results["memdlm"]["executed_flops"] / results["mdlm"]["executed_flops"]
+    print(f"executed FLOP ratio memdlm/mdlm: {results['executed_flop_ratio']:.3f}")
     print(f"per-round ratios: median {median(per_round):.3f}, range {min(per_round):.3f}-{max(per_round):.3f}")
-    print(f"memdlm/mdlm step time ratio: {median(times['memdlm']) / median(times['mdlm']):.3f}")
+    print(f"memdlm/mdlm step time ratio: {results['time_ratio']:.3f}", flush=True)
+
+    if not args.no_memory:
+        memory = {}
+        if args.memory_batch and args.memory_batch < batch:  # the first sequences of the same batches
+            bench.batches = [(b.select(slice(0, args.memory_batch)), None) for b, _ in bench.batches]
+            bench.batches = [(b, LossNormalizer.of([b.maskable])) for b, _ in bench.batches]
+        results["memory_batch"] = args.memory_batch or batch
+        for mode in ("none", recompute if recompute != "none" else "full"):
+            bench.set_recompute(mode)
+            for name in bench.steps:
+                weights = sum(p.numel() * p.element_size() for p in bench.model.parameters())
+                try:
+                    memory[f"{name}/{mode}"] = peak_step_memory(lambda: bench.run(name, 0), device, weights)
+                    memory[f"{name}/{mode}"]["seconds"] = median(
+                        [time_call(lambda: bench.run(name, i), device) for i in range(args.memory_rounds)])
+                except torch.cuda.OutOfMemoryError:
+                    bench.model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    memory[f"{name}/{mode}"] = {"peak": float("nan"), "activations": float("nan"),
+                                                "seconds": float("nan"), "error": "out of memory"}
+        bench.set_recompute(recompute)
+        results["peak_memory"] = memory
+        print(f"\npeak memory of one step at micro-batch {results['memory_batch']} (weights and gradients included; "
+              f"activations = peak - before), and the median time of {args.memory_rounds} steps:")
+        print("| step | recompute | peak MiB | activations MiB | step ms |")
+        print("| --- | --- | --- | --- | --- |")
+        for key, value in memory.items():
+            name, mode = key.split("/")
+            print(f"| {name} | {mode} | {value['peak'] / 2**20:.0f} | {value['activations'] / 2**20:.0f} | "
+                  f"{value['seconds'] * 1e3:.0f} |")
+        for mode in sorted({k.split("/")[1] for k in memory}):
+            on, off = memory[f"memdlm/{mode}"], memory[f"mdlm/{mode}"]
+            print(f"memory on/off peak ratio, recompute {mode}: {on['peak'] / off['peak']:.3f} "
+                  f"(activations {on['activations'] / max(off['activations'], 1):.3f})")
+            results[f"memory_ratio/{mode}"] = on["peak"] / off["peak"]
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
     shutdown_topology()
 
 

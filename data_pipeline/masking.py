@@ -57,10 +57,20 @@ class MaskedBatch:
     segment_ids: torch.Tensor | None = None  # [b, l] int32 document index in the sample; -1 on padding
     epoch: torch.Tensor | None = None  # [b] int64, the epoch each sample was drawn in
     num_skipped: int = 0  # damaged samples the reader skipped before this batch (webdataset)
+    # Masked positions of each inner state (pre-anchor states, then the anchor), counted on the host
+    # where the masks are built: the step sizes its row gathers from them without asking the device.
+    row_counts: tuple[int, ...] | None = None
 
     @property
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]
+
+    def masked_rows(self, state: int | None = None) -> int:
+        """Masked positions of pre-anchor state ``state``, or of the anchor (``None``)."""
+        if self.row_counts is None:  # a batch cut or assembled by hand: count (a device sync on GPUs)
+            masks = [*self.pre_anchor_masks, self.anchor_mask]
+            self.row_counts = tuple(int(m.sum()) for m in masks)
+        return self.row_counts[-1 if state is None else state]
 
     def _map(self, fn) -> "MaskedBatch":
         return MaskedBatch(**{
@@ -76,13 +86,15 @@ class MaskedBatch:
 
     def select(self, rows: slice) -> "MaskedBatch":
         """The sequences ``rows`` of this batch (``pre_anchor_masks`` sliced on its batch axis)."""
-        return self._map(lambda name, t: t[:, rows] if name == "pre_anchor_masks" else t[rows])
+        part = self._map(lambda name, t: t[:, rows] if name == "pre_anchor_masks" else t[rows])
+        part.row_counts = None
+        return part
 
     # -- as two tensors, for sending a micro-batch to the other ranks of a model replica ------------
     @staticmethod
     def packed_shapes(num_sequences: int, seq_len: int, num_pre_anchor_states: int):
-        """Shapes of ``pack()``'s two tensors: int64 ``[5 + states, b, l]`` and float64 ``[4, b]``."""
-        return (5 + num_pre_anchor_states, num_sequences, seq_len), (4, num_sequences)
+        """Shapes of ``pack()``'s two tensors: int64 ``[6 + states, b, l]`` and float64 ``[4, b]``."""
+        return (6 + num_pre_anchor_states, num_sequences, seq_len), (4, num_sequences)
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every field in two tensors (see ``packed_shapes``); ``unpack`` gives the batch back."""
@@ -90,8 +102,11 @@ class MaskedBatch:
         padding = self.key_padding_mask if self.key_padding_mask is not None else ones
         segments = self.segment_ids if self.segment_ids is not None else torch.zeros_like(self.input_ids)
         epoch = self.epoch if self.epoch is not None else torch.zeros_like(self.sample_index)
+        counts = torch.zeros_like(self.input_ids)
+        counts.view(-1)[:len(self.pre_anchor_masks) + 1] = torch.tensor(
+            [self.masked_rows(i) for i in range(len(self.pre_anchor_masks))] + [self.masked_rows()])
         ints = torch.stack([self.input_ids, self.maskable.long(), self.anchor_mask.long(), padding.long(),
-                            segments.long(), *self.pre_anchor_masks.long()])
+                            segments.long(), counts, *self.pre_anchor_masks.long()])
         skipped = torch.zeros_like(self.t, dtype=torch.float64)
         skipped[0] = self.num_skipped
         floats = torch.stack([self.t.double(), self.sample_index.double(), epoch.double(), skipped])
@@ -100,11 +115,13 @@ class MaskedBatch:
     @staticmethod
     def unpack(ints: torch.Tensor, floats: torch.Tensor) -> "MaskedBatch":
         padding = ints[3].bool()
+        pre = ints[6:].bool()
         return MaskedBatch(
             input_ids=ints[0].clone(), maskable=ints[1].bool(), t=floats[0].clone(), anchor_mask=ints[2].bool(),
-            pre_anchor_masks=ints[5:].bool(), sample_index=floats[1].long(),
+            pre_anchor_masks=pre, sample_index=floats[1].long(),
             key_padding_mask=None if bool(padding.all()) else padding, segment_ids=ints[4].int(),
             epoch=floats[2].long(), num_skipped=int(floats[3, 0]),
+            row_counts=tuple(ints[5].reshape(-1)[:len(pre) + 1].tolist()),
         )
 
     def attention_mask(self, within_documents: bool = False) -> torch.Tensor | None:
@@ -177,4 +194,5 @@ def build_masked_batch(
         pre_anchor_masks=torch.from_numpy(pre),
         sample_index=torch.from_numpy(sample_index),
         key_padding_mask=None if key_padding_mask is None else torch.from_numpy(np.asarray(key_padding_mask)),
+        row_counts=tuple(int(x) for x in pre.reshape(len(pre), -1).sum(axis=1)) + (int(anchor.sum()),),
     )

@@ -49,9 +49,12 @@ class LossNormalizer:
 
     @staticmethod
     def of(maskable_masks: list[torch.Tensor]) -> "LossNormalizer":
-        num_maskable = sum(m.sum(dtype=torch.float64) for m in maskable_masks)
-        num_sequences = torch.tensor(float(sum(m.shape[0] for m in maskable_masks)), dtype=torch.float64)
-        return LossNormalizer(torch.as_tensor(num_maskable, dtype=torch.float64), num_sequences)
+        """The counts of these micro-batches, on their device (no host round trip)."""
+        device = maskable_masks[0].device
+        num_maskable = torch.stack([m.sum(dtype=torch.float64) for m in maskable_masks]).sum()
+        num_sequences = torch.full((), float(sum(m.shape[0] for m in maskable_masks)), dtype=torch.float64,
+                                   device=device)
+        return LossNormalizer(num_maskable, num_sequences)
 
     def to(self, device) -> "LossNormalizer":
         return LossNormalizer(self.num_maskable.to(device), self.num_sequences.to(device))
@@ -78,22 +81,24 @@ def is_tensor_parallel(param: torch.nn.Parameter) -> bool:
 
 
 @torch.no_grad()
-def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor_group, pipeline_group) -> float:
-    """Global gradient norm over a model split by tensor and pipeline parallelism, then clipping.
+def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor_group,
+                       pipeline_group) -> torch.Tensor:
+    """Global gradient norm over a model split by tensor and pipeline parallelism (a 0-d float64 tensor on
+    the gradients' device), then clipping to ``max_norm`` (0: off).
 
     Tensor-parallel shards are summed over the tensor group; replicated parameters (norms) count
-    once; pipeline stages add up over the pipeline group.
+    once; pipeline stages add up over the pipeline group. The clip multiplies by
+    ``min(1, max_norm / (norm + 1e-6))`` on the device: no host branch, no synchronisation.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    sharded = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if is_tensor_parallel(p)),
-                  torch.zeros((), dtype=torch.float64, device=grads[0].device))
-    replicated = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if not is_tensor_parallel(p)),
-                     torch.zeros((), dtype=torch.float64, device=grads[0].device))
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    sharded = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if is_tensor_parallel(p)), zero)
+    replicated = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if not is_tensor_parallel(p)), zero)
     sum_over(sharded, tensor_group)
     total = sum_over(sharded + replicated, pipeline_group)
-    norm = float(total.sqrt())
-    if max_norm > 0 and norm > max_norm:
-        scale = max_norm / (norm + 1e-6)
-        for g in grads:
-            g.mul_(scale)
+    norm = total.sqrt()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype)  # exactly 1 under the clip
+        torch._foreach_mul_(grads, scale)
     return norm

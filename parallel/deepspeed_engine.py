@@ -74,9 +74,12 @@ class BilevelModule(torch.nn.Module):
         return self.last_output.loss
 
 
-def deepspeed_config(options: EngineOptions, data_parallel_size: int) -> dict:
+def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool = False) -> dict:
     accumulation = options.global_batch_size // (options.micro_batch_size * data_parallel_size)
     zero = {"stage": options.zero_stage}
+    if cuda and options.zero_stage > 0:
+        # Reduce gradients on a side stream while the backward goes on, into contiguous buffers.
+        zero.update({"overlap_comm": True, "contiguous_gradients": True})
     if options.zero_stage == 3:
         # Gather every parameter for each use: the step calls the same layers in several passes.
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0})
@@ -86,7 +89,10 @@ def deepspeed_config(options: EngineOptions, data_parallel_size: int) -> dict:
         "train_batch_size": options.global_batch_size,
         "zero_optimization": zero,
         "gradient_clipping": options.grad_clip,
-        "bf16": {"enabled": options.bf16},
+        # DeepSpeed's own bf16 mode stays off: it would hold the module in bf16. Every engine keeps fp32
+        # parameters (the masters), fp32 optimizer state and fp32 gradients, and computes under bf16
+        # autocast (the step's own context), so gradients are also reduced in fp32.
+        "bf16": {"enabled": False},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -106,7 +112,8 @@ class DeepSpeedEngine(EngineBase):
 
         self.module = BilevelModule(model, step_fn)
         self.engine, self.deepspeed_optimizer, _, _ = deepspeed.initialize(
-            model=self.module, optimizer=optimizer, config=deepspeed_config(options, topology.data_parallel_size),
+            model=self.module, optimizer=optimizer,
+            config=deepspeed_config(options, topology.data_parallel_size, topology.device.type == "cuda"),
             mpu=MegatronMPU(), dist_init_required=False,
         )
 
@@ -121,9 +128,9 @@ class DeepSpeedEngine(EngineBase):
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
             add_output(sums, self.module.last_output)
 
-    def apply_gradients(self) -> float:
-        grad_norm = self.engine.get_global_grad_norm()
-        return float(grad_norm) if grad_norm is not None else float("nan")
+    def apply_gradients(self) -> torch.Tensor:
+        grad_norm = self.engine.get_global_grad_norm()  # DeepSpeed keeps it as a float or a tensor
+        return torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
 
     # -- checkpoints: per parameter, whatever the ZeRO stage -----------------------------------------
     def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:

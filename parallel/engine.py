@@ -56,13 +56,27 @@ class EngineOptions:
     seed: int = 0
     zero_stage: int = 0
     pipeline_schedule: str = "1f1b"
-    bf16: bool = False  # DeepSpeed's bf16 mode, where it owns the optimizer
     seq_len: int = 0  # the pipeline's activation shape: [micro_batch_size, seq_len, hidden_size]
     hidden_size: int = 0
 
 
 @dataclass
 class StepStats:
+    """One step's statistics, left on the device (reading them is a host synchronisation: the trainer
+    does that once per logging interval, ``host()``)."""
+
+    loss: torch.Tensor  # 0-d: the outer MDLM loss of the global batch
+    inner_losses: torch.Tensor  # [K]: each inner step's loss, mean over sequences (empty with memory off)
+    grad_norm: torch.Tensor  # 0-d: before clipping
+
+    def host(self) -> "HostStats":
+        values = torch.cat([self.loss.reshape(1).double(), self.grad_norm.reshape(1).double().to(self.loss.device),
+                            self.inner_losses.double()]).tolist()
+        return HostStats(values[0], values[2:], values[1])
+
+
+@dataclass
+class HostStats:
     loss: float
     inner_losses: list[float]
     grad_norm: float
@@ -101,7 +115,7 @@ class OuterOptimizer:
     def set_learning_rate(self, lr: float) -> None:
         set_learning_rate(self.optimizer, lr)
 
-    def apply(self, params: list[torch.nn.Parameter]) -> float:
+    def apply(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """Reduce, clip, step and zero the gradients of ``params``; returns the gradient norm before clipping."""
         params = [p for p in params if p.grad is not None]
         if self.reduce_group is not None:
@@ -176,8 +190,7 @@ class EngineBase:
         grad_norm = self.apply_gradients()
         for group in self.statistics_groups:
             sum_over(sums, group)
-        inner = (sums[1:1 + self.num_inner_steps] / normalizer.num_sequences).tolist()
-        return StepStats(float(sums[0]), inner, grad_norm)
+        return StepStats(sums[0], sums[1:1 + self.num_inner_steps] / normalizer.num_sequences, grad_norm)
 
     # -- what differs by layout -------------------------------------------------------------------
     def forward_backward(self, micro_batches, normalizer: LossNormalizer, step: int, sums: torch.Tensor) -> None:
@@ -187,7 +200,7 @@ class EngineBase:
     def set_learning_rate(self, lr: float) -> None:
         self.optimizer.set_learning_rate(lr)
 
-    def apply_gradients(self) -> float:
+    def apply_gradients(self) -> torch.Tensor:
         return self.optimizer.apply(list(self.model.parameters()))
 
     def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:

@@ -9,6 +9,7 @@ fastest, then data parallel, then pipeline).
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +78,34 @@ class Topology:
     def layout(self) -> dict:
         return {"world_size": self.world_size, "tensor": self.tensor_parallel_size,
                 "pipeline": self.pipeline_parallel_size, "data": self.data_parallel_size}
+
+    @functools.cached_property
+    def control_group(self):
+        """A gloo group over every rank for small control messages (stop flags, checkpoint
+        bookkeeping): on GPUs they then never wait on the device (collective to create)."""
+        if self.world_size == 1:
+            return None
+        if self.device.type == "cpu":
+            return dist.group.WORLD
+        return dist.new_group(backend="gloo")
+
+    @functools.cached_property
+    def model_parallel_cpu_group(self):
+        """This replica's ranks (tensor x pipeline) on gloo: micro-batches are shared on the host, before
+        they go to the GPU (collective to create: every rank builds every replica's group)."""
+        if self.tensor_parallel_size * self.pipeline_parallel_size == 1:
+            return None
+        if self.device.type == "cpu":
+            return self.model_parallel_group
+        tensor, data = self.tensor_parallel_size, self.data_parallel_size
+        mine = None
+        for data_rank in range(data):
+            ranks = [stage * data * tensor + data_rank * tensor + t
+                     for stage in range(self.pipeline_parallel_size) for t in range(tensor)]
+            group = dist.new_group(ranks, backend="gloo")
+            if self.rank in ranks:
+                mine = group
+        return mine
 
     def stage_mesh(self):
         """A ``DeviceMesh`` over this pipeline stage's ranks with dims (data, tensor), the same groups as

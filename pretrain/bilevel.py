@@ -30,11 +30,12 @@ import torch
 
 from data_pipeline.masking import MaskedBatch
 from parallel.collectives import LossNormalizer
+from pretrain.attention import document_block_mask
 from pretrain.config import DiffusionConfig, MemoryConfig
 from pretrain.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model import DiffusionTransformer
 from pretrain.modules import BlockEntry
-from pretrain.objective import inner_sequence_scale, outer_sequence_scale, row_targets
+from pretrain.objective import inner_sequence_scale, outer_sequence_scale, select_rows
 
 
 @dataclass
@@ -47,7 +48,9 @@ class StepResult:
 class BilevelStep:
     """Computes the MemDLM (or plain MDLM) loss of a micro-batch; the caller runs the backward.
 
-    ``autocast``: a context factory every stage runs under (bf16 autocast, or nothing)."""
+    ``autocast``: a context factory every stage runs under (bf16 autocast, or nothing); ``recompute``:
+    activation recomputation of the prefix layers in the anchor pass (``none``, ``full``, ``selective``:
+    attention only). The inner-loop passes keep no outer graph, so they never need it."""
 
     def __init__(
         self,
@@ -59,6 +62,7 @@ class BilevelStep:
         seed: int = 0,
         within_documents: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        recompute: str = "none",
     ):
         self.model = model
         self.memory = memory
@@ -67,6 +71,7 @@ class BilevelStep:
         self.seed = seed
         self.within_documents = within_documents
         self.autocast = autocast
+        self.recompute = recompute  # for the anchor prefix, the only pass that keeps a graph of many layers
         self.plan = plan if memory.enabled else None
         if self.plan is not None:
             model.attach_fast_weights(self.plan)
@@ -82,27 +87,38 @@ class BilevelStep:
         """``[b, l]`` ids with the state's masked positions replaced by the mask token."""
         return torch.where(state_mask, self.mask_token_id, batch.input_ids)
 
-    def attention(self, batch: MaskedBatch) -> torch.Tensor | None:
-        """None, ``[b, 1, 1, l]`` (key padding) or ``[b, 1, l, l]`` (within documents)."""
+    def attention(self, batch: MaskedBatch):
+        """None, ``[b, 1, 1, l]`` (key padding) or, within documents, ``[b, 1, l, l]`` on the CPU and a
+        FlexAttention block mask on GPUs (``pretrain.attention``)."""
+        if self.within_documents and batch.segment_ids is not None and batch.segment_ids.is_cuda:
+            return document_block_mask(batch.segment_ids)
         return batch.attention_mask(self.within_documents)
 
     def initial_fast_weights(self, batch: MaskedBatch, step: int) -> FastWeights | None:
-        """phi_0 of this step (``None`` with memory off), in the dtype and device of the weights."""
+        """phi_0 of this step (``None`` with memory off), on the weights' device, in ``memory.dtype``
+        (fp32 unless asked otherwise; the base weights are the fp32 masters in every precision, so a
+        float64 model in the tests keeps float64 fast weights)."""
         if self.plan is None:
             return None
         param = next(self.model.parameters())
-        return self.plan.initial(batch.num_sequences, self.seed, step, param.device, param.dtype)
+        dtype = torch.bfloat16 if self.memory.dtype == "bf16" else param.dtype
+        return self.plan.initial(batch.num_sequences, self.seed, step, param.device, dtype)
 
     # -- 1-3. one inner step ---------------------------------------------------------------------
-    def inner_update(self, fast: FastWeights, h: torch.Tensor, state_mask: torch.Tensor, batch: MaskedBatch,
+    def state_mask(self, batch: MaskedBatch, state: int | None) -> torch.Tensor:
+        """The mask of pre-anchor state ``state`` (noisiest first), or of the anchor (``None``)."""
+        return batch.anchor_mask if state is None else batch.pre_anchor_masks[state]
+
+    def inner_update(self, fast: FastWeights, h: torch.Tensor, state: int | None, batch: MaskedBatch,
                      attention, entry: BlockEntry | None = None) -> tuple[FastWeights, torch.Tensor]:
-        """One SGD step of ``fast`` on the state's inner loss; ``h`` (or ``entry``) must carry no
-        graph to the base weights. Returns phi_{j+1} and the inner loss summed over sequences."""
-        scale = inner_sequence_scale(state_mask, batch.maskable, self.memory.inner_loss_weight)
-        targets, row_scale = row_targets(batch.input_ids, state_mask, scale)
+        """One SGD step of ``fast`` on the inner loss of ``state`` (a pre-anchor index, or ``None`` for the
+        anchor); ``h`` (or ``entry``) must carry no graph to the base weights. Returns phi_{j+1} and the
+        inner loss summed over sequences."""
+        mask = self.state_mask(batch, state)
+        scale = inner_sequence_scale(mask, batch.maskable, self.memory.inner_loss_weight)
+        rows = select_rows(batch.input_ids, mask, scale, batch.masked_rows(state))
         with torch.enable_grad():
-            loss = self.model.tail_loss(h, self.boundary, state_mask, targets, row_scale, attention, fast,
-                                        frozen=True, entry=entry)
+            loss = self.model.tail_loss(h, self.boundary, rows, attention, fast, frozen=True, entry=entry)
             grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
         return self.plan.sgd_step(fast, list(grads)), loss.detach()
 
@@ -116,20 +132,18 @@ class BilevelStep:
         ``inner_h`` (a separately computed prefix output) is given for the inner step.
         Returns (loss, last inner loss sum or ``None``, phi_K or ``None``).
         """
-        anchor = batch.anchor_mask
         outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
-        targets, row_scale = row_targets(batch.input_ids, anchor, outer_scale)
+        rows = select_rows(batch.input_ids, batch.anchor_mask, outer_scale, batch.masked_rows())
         if fast is None:
-            loss = self.model.tail_loss(h, self.boundary, anchor, targets, row_scale, attention)
+            loss = self.model.tail_loss(h, self.boundary, rows, attention)
             return loss, None, None
         if inner_h is None:
             entry = self.model.block_entry(h, self.boundary)
-            fast, inner_sum = self.inner_update(fast, h.detach(), anchor, batch, attention, entry.detach())
+            fast, inner_sum = self.inner_update(fast, h.detach(), None, batch, attention, entry.detach())
         else:
             entry = None
-            fast, inner_sum = self.inner_update(fast, inner_h, anchor, batch, attention)
-        loss = self.model.tail_loss(h, self.boundary, anchor, targets, row_scale, attention, fast.detach(),
-                                    entry=entry)
+            fast, inner_sum = self.inner_update(fast, inner_h, None, batch, attention)
+        loss = self.model.tail_loss(h, self.boundary, rows, attention, fast.detach(), entry=entry)
         return loss, inner_sum, fast
 
     # -- the whole step on one model --------------------------------------------------------------
@@ -147,16 +161,17 @@ class BilevelStep:
             fast = self.initial_fast_weights(batch, step)
             inner_loss_sums, history = [], []
             # 1-3. Pre-anchor states: prefix without grad, inner update on the tail.
-            for state in (batch.pre_anchor_masks if fast is not None else []):
+            for state in range(len(batch.pre_anchor_masks) if fast is not None else 0):
                 with torch.no_grad():
-                    h_state = model.prefix(self.noised_ids(batch, state), self.boundary, attention)
+                    h_state = model.prefix(self.noised_ids(batch, self.state_mask(batch, state)), self.boundary,
+                                           attention)
                 fast, inner_sum = self.inner_update(fast, h_state, state, batch, attention)
                 inner_loss_sums.append(inner_sum)
                 if record_fast_weights:
                     history.append(fast.clone_values())
             # 4-5. The anchor prefix once, with grad; the last inner step; the outer loss with phi_K.
             x_t = self.noised_ids(batch, batch.anchor_mask)
-            h_anchor = model.prefix(x_t, self.boundary, attention)
+            h_anchor = model.prefix(x_t, self.boundary, attention, recompute=self.recompute)
             inner_h = None
             if fast is not None and not self.memory.share_anchor_prefix:
                 with torch.no_grad():

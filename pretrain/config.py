@@ -148,6 +148,9 @@ class MemoryConfig:
         "inner loss weight: 1 / masked ratio of the state (as the paper) or 1",
         ("inverse_ratio", "uniform"),
     )
+    dtype: str = param(
+        "fp32", "dtype of the fast weights and their inner SGD (clipping norms included): fp32 even when "
+        "--train.precision bf16, or bf16", ("fp32", "bf16"))
     share_anchor_prefix: bool = param(
         True, "compute the anchor state's prefix once for the last inner step and the outer loss"
     )
@@ -211,7 +214,12 @@ class TrainConfig:
     out_dir: str = param("runs/default", "where metrics.jsonl, checkpoints and the wandb run go")
     global_batch_size: int = param(16, "sequences per optimizer step")
     micro_batch_size: int = param(16, "sequences per forward; gradient accumulation makes up the rest")
-    precision: str = param("fp32", "fp32, or bf16 autocast (GPU)", ("fp32", "bf16"))
+    precision: str = param(
+        "fp32", "fp32, or bf16: bf16 compute and activations with fp32 master weights, optimizer state and "
+        "gradient reduction (see README, Precision)", ("fp32", "bf16"))
+    recompute: str = param(
+        "none", "activation recomputation of the prefix layers (the part of the step that keeps the outer "
+        "graph): none, full (every sub-block), selective (attention sub-blocks only)", ("none", "full", "selective"))
     device: str = param("auto", "cpu, cuda, or auto (cuda when available)", ("auto", "cpu", "cuda"))
     num_threads: int = param(0, "torch CPU threads (0 keeps torch's default)")
     resume: bool = param(True, "continue from the newest intact checkpoint in out_dir when there is one")
@@ -317,6 +325,14 @@ class LoggingConfig:
     wandb_mode: str = param("", "online, offline or disabled; empty uses $WANDB_MODE, else offline")
     run_name: str = param("", "run name shown in wandb (default: the out_dir's name)")
     progress_bar: bool = param(True, "show a progress bar with loss and tokens/s")
+    peak_tflops: float = param(
+        0.0, "peak TFLOP/s per rank that mfu_total and mfu_model are measured against; 0: the data-sheet bf16 "
+        "figure of a known GPU, else a matmul measured at start"
+    )
+    every: int = param(
+        1, "read the step statistics from the device every N steps (one host synchronisation per N steps on "
+        "GPUs); metrics.jsonl still gets a line per step, with the interval's mean step time"
+    )
 
     def __post_init__(self):
         _check(
@@ -324,6 +340,7 @@ class LoggingConfig:
             "logging.wandb_mode",
             f"got {self.wandb_mode!r}; choose online, offline or disabled",
         )
+        _check(self.every >= 1, "logging.every", f"must be >= 1, got {self.every}")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from parallel.layout import LayoutError, check_batch_split, check_tensor_split, 
 from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineEngine
 from pretrain.bilevel import BilevelStep
-from pretrain.config import RunConfig
+from pretrain.config import ConfigError, RunConfig
 from pretrain.fast_weights import FastWeightPlan, adapted_layers, build_fast_weight_plan
 from pretrain.model import DiffusionTransformer
 from pretrain.optim import build_optimizer
@@ -77,7 +77,8 @@ def build_step(cfg: RunConfig, model: DiffusionTransformer, topology, mask_token
                                   topology.tensor_parallel_rank, topology.tensor_parallel_group)
     return BilevelStep(model, plan, cfg.memory, cfg.diffusion, mask_token_id, seed=cfg.train.seed,
                        within_documents=cfg.data.document_attention,
-                       autocast=autocast_factory(cfg.train.precision, topology.device))
+                       autocast=autocast_factory(cfg.train.precision, topology.device),
+                       recompute=cfg.train.recompute)
 
 
 def engine_options(cfg: RunConfig) -> EngineOptions:
@@ -85,7 +86,7 @@ def engine_options(cfg: RunConfig) -> EngineOptions:
         global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
         grad_clip=cfg.optim.grad_clip, statistics_size=1 + cfg.memory.num_inner_steps, seed=cfg.train.seed,
         zero_stage=cfg.parallel.zero_stage, pipeline_schedule=cfg.parallel.pipeline_schedule,
-        bf16=cfg.train.precision == "bf16", seq_len=cfg.model.seq_len, hidden_size=cfg.model.hidden_size,
+        seq_len=cfg.model.seq_len, hidden_size=cfg.model.hidden_size,
     )
 
 
@@ -102,12 +103,17 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, step: BilevelStep,
     return LocalEngine(model, step, outer, options, topology)
 
 
-def build_training(cfg: RunConfig, topology, mask_token_id: int,
-                   model: DiffusionTransformer | None = None) -> TrainingParts:
+def build_training(cfg: RunConfig, topology, mask_token_id: int, model: DiffusionTransformer | None = None,
+                   allow_cpu_bf16: bool = False) -> TrainingParts:
     """Model (``model``, if given: already built and loaded), plan, step and engine for ``cfg`` on ``topology``.
 
     Weights must be in the model before this call: some engines (ZeRO 3) partition them."""
     check_run_layout(cfg, topology.world_size)
+    if cfg.train.precision == "bf16" and topology.device.type == "cpu" and not allow_cpu_bf16:
+        raise ConfigError(
+            "--train.precision bf16 needs a GPU: megatron-core's linear layers restore autocast in their "
+            "backward for CUDA only, so a CPU backward would mix bf16 and fp32; use --train.precision fp32 on CPU"
+        )
     if model is None:
         model = build_model(cfg, topology)
     step = build_step(cfg, model, topology, mask_token_id)

@@ -120,7 +120,10 @@ class FastWeightPlan:
             a_full.uniform_(-bound, bound, generator=generator)
             if site.parallel == "row":
                 a_full = a_full.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
-            a = a_full.to(device=device, dtype=dtype).expand(batch_size, rank, in_local).clone()
+            a_full = a_full.to(dtype)
+            if torch.device(device).type == "cuda":  # from pinned memory: the copy does not block the host
+                a_full = a_full.pin_memory()
+            a = a_full.to(device, non_blocking=True).expand(batch_size, rank, in_local).clone()
             b_out = out_local if site.parallel == "column" else site.out_features
             b = torch.zeros(batch_size, b_out, rank, device=device, dtype=dtype)
             tensors[site.name] = (a.requires_grad_(), b.requires_grad_())
@@ -174,7 +177,12 @@ def clip_per_sequence(grad: torch.Tensor, clip: float, tensor_parallel_group=Non
 def apply_fast_weight(
     x: torch.Tensor, base_out: torch.Tensor, site: FastWeightSite, tensors, scaling: float, tensor_parallel_group,
 ) -> torch.Tensor:
-    """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]``."""
+    """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]``.
+
+    Fast weights stored in another dtype than ``x`` (``--memory.dtype bf16`` in an fp32 run) are cast
+    to it; under autocast the matmuls run in its dtype anyway."""
+    if tensors[0].dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        tensors = tuple(t.to(x.dtype) for t in tensors)
     if len(tensors) == 1:  # dense delta
         (delta,) = tensors
         if site.parallel == "column":

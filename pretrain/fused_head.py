@@ -8,8 +8,9 @@ and (when a gradient is wanted) its input and weight gradients are finished befo
 chunk starts, so nothing vocab-sized outlives a chunk. Because the output is a scalar, the
 gradients can be formed in the forward and only scaled by ``grad_output`` in the backward.
 
-The cross entropy itself is megatron-core's ``VocabParallelCrossEntropy`` (its max, predicted
-logit, softmax and gradient steps), with the same all-reduces over the tensor-parallel group.
+The cross entropy itself is megatron-core's ``VocabParallelCrossEntropy`` (its softmax and gradient
+steps; its predicted-logit step is restated here without a boolean-mask assignment, which would
+synchronise with a GPU), with the same all-reduces over the tensor-parallel group.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ from parallel.megatron import (
 )
 
 DEFAULT_CHUNK_ROWS = 1024
+
+
+def _predicted_logits(logits, target, logits_max, vocab_start: int, vocab_end: int):
+    """megatron's ``VocabParallelCrossEntropy.calculate_predicted_logits`` (same steps, same values) with
+    ``masked_fill`` where it assigns through a boolean mask, which would synchronise with a GPU."""
+    logits -= logits_max.unsqueeze(dim=-1)  # in place, as megatron
+    target_mask = (target < vocab_start) | (target >= vocab_end)
+    masked_target = (target - vocab_start).masked_fill(target_mask, 0)
+    arange_1d = torch.arange(logits.shape[0], device=logits.device)
+    predicted = logits[arange_1d, masked_target].masked_fill(target_mask, 0.0)
+    exp_logits = torch.exp(logits, out=logits)
+    return target_mask, masked_target, predicted, exp_logits.sum(dim=-1), exp_logits
 
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
@@ -55,10 +68,8 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
             logits_max = logits.max(dim=-1)[0]
             if tensor_parallel_size > 1:
                 dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tensor_parallel_group)
-            target_mask, target_1d, predicted, sum_exp, exp_logits = (
-                VocabParallelCrossEntropy.calculate_predicted_logits(
-                    logits, targets[rows], logits_max, vocab_start, vocab_start + vocab_local
-                )
+            target_mask, target_1d, predicted, sum_exp, exp_logits = _predicted_logits(
+                logits, targets[rows], logits_max, vocab_start, vocab_start + vocab_local
             )
             if tensor_parallel_size > 1:
                 dist.all_reduce(predicted, group=tensor_parallel_group)

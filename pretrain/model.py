@@ -18,6 +18,7 @@ import math
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from parallel.megatron import (
     ColumnParallelLinear,
@@ -31,6 +32,7 @@ from pretrain.config import ModelConfig
 from pretrain.fast_weights import FastWeightPlan, FastWeights
 from pretrain.fused_head import VocabParallelHead
 from pretrain.modules import BlockEntry, RMSNorm, TransformerLayer, rotary_tables
+from pretrain.objective import Rows
 
 
 class DiffusionTransformer(nn.Module):
@@ -111,15 +113,23 @@ class DiffusionTransformer(nn.Module):
         fast: FastWeights | None = None,
         frozen: bool = False,
         entry: BlockEntry | None = None,
+        recompute: str = "none",
     ) -> torch.Tensor:
         """Sub-blocks ``[start, end)`` on ``h [b, l, hidden]``; ``entry`` (from ``block_entry``)
-        replaces the fast-weight-free start of sub-block ``start``."""
+        replaces the fast-weight-free start of sub-block ``start``.
+
+        ``recompute``: keep only each sub-block's input for the backward and run it again there:
+        every sub-block (``full``) or the attention ones (``selective``); ``none`` keeps everything.
+        It only matters when a graph is being built."""
         rope = self.rope(h.shape[1])
         for block in range(start, end):
             layer, sub = divmod(block, 2)
-            h = self.layer(layer).run_subblock(
-                sub, h, rope, attention_mask, fast, frozen, entry if block == start else None
-            )
+            args = (sub, h, rope, attention_mask, fast, frozen, entry if block == start else None)
+            run = self.layer(layer).run_subblock
+            if torch.is_grad_enabled() and (recompute == "full" or (recompute == "selective" and sub == 0)):
+                h = checkpoint(run, *args, use_reentrant=False)
+            else:
+                h = run(*args)
         return h
 
     def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
@@ -127,10 +137,11 @@ class DiffusionTransformer(nn.Module):
         layer, sub = divmod(block, 2)
         return self.layer(layer).subblock_entry(sub, h)
 
-    def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None) -> torch.Tensor:
+    def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None,
+               recompute: str = "none") -> torch.Tensor:
         """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]``."""
         h = self.embedding(input_ids)
-        return self.run_blocks(h, 0, boundary, attention_mask)
+        return self.run_blocks(h, 0, boundary, attention_mask, recompute=recompute)
 
     def head(self, h: torch.Tensor, frozen: bool = False) -> torch.Tensor:
         """Final norm and LM head: ``[..., hidden]`` -> vocab-parallel logits ``[..., vocab/tp]``."""
@@ -140,19 +151,17 @@ class DiffusionTransformer(nn.Module):
         self,
         h: torch.Tensor,
         boundary: int,
-        rows: torch.Tensor,
-        targets: torch.Tensor,
-        row_scale: torch.Tensor,
+        rows: Rows,
         attention_mask=None,
         fast: FastWeights | None = None,
         frozen: bool = False,
         entry: BlockEntry | None = None,
     ) -> torch.Tensor:
-        """Sub-blocks ``[boundary, end)``, then ``sum(row_scale * CE(logits, targets))`` over the
-        rows where ``rows [b, l]`` is true (``targets``, ``row_scale``: ``[n]``, in row order).
-        The head runs on those rows only."""
+        """Sub-blocks ``[boundary, end)``, then ``sum(rows.scale * CE(logits, rows.targets))`` over the
+        gathered ``rows`` of ``h [b, l, hidden]``. The head runs on those rows only."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
-        return self.lm_head(self.final_norm(h[rows], frozen), targets, row_scale, frozen=frozen)
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
+        return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen)
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None):
         """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).

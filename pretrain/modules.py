@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain.attention import attend
 from pretrain.fast_weights import FastWeightSite, apply_fast_weight
 from parallel.megatron import (
     ColumnParallelLinear,
@@ -100,8 +101,9 @@ class ProjectionSet(nn.Module):
 
 
 class SelfAttention(ProjectionSet):
-    """Multi-head (or grouped-query) attention with no causal mask. ``attention_mask`` (bool, true = may
-    attend) is ``None`` or broadcastable to ``[b, heads, l, l]``: key padding or within-document attention.
+    """Multi-head (or grouped-query) attention with no causal mask. ``attention_mask`` is ``None``, a boolean
+    mask broadcastable to ``[b, heads, l, l]`` (true = may attend: key padding or within-document
+    attention) or a FlexAttention block mask (within documents on GPUs); see ``pretrain.attention``.
 
     The fused projection's rows are laid out per key/value head: ``[kv head, (its group of query heads,
     key, value), head_dim]``, so a column split over tensor-parallel ranks keeps whole groups. With as many
@@ -138,8 +140,7 @@ class SelfAttention(ProjectionSet):
         q = rotated[:, :, :, :group].reshape(b, l, self.num_heads_local, self.head_dim).transpose(1, 2)
         k = rotated[:, :, :, group].transpose(1, 2)  # [b, kv heads, l, d]
         v = qkv[:, :, :, group + 1].transpose(1, 2)
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=False,
-                                                 enable_gqa=group > 1)
+        context = attend(q, k, v, attention_mask, grouped=group > 1)
         context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
         return self.project("out", context, fast, frozen)
 

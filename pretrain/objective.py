@@ -1,7 +1,7 @@
 """The MDLM loss and the inner losses, as per-sequence weights on a masked cross entropy.
 
 Every loss here is ``sum over masked rows of scale[sequence] * CE(logits, x0)`` (the model's
-fused head computes it from ``row_targets``); only the per-sequence scale differs:
+fused head computes it from ``select_rows``); only the per-sequence scale differs:
 - outer (MDLM): ``w(t_i) / Z`` with ``Z`` from the *global* batch (token, sequence or batch
   normalisation), so cutting the global batch into micro-batches or ranks changes nothing;
 - inner: ``w(r_i) / N_i`` where ``N_i`` is the number of masked tokens of sequence ``i`` in that
@@ -9,6 +9,8 @@ fused head computes it from ``row_targets``); only the per-sequence scale differ
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -40,6 +42,28 @@ def inner_sequence_scale(state_mask: torch.Tensor, maskable: torch.Tensor, weigh
     return torch.where(num_masked > 0, weight / num_masked.clamp_min(1), 0.0)
 
 
-def row_targets(input_ids: torch.Tensor, rows: torch.Tensor, sequence_scale: torch.Tensor):
-    """Targets and scales ``[n]`` of the rows where ``rows [b, l]`` is true, in row-major order."""
-    return input_ids[rows], sequence_scale[:, None].expand_as(rows)[rows]
+ROW_BUCKET = {"cuda": 128}  # gathered rows are padded up to a multiple of this (1 elsewhere)
+
+
+@dataclass
+class Rows:
+    """The rows one loss needs, gathered to a size fixed on the host (no device sync on GPUs)."""
+
+    index: torch.Tensor  # [n] positions in the flattened [b * l] sequence, padded with 0
+    targets: torch.Tensor  # [n] the clean tokens x0 there
+    scale: torch.Tensor  # [n] their sequence's scale; 0 on the padding, so it adds nothing
+
+
+def select_rows(input_ids: torch.Tensor, state_mask: torch.Tensor, sequence_scale: torch.Tensor,
+                count: int) -> Rows:
+    """The ``count`` rows where ``state_mask [b, l]`` is true, in row-major order, padded on GPUs to a
+    multiple of 128 (at most ``b * l``): ``count`` is known on the host, so nothing waits on the device,
+    and the sizes a step sees stay few. On the CPU there is no padding (sums stay bit for bit)."""
+    b, l = state_mask.shape
+    bucket = ROW_BUCKET.get(state_mask.device.type, 1)
+    size = min(b * l, -(-count // bucket) * bucket)
+    index = torch.nonzero_static(state_mask.reshape(-1), size=size, fill_value=0).reshape(-1)
+    valid = torch.arange(size, device=index.device) < count
+    scale = torch.where(valid, sequence_scale[index // l], torch.zeros((), dtype=sequence_scale.dtype,
+                                                                         device=index.device))
+    return Rows(index, input_ids.reshape(-1)[index], scale)

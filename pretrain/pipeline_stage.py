@@ -28,13 +28,13 @@ class BilevelStage:
         self.activation_dtype = next(self.model.parameters()).dtype
 
     def input_ids(self, batch: MaskedBatch, state: int | None) -> torch.Tensor:
-        mask = batch.anchor_mask if state is None else batch.pre_anchor_masks[state]
-        return self.step.noised_ids(batch, mask)
+        return self.step.noised_ids(batch, self.step.state_mask(batch, state))
 
     def _run(self, x: torch.Tensor, end: int, attention) -> torch.Tensor:
-        """Embedding (first stage) and this stage's sub-blocks up to ``end``."""
+        """Embedding (first stage) and this stage's sub-blocks up to ``end`` (recomputed in the backward as
+        the step's prefix is; nothing is kept in the forward-only pre-anchor sweep anyway)."""
         h = self.model.embedding(x) if self.is_first else x
-        return self.model.run_blocks(h, self.first_block, end, attention)
+        return self.model.run_blocks(h, self.first_block, end, attention, recompute=self.step.recompute)
 
     def forward(self, x: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
         with self.step.autocast():
@@ -47,7 +47,7 @@ class BilevelStage:
         attention = self.step.attention(batch)
         with self.step.autocast():
             h = self._run(x, self.step.boundary, attention)  # the caller runs this without grad
-            return self.step.inner_update(memory, h, batch.pre_anchor_masks[state], batch, attention)
+            return self.step.inner_update(memory, h, state, batch, attention)
 
     def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, memory):
         attention = self.step.attention(batch)

@@ -24,6 +24,7 @@ from pretrain.checkpoint import Checkpointer
 from pretrain.config import ConfigError, RunConfig
 from pretrain.cpu_memory import keep_freed_memory
 from pretrain.factory import build_model, build_training, check_run_layout
+from pretrain.flops import executed_flops, model_flops_per_token, peak_flops
 from pretrain.hf_import import load_hf_weights, resolve_init_from
 from pretrain.metrics import MetricsLogger, NullLogger
 from pretrain.model import count_parameters, full_parameter_count
@@ -174,24 +175,33 @@ class _Loop:
         self.saved = checkpoint
         self.stopped_early = False
         self.losses, self.step_seconds, self.skipped_samples = [], [], 0
+        self.pending, self.flushed_at = [], time.perf_counter()
         self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        self.model_flops = self.tokens_per_step * model_flops_per_token(cfg.model)
+        if cfg.logging.peak_tflops > 0:
+            self.peak, source = cfg.logging.peak_tflops * 1e12, "--logging.peak_tflops"
+        else:
+            self.peak, source = peak_flops(topology.device, cfg.train.precision == "bf16")
+        logger.write(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s per rank ({source})")
 
     def run(self, stop_requested: Callable[[], bool]) -> None:
         cfg, checkpointer = self.cfg, self.checkpointer
         try:
             for step in range(self.start_step, cfg.train.steps):
-                self.step(step)
+                stop = self.step(step, stop_requested)
                 if cfg.checkpoint.asynchronous:
                     self.saved = checkpointer.poll() or self.saved
                 if cfg.checkpoint.every and self.completed % cfg.checkpoint.every == 0:
                     self.save()
-                if _any_rank(stop_requested()) and self.completed < cfg.train.steps:
+                if stop and self.completed < cfg.train.steps:
                     self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
                     self.stopped_early = True
                     break
+            self.flush()
             self.save_if_new()
         except KeyboardInterrupt:
+            self.flush()
             # Nothing lost: keep what the completed steps trained (single process; with several
             # ranks the others may be gone, so only a signal-driven stop saves collectively).
             if self.topology.world_size == 1 and self.completed > self.start_step:
@@ -199,25 +209,49 @@ class _Loop:
                 self.logger.write(f"interrupted: saved a checkpoint at step {self.completed} in {self.saved}")
             raise
 
-    def step(self, step: int) -> None:
+    def step(self, step: int, stop_requested: Callable[[], bool]) -> bool:
+        """One optimizer step; its statistics stay on the device until the next ``flush``. Returns whether
+        any rank was asked to stop."""
         cfg = self.cfg
-        tick = time.perf_counter()
         micro_batches = [self.batches.next() for _ in range(self.accumulation)]
+        if self.completed + 1 < cfg.train.steps:
+            self.batches.prefetch()  # the next step's first micro-batch travels while this step runs
         lr = learning_rate(step, cfg.train.steps, cfg.optim)
         stats = self.engine.train_step(micro_batches, step, lr)
         self.completed = step + 1
-        seconds = time.perf_counter() - tick
         self.skipped_samples += sum(mb.num_skipped for mb in micro_batches)
-        record = {"step": self.completed, "loss": stats.loss, "inner_losses": stats.inner_losses,
-                  "lr": lr, "grad_norm": stats.grad_norm,
-                  "tokens_per_s": self.tokens_per_step / seconds, "step_seconds": seconds}
-        if cfg.data.format == "webdataset":
-            record["skipped_samples"] = self.skipped_samples
-        self.logger.log(record)
-        self.losses.append(stats.loss)
-        self.step_seconds.append(seconds)
+        # Executed FLOPs from the masked row counts the loader reported (each replica once).
+        flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
+                                   cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
+        stop, flops = _control(stop_requested(), flops, self.topology)
+        self.pending.append((self.completed, stats, lr, self.skipped_samples, flops))
+        if len(self.pending) >= self.cfg.logging.every:
+            self.flush()
+        return stop
+
+    def flush(self) -> None:
+        """Read the pending steps' statistics (one host synchronisation) and log a line for each."""
+        if not self.pending:
+            return
+        now = time.perf_counter()
+        seconds = (now - self.flushed_at) / len(self.pending)
+        self.flushed_at = now
+        for completed, stats, lr, skipped, flops in self.pending:
+            values = stats.host()
+            capacity = seconds * self.peak * self.topology.world_size
+            record = {"step": completed, "loss": values.loss, "inner_losses": values.inner_losses,
+                      "lr": lr, "grad_norm": values.grad_norm,
+                      "tokens_per_s": self.tokens_per_step / seconds, "step_seconds": seconds,
+                      "flops": flops, "mfu_total": flops / capacity, "mfu_model": self.model_flops / capacity}
+            if self.cfg.data.format == "webdataset":
+                record["skipped_samples"] = skipped
+            self.logger.log(record)
+            self.losses.append(values.loss)
+            self.step_seconds.append(seconds)
+        self.pending = []
 
     def save(self) -> None:
+        self.flush()
         report = self.checkpointer.save(self.completed, self.engine, {
             "data": self.batches.states(), "layout": {**self.topology.layout, "zero_stage": self.cfg.parallel.zero_stage}})
         if report.pending:
@@ -235,13 +269,15 @@ class _Loop:
             self.saved = self.checkpointer.wait() or self.saved
 
 
-def _any_rank(flag: bool) -> bool:
-    """Whether any rank saw ``flag`` (a signal may reach only some ranks)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([1 if flag else 0])
-    dist.all_reduce(value)
-    return bool(value.item())
+def _control(stop: bool, flops: float, topology: Topology) -> tuple[bool, float]:
+    """The step's one control message: whether any rank was asked to stop (a signal may reach only some
+    ranks), and the executed FLOPs summed over the replicas. A small all-reduce on the CPU (gloo)
+    control group, so it never waits on a GPU."""
+    if topology.world_size == 1:
+        return stop, flops
+    values = torch.tensor([1.0 if stop else 0.0, flops], dtype=torch.float64)
+    dist.all_reduce(values, group=topology.control_group)
+    return bool(values[0] > 0), float(values[1])
 
 
 def _check_resumable(checkpoint: Path, config_record: dict) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from data_pipeline.loader import ReaderOptions, open_batches
@@ -20,24 +21,44 @@ from pretrain.config import RunConfig
 
 
 class ReplicaBatches:
-    """This replica's micro-batches on every one of its ranks, and the reading rank's loader state."""
+    """This replica's micro-batches on every one of its ranks, and the reading rank's loader state.
+
+    ``prefetch()`` starts the next micro-batch's read and copy while a step runs; the loader state a
+    checkpoint records is the one from before that read, so a resumed run reads that batch again."""
 
     def __init__(self, cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state: dict | None):
         self.topology = topology
         self.data = open_data(cfg, topology, root, manifest, state)
         self.stream = iter(self.data) if self.data is not None else None
         self.shape = (cfg.train.micro_batch_size, cfg.model.seq_len, cfg.memory.num_inner_steps - 1)
+        self.ahead, self.state_before_ahead = None, None
 
     def next(self):
+        """The next micro-batch on this rank's device (the prefetched one if there is one)."""
+        batch, self.ahead = (self.ahead, None) if self.ahead is not None else (self._fetch(), None)
+        return batch
+
+    def prefetch(self) -> None:
+        self.state_before_ahead = self.data.state_dict() if self.data is not None else None
+        self.ahead = self._fetch()
+
+    def _fetch(self):
+        """Read (on the replica's reading rank), share with the replica's other ranks on the host, then
+        copy to this rank's device without blocking (from pinned memory on GPUs)."""
         topology = self.topology
-        local = next(self.stream).to(topology.device, non_blocking=True) if self.stream is not None else None
-        return broadcast_batch(local, self.shape, topology.data_source_rank, topology.model_parallel_group,
-                               topology.device)
+        local = next(self.stream) if self.stream is not None else None
+        batch = broadcast_batch(local, self.shape, topology.data_source_rank, topology.model_parallel_cpu_group,
+                                torch.device("cpu"))
+        if topology.device.type == "cuda" and not batch.input_ids.is_pinned():
+            batch = batch.pin_memory()  # a batch received from the reading rank
+        return batch.to(topology.device, non_blocking=True)
 
     def states(self) -> dict:
         """Every data-parallel rank's loader state, by data rank (collective)."""
         gathered = [None] * self.topology.world_size
-        entry = (self.topology.data_parallel_rank, self.data.state_dict()) if self.data is not None else None
+        state = self.state_before_ahead if self.ahead is not None else (
+            self.data.state_dict() if self.data is not None else None)
+        entry = (self.topology.data_parallel_rank, state) if self.data is not None else None
         if dist.is_initialized() and self.topology.world_size > 1:
             dist.all_gather_object(gathered, entry)
         else:

@@ -45,12 +45,16 @@ def tiny_batch(num_inner_steps: int, seed: int = 3, padded: bool = False):
         {"target_modules": "qkv,out,down", "lora_rank": 4, "lora_alpha": 8.0, "inner_lr": 0.5},
         {"share_anchor_prefix": False, "inner_loss_weight": "uniform", "inner_grad_clip": 0.05},
         {"padded": True},
+        {"recompute": "full", "layer_fraction": 0.34},
+        {"recompute": "selective", "num_inner_steps": 3, "padded": True},
     ],
-    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip", "padded"],
+    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip", "padded",
+         "recompute-full", "recompute-selective"],
 )
 def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
     memory_kwargs = dict(memory_kwargs)
     padded = memory_kwargs.pop("padded", False)
+    recompute = memory_kwargs.pop("recompute", "none")
     memory = MemoryConfig(**memory_kwargs)
     torch.manual_seed(0)
     model = DiffusionTransformer(TINY, dtype=torch.float64)
@@ -59,7 +63,7 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn_like(param))
     plan = build_fast_weight_plan(TINY, memory)
-    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)
+    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11, recompute=recompute)
     batch = tiny_batch(memory.num_inner_steps, padded=padded)
     batch.t = batch.t.to(torch.float64)
     normalizer = LossNormalizer.of([batch.maskable])

@@ -1,0 +1,49 @@
+"""The FLOP meter: the model-FLOPs formula against a count by hand, and the executed count against
+torch's FLOP counter on real steps."""
+
+import numpy as np
+import pytest
+
+from benchmarks.common import count_flops
+from data_pipeline.masking import build_masked_batch
+from parallel.collectives import LossNormalizer
+from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig
+from pretrain.flops import executed_flops, model_flops_per_token
+
+TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48, seq_len=16)
+
+
+def test_model_flops_per_token_by_hand():
+    # Per layer: qkv 32x96, out 32x32, gate/up 32x48, down 48x32 -> 3072 + 1024 + 3 * 1536 = 8704 weights;
+    # head 32 x 64 = 2048. Attention: 12 x 2 layers x 16 positions x 32 = 12288 (the full 16 x 16 matrix).
+    assert model_flops_per_token(TINY) == 6 * (2 * 8704 + 2048) + 12288
+    gqa = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=4, num_kv_heads=1, ffn_hidden_size=48,
+                      seq_len=16)
+    assert model_flops_per_token(gqa) == 6 * (32 * 48 + 1024 + 4608 + 2048) + 12 * 16 * 32  # qkv = (4 + 2) x 8
+
+
+CASES = {
+    "mdlm": dict(enabled=False),
+    "memdlm": dict(),
+    "k3": dict(num_inner_steps=3),
+    "attention-sites": dict(target_modules="qkv,out,gate,up,down", lora_rank=4),
+    "two-layers": dict(layer_fraction=1.0, target_modules="up,down,out"),
+    "dense-unshared": dict(adapter="full", share_anchor_prefix=False),
+}
+
+
+@pytest.mark.parametrize("recompute", ["none", "full", "selective"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_executed_flops_equal_torchs_flop_counter(topology, case, recompute):
+    from pretrain.factory import build_model, build_step
+
+    memory = MemoryConfig(**{"layer_fraction": 0.5, **CASES[case]})
+    cfg = RunConfig(model=TINY, memory=memory, train=TrainConfig(recompute=recompute))
+    step = build_step(cfg, build_model(cfg, topology), topology, 63)
+    ids = np.random.default_rng(0).integers(0, 63, size=(4, 16))
+    batch = build_masked_batch(ids, np.arange(4), seed=0, epoch=0, num_inner_steps=memory.num_inner_steps,
+                               pre_anchor_scale=1.5)
+    normalizer = LossNormalizer.of([batch.maskable])
+    counted = count_flops(lambda: step(batch, normalizer, 0).loss.backward())
+    rows = batch.row_counts if memory.enabled else batch.row_counts[-1:]
+    assert executed_flops(TINY, memory, 4, rows, recompute) == counted
