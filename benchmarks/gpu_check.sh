@@ -49,7 +49,7 @@ PY
 cat "$OUT_DIR/environment.json"
 
 stage "gpu tests"
-timeout 240 $PY -m pytest -q -p no:xdist -p no:cacheprovider -m gpu -o addopts="" tests/test_gpu.py \
+timeout 180 $PY -m pytest -q -p no:xdist -p no:cacheprovider -m gpu -o addopts="" tests/test_gpu.py \
     --junitxml="$OUT_DIR/gpu_tests.xml" > "$OUT_DIR/stage.log" 2>&1
 echo "exit $?" >> "$OUT_DIR/stage.log"
 tail -5 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"
@@ -58,7 +58,7 @@ stage "default job"
 if [ "$DEVICE" = cuda ]; then JOB=(--train.steps 100 --train.device cuda --train.precision bf16 --logging.every 10)
 else JOB=(--train.steps 5 --train.device cpu); fi
 rm -rf "$OUT_DIR/default_job"
-timeout 150 $PY -m launch.pretrain_cli "${JOB[@]}" --train.out_dir "$OUT_DIR/default_job" \
+timeout 90 $PY -m launch.pretrain_cli "${JOB[@]}" --train.out_dir "$OUT_DIR/default_job" \
     --data.cache_dir "$CACHE" --logging.progress_bar false > "$OUT_DIR/stage.log" 2>&1
 echo "exit $?" >> "$OUT_DIR/stage.log"
 tail -3 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"
@@ -68,7 +68,7 @@ rm -rf "$OUT_DIR/default_job"
 stage "step cost"
 if [ "$DEVICE" = cuda ]; then COST=(--device cuda --preset 1b --rounds 6 --warmup 2 --memory-batch 2 --memory-rounds 2)
 else COST=(--device cpu --preset small --rounds 2 --warmup 1 --memory-rounds 1); fi
-timeout 300 $PY benchmarks/step_cost.py "${COST[@]}" --json "$OUT_DIR/step_cost.json" 2>&1 \
+timeout 180 $PY benchmarks/step_cost.py "${COST[@]}" --json "$OUT_DIR/step_cost.json" 2>&1 \
     | grep -v -E "USDT|gpuGetDeviceCount" > "$OUT_DIR/stage.log"
 echo "exit ${PIPESTATUS[0]}" >> "$OUT_DIR/stage.log"
 tail -22 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_DIR/stage.log"
