@@ -43,7 +43,12 @@ def rotary_tables(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., d]`` by position; ``cos``/``sin`` broadcast to it (``[l, 1, ..., d]``)."""
+    """Rotate ``x [..., d]`` by position; ``cos``/``sin`` broadcast to it (``[l, 1, ..., d]``).
+
+    The tables take ``x``'s dtype (bf16 under autocast: fp32 tables would promote q and k to fp32),
+    and ``x`` is made contiguous first, so the elementwise kernels run vectorised rather than strided."""
+    x = x.contiguous()
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
