@@ -24,7 +24,7 @@ def topology():
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (benchmarks/gpu_check.sh runs these on a GPU)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
