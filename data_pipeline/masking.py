@@ -145,12 +145,15 @@ def build_masked_batch(
     eps: float = 1e-3,
     maskable: np.ndarray | None = None,
     key_padding_mask: np.ndarray | None = None,
+    mask_ratio: float | None = None,
 ) -> MaskedBatch:
     """Sample ``t``, the anchor mask and the pre-anchor trajectory for a micro-batch.
 
     ``epoch`` is an int or one per sample: a sample's noise depends on (seed, index, epoch) only.
 
-    - ``t_i ~ U[eps, 1]``; each maskable token is masked with probability ``t_i`` (the anchor).
+    - Training: ``t_i ~ U[eps, 1]``; each maskable token is masked with probability ``t_i`` (the anchor).
+    - ``mask_ratio`` (inference-time adaptation on a prompt): exactly ``max(1, round(ratio * n_i))`` of the
+      ``n_i`` maskable tokens, chosen uniformly, form the anchor, and ``t_i`` is that ratio.
     - The noisiest pre-anchor state adds uniformly chosen maskable tokens until it has
       ``min(n_i, floor(scale * k_i))`` masked; with K > 2 inner steps the intermediate states
       reveal those extra tokens evenly (``ceil(remaining / steps left)`` per step).
@@ -162,10 +165,17 @@ def build_masked_batch(
         maskable = np.ones((b, l), dtype=bool)
     if key_padding_mask is not None:
         maskable = maskable & key_padding_mask
+    num_maskable = maskable.sum(axis=1)
 
     # 1. t and the anchor state.
-    t = eps + (1.0 - eps) * hashed_uniform(seed, _STREAM_T, sample_index, epoch, 1)[:, 0]
-    anchor = (hashed_uniform(seed, _STREAM_ANCHOR, sample_index, epoch, l) < t[:, None]) & maskable
+    draws = hashed_uniform(seed, _STREAM_ANCHOR, sample_index, epoch, l)
+    if mask_ratio is None:
+        t = eps + (1.0 - eps) * hashed_uniform(seed, _STREAM_T, sample_index, epoch, 1)[:, 0]
+        anchor = (draws < t[:, None]) & maskable
+    else:
+        count = np.where(num_maskable > 0, np.maximum(1, np.round(mask_ratio * num_maskable)), 0).astype(np.int64)
+        anchor = _first_in_order(np.where(maskable, draws, np.inf), count)
+        t = np.full(b, mask_ratio, dtype=np.float64)
 
     # 2. A uniformly random order of the maskable tokens the anchor left unmasked.
     candidates = maskable & ~anchor
@@ -175,7 +185,6 @@ def build_masked_batch(
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(l), (b, l)), axis=1)
 
     # 3. The pre-anchor states: anchor plus the first `remaining` extra tokens of that order.
-    num_maskable = maskable.sum(axis=1)
     num_anchor = anchor.sum(axis=1)
     target = np.minimum(num_maskable, np.floor(pre_anchor_scale * num_anchor).astype(np.int64))
     remaining = np.maximum(target - num_anchor, 0)
@@ -196,3 +205,11 @@ def build_masked_batch(
         key_padding_mask=None if key_padding_mask is None else torch.from_numpy(np.asarray(key_padding_mask)),
         row_counts=tuple(int(x) for x in pre.reshape(len(pre), -1).sum(axis=1)) + (int(anchor.sum()),),
     )
+
+
+def _first_in_order(scores: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """``[b, l]``: true on the ``count[i]`` positions of row ``i`` with the smallest scores."""
+    order = np.argsort(scores, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(scores.shape[1]), scores.shape), axis=1)
+    return rank < count[:, None]

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from data_pipeline.documents import Document, input_files, iter_documents, iter_training_text
 from data_pipeline.errors import DataError
 from data_pipeline.packing import Packer
+from data_pipeline.validation import ValidationSink, held_out
 from data_pipeline.shards import FORMAT_DIRS, MANIFEST, MDSSink, WebDatasetSink, token_dtype
 from data_pipeline.tokenizer import describe, limit_bytes, load_tokenizer, train_bpe
 
@@ -43,6 +44,8 @@ class PrepareOptions:
     samples_per_shard: int = 4096
     overwrite: bool = False
     progress: bool = True
+    val_fraction: float = 0.0  # documents held out for validation (chosen by a hash of their index)
+    val_input: str = ""  # or: separate validation text/JSONL
 
     def check(self) -> None:
         unknown = [f for f in self.formats if f not in FORMAT_DIRS]
@@ -56,6 +59,10 @@ class PrepareOptions:
             raise DataError("--samples-per-shard must be positive")
         if self.num_workers < 0:
             raise DataError("--num-workers must be >= 0")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
+        if self.val_fraction and self.val_input:
+            raise DataError("--val-fraction and --val-input exclude each other; give one")
 
 
 # -- tokenization workers ----------------------------------------------------------------------
@@ -158,7 +165,9 @@ def _prepare_into(options: PrepareOptions, files: list[Path], staging: Path) -> 
     if "webdataset" in options.formats:
         sinks.append(("webdataset", WebDatasetSink(staging, options.samples_per_shard)))
     packer = Packer(options.seq_len, pad_id, dtype)
-    total_bytes = sum(f.stat().st_size for f in files)
+    validation = ValidationSink(options.seq_len, pad_id, dtype)
+    val_files = input_files(options.val_input) if options.val_input else []
+    total_bytes = sum(f.stat().st_size for f in files + val_files)
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not options.progress)
     num_samples = 0
 
@@ -170,9 +179,17 @@ def _prepare_into(options: PrepareOptions, files: list[Path], staging: Path) -> 
             num_samples += 1
         progress.set_postfix(samples=num_samples, refresh=False)
 
-    for ids, prompt_length in _encoded_stream(files, tokenizer.to_str(), info.eot_id, options.num_workers, progress):
-        emit(packer.add(ids, prompt_length))
+    encoded = _encoded_stream(files, tokenizer.to_str(), info.eot_id, options.num_workers, progress)
+    for document, (ids, prompt_length) in enumerate(encoded):
+        if options.val_fraction and held_out(document, options.val_fraction):
+            validation.add(ids, prompt_length)
+        else:
+            emit(packer.add(ids, prompt_length))
     emit(packer.finish())
+    if val_files:
+        for ids, prompt_length in _encoded_stream(val_files, tokenizer.to_str(), info.eot_id, options.num_workers,
+                                                  progress):
+            validation.add(ids, prompt_length)
     progress.close()
     if num_samples == 0:
         raise DataError(f"--input: no documents found in {options.input}")
@@ -194,5 +211,7 @@ def _prepare_into(options: PrepareOptions, files: list[Path], staging: Path) -> 
         "sources": [str(f) for f in files],
         "formats": formats,
     }
+    if options.val_fraction or options.val_input:
+        manifest["validation"] = validation.save(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -38,6 +38,7 @@ class MaskingSpec:
     eps: float
     seq_len: int
     vocab_size: int
+    mask_ratio: float | None = None  # a fixed share masked (inference-time adaptation), else t ~ U[eps, 1]
 
 
 class MaskingCollate:
@@ -65,7 +66,7 @@ class MaskingCollate:
         batch = build_masked_batch(
             tokens, index, seed=spec.seed, epoch=epoch, num_inner_steps=spec.num_inner_steps,
             pre_anchor_scale=spec.pre_anchor_scale, eps=spec.eps, maskable=maskable,
-            key_padding_mask=None if real.all() else real,
+            key_padding_mask=None if real.all() else real, mask_ratio=spec.mask_ratio,
         )
         batch.segment_ids = torch.from_numpy(segments)
         batch.epoch = torch.from_numpy(epoch)

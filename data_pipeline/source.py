@@ -25,7 +25,8 @@ def is_prepared(path: str) -> bool:
     return bool(path) and (Path(path) / MANIFEST).is_file()
 
 
-def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str) -> tuple[Path, Path]:
+def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str,
+                      val_fraction: float = 0.0) -> tuple[Path, Path]:
     """(input, cache folder) for raw input; the folder name is a key of the inputs and settings."""
     source = Path(path) if path else BUNDLED_CORPUS
     if source.is_file() or not source.exists():
@@ -36,24 +37,25 @@ def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, 
         "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "",
         "seq_len": seq_len, "vocab_size": vocab_size, "version": FORMAT_VERSION,
-        "samples_per_shard": AUTO_SAMPLES_PER_SHARD,
+        "samples_per_shard": AUTO_SAMPLES_PER_SHARD, **({"val_fraction": val_fraction} if val_fraction else {}),
     }).encode()).hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     return source, cache / "datasets" / key
 
 
 def resolve_dataset(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str,
-                    prepare: bool = True, prepare_workers: int = 1) -> tuple[Path, dict]:
-    """The prepared dataset folder and its manifest; raw input is prepared when ``prepare``."""
+                    prepare: bool = True, prepare_workers: int = 1, val_fraction: float = 0.0) -> tuple[Path, dict]:
+    """The prepared dataset folder and its manifest; raw input is prepared when ``prepare`` (holding out
+    ``val_fraction`` of its documents for validation)."""
     if is_prepared(path):
         root = Path(path)
     else:
-        source, root = auto_prepared_dir(path, tokenizer, seq_len, vocab_size, cache_dir)
+        source, root = auto_prepared_dir(path, tokenizer, seq_len, vocab_size, cache_dir, val_fraction)
         if prepare and not (root / MANIFEST).is_file():
             prepare_dataset(PrepareOptions(
                 input=str(source), output=str(root), formats=["mds", "webdataset"], seq_len=seq_len,
                 vocab_size=vocab_size, tokenizer=tokenizer, num_workers=prepare_workers,
-                samples_per_shard=AUTO_SAMPLES_PER_SHARD, overwrite=True, progress=False,
+                samples_per_shard=AUTO_SAMPLES_PER_SHARD, overwrite=True, progress=False, val_fraction=val_fraction,
             ))
     manifest = read_manifest(root)
     if manifest["seq_len"] != seq_len:

@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"tokenization processes, 0 tokenizes in this process (default {defaults.num_workers})")
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard,
                         help=f"samples per shard (default {defaults.samples_per_shard})")
+    parser.add_argument("--val-fraction", type=float, default=0.0,
+                        help="hold out this share of the documents (chosen by a hash of their position) as a "
+                             "validation split, DIR/val.npz (default 0: none)")
+    parser.add_argument("--val-input", default="",
+                        help="a separate text/JSONL file or directory for the validation split")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         seq_len=args.seq_len, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
         tokenizer_sample_mb=args.tokenizer_sample_mb, num_workers=args.num_workers,
         samples_per_shard=args.samples_per_shard, overwrite=args.overwrite, progress=not args.no_progress,
+        val_fraction=args.val_fraction, val_input=args.val_input,
     )
     try:
         manifest = prepare_dataset(options)

@@ -37,6 +37,12 @@ class StepOutput(Protocol):
     inner_loss_sums: list[torch.Tensor]  # per inner step: sum over sequences of their inner loss (detached)
 
 
+class EvalFunction(Protocol):
+    """A validation micro-batch's ``[loss, adapted loss]`` shares (``pretrain.evaluation.Evaluator``)."""
+
+    def __call__(self, batch: MaskedBatch, normalizer: LossNormalizer, prompt: MaskedBatch | None) -> torch.Tensor: ...
+
+
 class StepFunction(Protocol):
     """One micro-batch's loss (the bi-level step of ``pretrain.bilevel``); the engine runs the backward."""
 
@@ -94,6 +100,10 @@ class Engine(Protocol):
 
     def load_parameter_states(self, states: dict[str, ParameterState]) -> None:
         """Set weights and optimizer state from ``states`` (shaped as ``parameter_states`` gives them)."""
+
+    def evaluate(self, batches: Sequence[MaskedBatch], prompts: Sequence[MaskedBatch] | None) -> torch.Tensor:
+        """Held-out ``[loss, adapted loss]`` of this data rank's validation micro-batches, summed over the
+        data ranks (collective); each loss divided by the maskable tokens of all ranks' batches."""
 
 
 # -- the optimizer, by composition ----------------------------------------------------------------
@@ -178,6 +188,7 @@ class EngineBase:
         self.topology = topology
         self.num_inner_steps = num_inner_steps
         self.optimizer: OuterOptimizer | None = None  # set by the engines that use one
+        self.evaluator: EvalFunction | None = None  # set by whoever builds the engine (evaluation only)
         # Statistics live on the ranks that computed them; these groups add them up (in order).
         self.statistics_groups = [topology.data_parallel_group]
 
@@ -191,6 +202,19 @@ class EngineBase:
         for group in self.statistics_groups:
             sum_over(sums, group)
         return StepStats(sums[0], sums[1:1 + self.num_inner_steps] / normalizer.num_sequences, grad_norm)
+
+    def evaluate(self, batches, prompts) -> torch.Tensor:
+        topology = self.topology
+        normalizer = global_normalizer(list(batches), topology.data_parallel_group, topology.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=topology.device)
+        for batch, prompt in zip(batches, prompts or [None] * len(batches)):
+            sums += self.evaluate_micro_batch(batch, normalizer, prompt)
+        for group in self.statistics_groups:
+            sum_over(sums, group)
+        return sums
+
+    def evaluate_micro_batch(self, batch, normalizer, prompt) -> torch.Tensor:
+        return self.evaluator(batch, normalizer, prompt)
 
     # -- what differs by layout -------------------------------------------------------------------
     def forward_backward(self, micro_batches, normalizer: LossNormalizer, step: int, sums: torch.Tensor) -> None:

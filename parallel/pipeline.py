@@ -57,6 +57,15 @@ class StageStep(Protocol):
     def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, memory):
         """Last stage: (outer loss share, last inner loss sum or ``None``), the loss attached."""
 
+    def adapt_initial_memory(self, batch: MaskedBatch) -> Any:
+        """Last stage, evaluation: phi_0 of inference-time adaptation (the evaluation's seed)."""
+
+    def adapt_update(self, x, batch: MaskedBatch, state: int | None, memory) -> Any:
+        """Last stage, evaluation: one step of inference-time adaptation on ``state`` (``None``: the anchor)."""
+
+    def eval_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, memory) -> torch.Tensor:
+        """Last stage, evaluation: the anchor's loss share with ``memory`` held constant (``None``: none)."""
+
 
 class _ScheduledStage(nn.Module):
     """What the schedule calls: ``forward(x, index)`` for micro-batch ``index`` of the current step."""
@@ -105,27 +114,54 @@ class PipelineEngine(EngineBase):
         self._run_schedule()
 
     # -- pre-anchor sweep ---------------------------------------------------------------------
-    def _activation_shape(self):
-        return (self.options.micro_batch_size, self.options.seq_len, self.options.hidden_size)
+    def _activation_shape(self, num_sequences: int | None = None):
+        return (num_sequences or self.options.micro_batch_size, self.options.seq_len, self.options.hidden_size)
+
+    def _sweep(self, batch, state: int | None, last):
+        """A forward-only pass of ``batch``'s state (``None``: the anchor) through the stages; on the last
+        stage, ``last(activations)``'s result (``None`` elsewhere)."""
+        stage = self.stage
+        if self.previous is None:
+            x = stage.input_ids(batch, state)
+        else:
+            x = torch.empty(self._activation_shape(batch.num_sequences), dtype=stage.activation_dtype,
+                            device=self.topology.device)
+            dist.recv(x, src=self.previous, group=self.group)
+        if stage.is_last:
+            return last(x)
+        dist.send(stage.forward(x, batch).contiguous().to(stage.activation_dtype), dst=self.next, group=self.group)
+        return None
 
     @torch.no_grad()
     def _pre_anchor_sweep(self, step: int) -> None:
         """Forward-only passes of the pre-anchor states; the last stage keeps phi_{K-1} per micro-batch."""
-        stage, dtype, device = self.stage, self.stage.activation_dtype, self.topology.device
+        stage = self.stage
         for index, batch in enumerate(self.micro_batches):
             memory = stage.initial_memory(batch, step) if stage.is_last else None
             for state in range(stage.num_inner_steps - 1):
-                if self.previous is None:
-                    x = stage.input_ids(batch, state)
-                else:
-                    x = torch.empty(self._activation_shape(), dtype=dtype, device=device)
-                    dist.recv(x, src=self.previous, group=self.group)
-                if stage.is_last:
-                    memory, inner_sum = stage.pre_anchor_update(x, batch, state, memory)
+                result = self._sweep(batch, state, lambda x: stage.pre_anchor_update(x, batch, state, memory))
+                if result is not None:
+                    memory, inner_sum = result
                     self.sums[1 + state] += inner_sum.detach().double()
-                else:
-                    dist.send(stage.forward(x, batch).contiguous().to(dtype), dst=self.next, group=self.group)
             self.slots[index] = memory
+
+    @torch.no_grad()
+    def evaluate_micro_batch(self, batch, normalizer, prompt) -> torch.Tensor:
+        """Forward-only sweeps: the adaptation's states of ``prompt`` (the last stage updates the memory),
+        then ``batch``'s anchor twice (without and with the memory)."""
+        stage, sums = self.stage, torch.zeros(2, dtype=torch.float64, device=self.topology.device)
+        memory = None
+        if prompt is not None and stage.num_inner_steps:
+            memory = stage.adapt_initial_memory(prompt) if stage.is_last else None
+            for state in [*range(len(prompt.pre_anchor_masks)), None]:
+                memory = self._sweep(prompt, state, lambda x: stage.adapt_update(x, prompt, state, memory))
+        for slot, fast in ((0, None), (1, memory)):
+            if slot == 1 and prompt is None:
+                break
+            loss = self._sweep(batch, None, lambda x: stage.eval_loss(x, batch, normalizer, fast))
+            if loss is not None:
+                sums[slot] = loss.double()
+        return sums
 
     # -- anchor pass ----------------------------------------------------------------------------
     def _schedule(self, num_micro_batches: int):

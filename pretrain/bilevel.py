@@ -72,6 +72,7 @@ class BilevelStep:
         self.within_documents = within_documents
         self.autocast = autocast
         self.recompute = recompute  # for the anchor prefix, the only pass that keeps a graph of many layers
+        self.sites = plan  # where fast weights may go, also with memory off (inference-time adaptation)
         self.plan = plan if memory.enabled else None
         if self.plan is not None:
             model.attach_fast_weights(self.plan)
@@ -122,7 +123,23 @@ class BilevelStep:
             grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
         return self.plan.sgd_step(fast, list(grads)), loss.detach()
 
+    def inner_update_from_ids(self, fast: FastWeights, batch: MaskedBatch, state: int | None,
+                              attention) -> tuple[FastWeights, torch.Tensor]:
+        """An inner step whose prefix runs without grad on the state's noised ids (the pre-anchor states,
+        and every state of inference-time adaptation)."""
+        with torch.no_grad():
+            h = self.model.prefix(self.noised_ids(batch, self.state_mask(batch, state)), self.boundary, attention)
+        return self.inner_update(fast, h, state, batch, attention)
+
     # -- 4-5. the anchor state: last inner step and the outer loss -------------------------------------
+    def outer_loss(self, h: torch.Tensor, batch: MaskedBatch, normalizer: LossNormalizer,
+                   fast: FastWeights | None, attention, entry: BlockEntry | None = None) -> torch.Tensor:
+        """The MDLM loss of the anchor state on its prefix output ``h`` with ``fast`` held constant."""
+        outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
+        rows = select_rows(batch.input_ids, batch.anchor_mask, outer_scale, batch.masked_rows())
+        constant = fast.detach() if fast is not None else None
+        return self.model.tail_loss(h, self.boundary, rows, attention, constant, entry=entry)
+
     def anchor_loss(self, h: torch.Tensor, batch: MaskedBatch, normalizer: LossNormalizer,
                     fast: FastWeights | None, attention, inner_h: torch.Tensor | None = None):
         """The outer loss on the anchor prefix output ``h`` (attached), after the last inner step.
@@ -132,19 +149,30 @@ class BilevelStep:
         ``inner_h`` (a separately computed prefix output) is given for the inner step.
         Returns (loss, last inner loss sum or ``None``, phi_K or ``None``).
         """
-        outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
-        rows = select_rows(batch.input_ids, batch.anchor_mask, outer_scale, batch.masked_rows())
         if fast is None:
-            loss = self.model.tail_loss(h, self.boundary, rows, attention)
-            return loss, None, None
+            return self.outer_loss(h, batch, normalizer, None, attention), None, None
         if inner_h is None:
             entry = self.model.block_entry(h, self.boundary)
             fast, inner_sum = self.inner_update(fast, h.detach(), None, batch, attention, entry.detach())
         else:
             entry = None
             fast, inner_sum = self.inner_update(fast, inner_h, None, batch, attention)
-        loss = self.model.tail_loss(h, self.boundary, rows, attention, fast.detach(), entry=entry)
-        return loss, inner_sum, fast
+        return self.outer_loss(h, batch, normalizer, fast, attention, entry), inner_sum, fast
+
+    # -- inference-time adaptation ----------------------------------------------------------------------
+    def adapt(self, batch: MaskedBatch, step: int = 0) -> FastWeights | None:
+        """Inference-time adaptation (DESIGN.md section 2): from phi_0, the K inner steps on ``batch``'s
+        states (pre-anchor states, noisiest first, then the anchor: a prompt masked at
+        ``memory.prompt_mask_ratio``), each sequence its own memory. Returns phi_K (``None`` with memory
+        off). Build the step with ``inner_loss_weight="uniform"`` for the reference evaluation's weighting."""
+        if self.plan is None:
+            return None
+        with self.autocast():
+            attention = self.attention(batch)
+            fast = self.initial_fast_weights(batch, step)
+            for state in [*range(len(batch.pre_anchor_masks)), None]:
+                fast, _ = self.inner_update_from_ids(fast, batch, state, attention)
+        return fast.detach()
 
     # -- the whole step on one model --------------------------------------------------------------
     def __call__(self, batch: MaskedBatch, normalizer: LossNormalizer, step: int,
@@ -162,10 +190,7 @@ class BilevelStep:
             inner_loss_sums, history = [], []
             # 1-3. Pre-anchor states: prefix without grad, inner update on the tail.
             for state in range(len(batch.pre_anchor_masks) if fast is not None else 0):
-                with torch.no_grad():
-                    h_state = model.prefix(self.noised_ids(batch, self.state_mask(batch, state)), self.boundary,
-                                           attention)
-                fast, inner_sum = self.inner_update(fast, h_state, state, batch, attention)
+                fast, inner_sum = self.inner_update_from_ids(fast, batch, state, attention)
                 inner_loss_sums.append(inner_sum)
                 if record_fast_weights:
                     history.append(fast.clone_values())

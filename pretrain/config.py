@@ -151,6 +151,9 @@ class MemoryConfig:
     dtype: str = param(
         "fp32", "dtype of the fast weights and their inner SGD (clipping norms included): fp32 even when "
         "--train.precision bf16, or bf16", ("fp32", "bf16"))
+    prompt_mask_ratio: float = param(
+        0.2, "inference-time adaptation (memdlm-generate, memdlm-eval, --eval.*): the share of the prompt's "
+        "tokens masked in the anchor state")
     share_anchor_prefix: bool = param(
         True, "compute the anchor state's prefix once for the last inner step and the outer loss"
     )
@@ -167,6 +170,7 @@ class MemoryConfig:
         _check(self.inner_grad_clip >= 0, "memory.inner_grad_clip", "must be >= 0 (0 turns clipping off)")
         _check(0 < self.layer_fraction <= 1, "memory.layer_fraction", f"must lie in (0, 1], got {self.layer_fraction}")
         _check(self.lora_rank > 0, "memory.lora_rank", "must be positive")
+        _check(0 < self.prompt_mask_ratio <= 1, "memory.prompt_mask_ratio", "must lie in (0, 1]")
         known = {"qkv", "out", "gate", "up", "down"}
         modules = self.target_module_list
         unknown = [m for m in modules if m not in known]
@@ -284,6 +288,9 @@ class DataConfig:
         0, "webdataset: damaged samples that may be skipped (counted and logged) before failing; 0 fails at once"
     )
     prepare_workers: int = param(1, "tokenization processes when raw input is prepared on first use")
+    val_fraction: float = param(
+        0.02, "raw input prepared on first use: the share of its documents held out as the validation split "
+        "(--eval.*); prepared datasets carry their own (memdlm-prepare-data --val-fraction)")
 
     def __post_init__(self):
         _check_choices(self, "data")
@@ -292,6 +299,25 @@ class DataConfig:
         _check(self.shuffle_block_size >= 0, "data.shuffle_block_size", "must be >= 0")
         _check(self.max_skipped_samples >= 0, "data.max_skipped_samples", "must be >= 0")
         _check(self.prepare_workers >= 0, "data.prepare_workers", "must be >= 0")
+        _check(0 <= self.val_fraction < 1, "data.val_fraction", "must lie in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during training (the validation split of the data)."""
+
+    every: int = param(50, "evaluate every N steps and at the end (0: never)")
+    num_samples: int = param(64, "validation samples evaluated (the first N of the split)")
+    micro_batch_size: int = param(16, "validation samples per forward on each data-parallel rank")
+    seed: int = param(0, "seed of the evaluation's masks (fixed: two runs are compared point by point)")
+    adaptation: bool = param(
+        True, "also report the loss with inference-time adaptation on each sample (its own memory, written "
+        "by the inner loop on the sample masked at --memory.prompt_mask_ratio)")
+
+    def __post_init__(self):
+        _check(self.every >= 0, "eval.every", "must be >= 0")
+        _check(self.num_samples >= 1, "eval.num_samples", "must be positive")
+        _check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be positive")
 
 
 @dataclass
@@ -354,6 +380,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -9,6 +9,7 @@ data parallelism or any ZeRO stage -> ``DeepSpeedEngine``; otherwise ``LocalEngi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineEngine
 from pretrain.bilevel import BilevelStep
 from pretrain.config import ConfigError, RunConfig
+from pretrain.evaluation import Evaluator
 from pretrain.fast_weights import FastWeightPlan, adapted_layers, build_fast_weight_plan
 from pretrain.model import DiffusionTransformer
 from pretrain.optim import build_optimizer
@@ -90,17 +92,29 @@ def engine_options(cfg: RunConfig) -> EngineOptions:
     )
 
 
+def build_adapter(cfg: RunConfig, model: DiffusionTransformer, step: BilevelStep) -> BilevelStep:
+    """The step inference-time adaptation runs (evaluation): the run's memory settings with uniform inner
+    weights, on the same model and fast-weight sites."""
+    memory = dataclasses.replace(cfg.memory, enabled=True, inner_loss_weight="uniform")
+    return BilevelStep(model, step.sites, memory, cfg.diffusion, step.mask_token_id, seed=cfg.eval.seed,
+                       within_documents=step.within_documents, autocast=step.autocast)
+
+
 def build_engine(cfg: RunConfig, model: DiffusionTransformer, step: BilevelStep, topology) -> Engine:
     options = engine_options(cfg)
     optimizer = build_optimizer(model, cfg.optim)
+    adapter = build_adapter(cfg, model, step)
     if topology.pipeline_parallel_size > 1:
         outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group,
                                topology.pipeline_parallel_group, reduce_group=topology.data_parallel_group)
-        return PipelineEngine(model, BilevelStage(step), outer, options, topology)
-    if topology.data_parallel_size > 1 or cfg.parallel.zero_stage > 0:
-        return DeepSpeedEngine(model, step, optimizer, options, topology)
-    outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group)
-    return LocalEngine(model, step, outer, options, topology)
+        engine = PipelineEngine(model, BilevelStage(step, adapter), outer, options, topology)
+    elif topology.data_parallel_size > 1 or cfg.parallel.zero_stage > 0:
+        engine = DeepSpeedEngine(model, step, optimizer, options, topology)
+    else:
+        outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group)
+        engine = LocalEngine(model, step, outer, options, topology)
+    engine.evaluator = Evaluator(adapter)
+    return engine
 
 
 def build_training(cfg: RunConfig, topology, mask_token_id: int, model: DiffusionTransformer | None = None,

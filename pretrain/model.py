@@ -96,12 +96,15 @@ class DiffusionTransformer(nn.Module):
             holder.fast_scaling = plan.config.lora_scaling if plan.config.adapter == "lora" else 1.0
 
     # -- the chain ---------------------------------------------------------------------------
-    def rope(self, seq_len: int):
+    def rope(self, seq_len: int, positions: torch.Tensor | None = None):
+        """cos/sin ``[l, d]`` for positions ``0..l-1``, or ``[b, l, d]`` for given ``positions [b, l]``."""
         if seq_len > self.rope_cos.shape[0]:
             raise ValueError(
                 f"sequence length {seq_len} exceeds model.seq_len {self.rope_cos.shape[0]}; "
                 "train a model with a larger model.seq_len or cut the input"
             )
+        if positions is not None:
+            return self.rope_cos[positions], self.rope_sin[positions]
         return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
 
     def run_blocks(
@@ -114,14 +117,16 @@ class DiffusionTransformer(nn.Module):
         frozen: bool = False,
         entry: BlockEntry | None = None,
         recompute: str = "none",
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Sub-blocks ``[start, end)`` on ``h [b, l, hidden]``; ``entry`` (from ``block_entry``)
         replaces the fast-weight-free start of sub-block ``start``.
 
         ``recompute``: keep only each sub-block's input for the backward and run it again there:
         every sub-block (``full``) or the attention ones (``selective``); ``none`` keeps everything.
-        It only matters when a graph is being built."""
-        rope = self.rope(h.shape[1])
+        It only matters when a graph is being built. ``positions [b, l]``: RoPE positions other than
+        ``0..l-1`` (left-padded generation)."""
+        rope = self.rope(h.shape[1], positions)
         for block in range(start, end):
             layer, sub = divmod(block, 2)
             args = (sub, h, rope, attention_mask, fast, frozen, entry if block == start else None)
@@ -163,13 +168,15 @@ class DiffusionTransformer(nn.Module):
         selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
         return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None):
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None,
+                positions: torch.Tensor | None = None):
         """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).
-        ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask."""
+        ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask;
+        ``positions``: ``[b, l]`` RoPE positions (default ``0..l-1``)."""
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = attention_mask.bool()[:, None, None, :]
         h = self.embedding(input_ids)
-        h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast)
+        h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast, positions=positions)
         return self.head(h)
 
 

@@ -141,7 +141,8 @@ class SelfAttention(ProjectionSet):
         qkv = self.project("qkv", x, fast, frozen, shared_base).view(
             b, l, self.num_kv_heads_local, group + 2, self.head_dim)
         cos, sin = rope
-        rotated = apply_rotary(qkv[:, :, :, :group + 1], cos[:, None, None], sin[:, None, None])  # q..., k
+        # cos/sin: [l, d] (positions 0..l-1) or [b, l, d] (given positions) -> broadcast over heads.
+        rotated = apply_rotary(qkv[:, :, :, :group + 1], cos[..., None, None, :], sin[..., None, None, :])
         q = rotated[:, :, :, :group].reshape(b, l, self.num_heads_local, self.head_dim).transpose(1, 2)
         k = rotated[:, :, :, group].transpose(1, 2)  # [b, kv heads, l, d]
         v = qkv[:, :, :, group + 1].transpose(1, 2)

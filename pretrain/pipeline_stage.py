@@ -17,8 +17,9 @@ from pretrain.bilevel import BilevelStep
 
 
 class BilevelStage:
-    def __init__(self, step: BilevelStep):
+    def __init__(self, step: BilevelStep, adapter: BilevelStep | None = None):
         self.step = step
+        self.adapter = adapter or step  # inference-time adaptation (evaluation): uniform inner weights
         self.model = step.model
         layers = self.model.layer_range
         self.first_block, self.last_block = 2 * layers.start, 2 * layers.stop
@@ -55,3 +56,18 @@ class BilevelStage:
             h = self._run(x, self.step.boundary, attention)
             loss, inner_sum, _ = self.step.anchor_loss(h, batch, normalizer, memory, attention)
         return loss, inner_sum
+
+    def adapt_initial_memory(self, batch: MaskedBatch):
+        return self.adapter.initial_fast_weights(batch, 0)
+
+    def adapt_update(self, x, batch: MaskedBatch, state: int | None, memory):
+        attention = self.step.attention(batch)
+        with self.step.autocast():
+            h = self._run(x, self.step.boundary, attention)
+            return self.adapter.inner_update(memory, h, state, batch, attention)[0]
+
+    def eval_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, memory) -> torch.Tensor:
+        attention = self.step.attention(batch)
+        with self.step.autocast():
+            h = self._run(x, self.step.boundary, attention)
+            return self.step.outer_loss(h, batch, normalizer, memory, attention).detach()

@@ -30,9 +30,11 @@ from pretrain.metrics import MetricsLogger, NullLogger
 from pretrain.model import count_parameters, full_parameter_count
 from pretrain.optim import learning_rate
 from pretrain.run_lock import RunDirectoryBusy, RunLock
+from pretrain.evaluation import bits
 from pretrain.training_data import (
     STREAMING_WORLD,
     ReplicaBatches,
+    Validation,
     data_state_for,
     prepare_data,
     restored_environment,
@@ -149,7 +151,7 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
         )
 
         # 5. The loop.
-        loop = _Loop(cfg, topology, engine, batches, checkpointer, logger, start_step, checkpoint)
+        loop = _Loop(cfg, topology, engine, batches, checkpointer, logger, start_step, checkpoint, data_root, manifest)
         loop.run(stop_requested)
 
     timed = loop.step_seconds[1:] or loop.step_seconds
@@ -168,8 +170,10 @@ class _Loop:
     """The optimizer steps of one run, with their logging and checkpoints."""
 
     def __init__(self, cfg: RunConfig, topology: Topology, engine, batches: ReplicaBatches,
-                 checkpointer: Checkpointer, logger, start_step: int, checkpoint: Path | None):
+                 checkpointer: Checkpointer, logger, start_step: int, checkpoint: Path | None, data_root: Path,
+                 manifest: dict):
         self.cfg, self.topology, self.engine, self.batches = cfg, topology, engine, batches
+        self.data_root, self.manifest, self.validation = data_root, manifest, None
         self.checkpointer, self.logger = checkpointer, logger
         self.start_step = self.completed = start_step
         self.saved = checkpoint
@@ -224,7 +228,10 @@ class _Loop:
         flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
                                    cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
         stop, flops = _control(stop_requested(), flops, self.topology)
-        self.pending.append((self.completed, stats, lr, self.skipped_samples, flops))
+        extra = {}
+        if cfg.eval.every and (self.completed % cfg.eval.every == 0 or self.completed == cfg.train.steps):
+            extra = self.evaluate()
+        self.pending.append((self.completed, stats, lr, self.skipped_samples, flops, extra))
         if len(self.pending) >= self.cfg.logging.every:
             self.flush()
         return stop
@@ -236,7 +243,7 @@ class _Loop:
         now = time.perf_counter()
         seconds = (now - self.flushed_at) / len(self.pending)
         self.flushed_at = now
-        for completed, stats, lr, skipped, flops in self.pending:
+        for completed, stats, lr, skipped, flops, extra in self.pending:
             values = stats.host()
             capacity = seconds * self.peak * self.topology.world_size
             record = {"step": completed, "loss": values.loss, "inner_losses": values.inner_losses,
@@ -245,10 +252,23 @@ class _Loop:
                       "flops": flops, "mfu_total": flops / capacity, "mfu_model": self.model_flops / capacity}
             if self.cfg.data.format == "webdataset":
                 record["skipped_samples"] = skipped
+            record.update(extra)
             self.logger.log(record)
             self.losses.append(values.loss)
             self.step_seconds.append(seconds)
         self.pending = []
+
+    def evaluate(self) -> dict:
+        """The held-out losses (``eval_*`` keys), with the evaluation's time kept out of the step time."""
+        started = time.perf_counter()
+        if self.validation is None:
+            self.validation = Validation(self.cfg, self.topology, self.data_root, self.manifest)
+        values = self.engine.evaluate(self.validation.batches, self.validation.prompts).tolist()
+        self.flushed_at += time.perf_counter() - started
+        record = {"eval_loss": values[0], "eval_bits_per_token": bits(values[0])}
+        if self.validation.prompts is not None:
+            record.update(eval_adapted_loss=values[1], eval_adapted_bits_per_token=bits(values[1]))
+        return record
 
     def save(self) -> None:
         self.flush()

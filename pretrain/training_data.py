@@ -6,15 +6,18 @@ that checkpoints carry.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
-from data_pipeline.readers import MaskingSpec
+from data_pipeline.readers import MaskingCollate, MaskingSpec
 from data_pipeline.source import resolve_dataset
+from data_pipeline.validation import validation_batches
 from parallel.collectives import broadcast_batch
 from parallel.topology import Topology
 from pretrain.config import RunConfig
@@ -64,6 +67,30 @@ class ReplicaBatches:
         else:
             gathered = [entry]
         return {rank: state for rank, state in filter(None, gathered)}
+
+
+class Validation:
+    """This data rank's share of the first ``eval.num_samples`` validation samples, masked from the
+    evaluation's seed (and, for adaptation, the same samples masked at ``memory.prompt_mask_ratio``).
+    Every rank reads the small validation file itself."""
+
+    def __init__(self, cfg: RunConfig, topology: Topology, root: Path, manifest: dict):
+        total = min(cfg.eval.num_samples, manifest.get("validation", {}).get("num_samples", 0))
+        if manifest.get("validation") is not None and total < topology.data_parallel_size:
+            raise DataError(f"--eval.num_samples: {total} validation samples cannot be shared by "
+                            f"{topology.data_parallel_size} data-parallel ranks; evaluate more samples")
+        indices = list(range(topology.data_parallel_rank, total, topology.data_parallel_size))
+        memory, model = cfg.memory, cfg.model
+        spec = MaskingSpec(cfg.eval.seed, memory.num_inner_steps, memory.pre_anchor_scale, cfg.diffusion.eps,
+                           model.seq_len, model.vocab_size)
+        size = cfg.eval.micro_batch_size
+        self.batches = [b.to(topology.device)
+                        for b in validation_batches(root, manifest, MaskingCollate(spec), indices, size)]
+        self.prompts = None
+        if cfg.eval.adaptation:
+            prompt_spec = dataclasses.replace(spec, seed=cfg.eval.seed + 1, mask_ratio=memory.prompt_mask_ratio)
+            self.prompts = [b.to(topology.device) for b in
+                            validation_batches(root, manifest, MaskingCollate(prompt_spec), indices, size)]
 
 
 def data_state_for(saved: dict, data_format: str, data_parallel_rank: int):
@@ -128,14 +155,15 @@ def _present_data_world_to_streaming(topology: Topology) -> None:
 def prepare_data(cfg: RunConfig, topology: Topology):
     """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
     args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
+    options = {"prepare_workers": cfg.data.prepare_workers, "val_fraction": cfg.data.val_fraction}
     if topology.world_size > 1:
         failure = None
         if topology.is_main:
             try:
-                resolve_dataset(*args, prepare=True, prepare_workers=cfg.data.prepare_workers)
+                resolve_dataset(*args, prepare=True, **options)
             except Exception as err:  # re-raised after the barrier, so no rank waits forever
                 failure = err
         dist.barrier()
         if failure is not None:
             raise failure
-    return resolve_dataset(*args, prepare=topology.is_main, prepare_workers=cfg.data.prepare_workers)
+    return resolve_dataset(*args, prepare=topology.is_main, **options)

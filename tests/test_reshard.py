@@ -4,7 +4,13 @@ Each pair trains 3 steps at layout A (a 6-step run stopped after step 3, so the 
 schedule is the 6-step one), then resumes at layout B to step 6. The six losses and the final
 weights must equal six uninterrupted single-process steps to a relative error below 1e-5.
 Runs of one world size share one spawned group of ranks.
+
+The held-out evaluation (``--eval.every 3``: after step 3 at layout A and step 6 at layout B, with and
+without inference-time adaptation) must also give the single-process figures at every layout.
 """
+
+import json
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +18,7 @@ from pretrain.checkpoint import read_weights
 from tests.dist_utils import run_ranks
 from tests.test_parallel_layouts import LAYOUTS, TINY, relative
 
-STEPS = ["--train.steps", "6"]
+STEPS = ["--train.steps", "6", "--eval.every", "3", "--eval.num_samples", "12", "--eval.micro_batch_size", "4"]
 
 PAIRS = {  # name: (layout A, layout B)
     "dp2-zero1 -> single": ("dp2-zero1", "single"),
@@ -80,17 +86,34 @@ def resharded(tmp_path_factory):
         first, _ = losses[f"{name}/0"]
         second, resumed_from = losses[f"{name}/1"]
         assert resumed_from == "step_000003", (name, resumed_from)
-        results[name] = (first + second, read_weights(f"{folders[name]}/checkpoints/step_000006"))
-    return reference, results
+        results[name] = (first + second, read_weights(f"{folders[name]}/checkpoints/step_000006"),
+                         _eval_losses(folders[name]))
+    return (reference[0], reference[1], _eval_losses(root / "reference")), results
+
+
+def _eval_losses(folder) -> dict:
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], key): r[key] for r in records for key in ("eval_loss", "eval_adapted_loss") if key in r}
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
 def test_resume_at_another_layout_continues_exactly(resharded, pair):
-    (ref_losses, ref_weights), results = resharded
-    losses, weights = results[pair]
+    (ref_losses, ref_weights, _), results = resharded
+    losses, weights, _ = results[pair]
     assert len(losses) == 6
     for ours, theirs in zip(losses, ref_losses):
         assert abs(ours - theirs) / abs(theirs) < 1e-5, (pair, losses, ref_losses)
     assert set(weights) == set(ref_weights)
     for name in ref_weights:
         assert relative(weights[name], ref_weights[name]) < 1e-5, (pair, name)
+
+
+@pytest.mark.parametrize("pair", list(PAIRS))
+def test_held_out_losses_are_the_same_at_every_layout(resharded, pair):
+    (_, _, reference), results = resharded
+    ours = results[pair][2]
+    assert sorted(reference) == sorted(ours) == [(step, key) for step in (3, 6)
+                                                 for key in ("eval_adapted_loss", "eval_loss")]
+    for key, value in reference.items():
+        assert abs(ours[key] - value) / value < 1e-5, (pair, key, ours[key], value)
+    assert reference[(6, "eval_loss")] != reference[(3, "eval_loss")], "training must move the held-out loss"

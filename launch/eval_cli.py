@@ -1,0 +1,151 @@
+"""``memdlm-eval`` (held-out loss, conditional likelihood, needle-in-a-haystack accuracy of a checkpoint)
+and ``memdlm-niah`` (write the needle-in-a-haystack suite as JSON Lines for training mixtures)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from data_pipeline.errors import UsageError
+from launch.generate_cli import add_generation_options, generation_config
+
+
+def _csv_ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="memdlm-eval", description="Evaluate a checkpoint in one process and print JSON. Tasks: heldout (the "
+        "MDLM loss, nats and bits per token, on a prepared dataset's validation split, with and without "
+        "inference-time adaptation), loglik (log p(continuation | prompt) by Monte Carlo over masks), niah "
+        "(exact-match accuracy on the synthetic needle-in-a-haystack suite by kind and context length).")
+    parser.add_argument("checkpoint", help="a checkpoint folder or a run directory (its newest checkpoint)")
+    parser.add_argument("--task", required=True, choices=["heldout", "loglik", "niah"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--data", help="heldout: a prepared dataset with a validation split")
+    parser.add_argument("--num-samples", type=int, default=64, help="heldout: validation samples (default 64)")
+    parser.add_argument("--prompt", help="loglik: the prompt")
+    parser.add_argument("--continuation", help="loglik: the continuation whose log-likelihood is estimated")
+    parser.add_argument("--mc-samples", type=int, default=32, help="loglik: Monte Carlo draws (default 32)")
+    parser.add_argument("--kinds", default="single,multi,vartrack", help="niah: kinds (default all)")
+    parser.add_argument("--lengths", default="128,256,512,1024", help="niah: context lengths in tokens")
+    parser.add_argument("--per-cell", type=int, default=8, help="niah: examples per kind and length (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="niah: prompts generated together")
+    parser.add_argument("--adaptation", default="false", choices=["true", "false", "both"],
+                        help="with inference-time adaptation on the prompt (both: report with and without)")
+    add_generation_options(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = _evaluate(args)
+    except UsageError as err:
+        print(f"memdlm-eval: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate(args) -> dict:
+    from pretrain.inference import load_for_inference
+
+    model = load_for_inference(args.checkpoint, args.device, seed=args.seed)
+    modes = {"true": [True], "false": [False], "both": [False, True]}[args.adaptation]
+    if args.task == "loglik":
+        from pretrain.evaluation import conditional_log_likelihood
+
+        if args.prompt is None or args.continuation is None:
+            raise UsageError("--task loglik needs --prompt and --continuation")
+        prompt, continuation = model.encode(args.prompt), model.encode(args.continuation)
+        return {("adapted" if adapt else "plain"): conditional_log_likelihood(
+            model.model, model.adapter, prompt, continuation, model.mask_id, args.mc_samples, args.seed, adapt)
+            for adapt in modes}
+    if args.task == "niah":
+        from pretrain.niah import evaluate_suite, make_suite
+
+        generation = generation_config(args)
+        generation.check()
+        examples = make_suite(model.encode, args.kinds.split(","), _csv_ints(args.lengths), args.per_cell, args.seed)
+        limit = model.model.rope_cos.shape[0]
+        too_long = [e for e in examples if e.context_tokens + generation.length > limit]
+        if too_long:
+            raise UsageError(f"{len(too_long)} examples need more than the model's {limit} positions; use shorter "
+                             "--lengths or a smaller --gen.length")
+        return {("adapted" if adapt else "plain"): evaluate_suite(model, examples, generation, adapt, args.batch_size)
+                for adapt in modes}
+    if not args.data:
+        raise UsageError("--task heldout needs --data, a prepared dataset with a validation split")
+    return _heldout(model, args)
+
+
+def _heldout(model, args) -> dict:
+    import dataclasses
+    from pathlib import Path
+
+    import torch
+
+    from data_pipeline.readers import MaskingCollate, MaskingSpec
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.validation import validation_batches
+    from parallel.collectives import LossNormalizer
+    from pretrain.evaluation import Evaluator, bits
+
+    root = Path(args.data)
+    manifest = read_manifest(root)
+    cfg = model.model.cfg
+    memory = model.adapter.memory
+    total = min(args.num_samples, manifest.get("validation", {}).get("num_samples", args.num_samples))
+    spec = MaskingSpec(args.seed, memory.num_inner_steps, memory.pre_anchor_scale, 1e-3, cfg.seq_len, cfg.vocab_size)
+    batches = validation_batches(root, manifest, MaskingCollate(spec), list(range(total)), 16)
+    prompt_spec = dataclasses.replace(spec, seed=args.seed + 1, mask_ratio=memory.prompt_mask_ratio)
+    prompts = validation_batches(root, manifest, MaskingCollate(prompt_spec), list(range(total)), 16)
+    device = model.device
+    normalizer = LossNormalizer.of([b.maskable for b in batches]).to(device)
+    evaluator = Evaluator(model.adapter)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch, prompt in zip(batches, prompts):
+        sums += evaluator(batch.to(device), normalizer, prompt.to(device) if args.adaptation != "false" else None)
+    loss, adapted = sums.tolist()
+    result = {"samples": total, "loss_nats_per_token": loss, "bits_per_token": bits(loss)}
+    if args.adaptation != "false":
+        result.update(adapted_loss_nats_per_token=adapted, adapted_bits_per_token=bits(adapted))
+    return result
+
+
+def niah_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="memdlm-niah", description="Write the synthetic needle-in-a-haystack suite (single-key, multi-key, "
+        "variable tracking) as JSON Lines of {prompt, response, kind, context_tokens, needle_positions}: a "
+        "training mixture for memdlm-prepare-data, or a record of what memdlm-eval --task niah scores.")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory with one) that lengths "
+                                                           "are counted in")
+    parser.add_argument("--output", required=True, help="the JSON Lines file to write")
+    parser.add_argument("--kinds", default="single,multi,vartrack")
+    parser.add_argument("--lengths", default="128,256,512,1024", help="context lengths in tokens")
+    parser.add_argument("--per-cell", type=int, default=64, help="examples per kind and length (default 64)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from pathlib import Path
+
+    from data_pipeline.errors import DataError
+    from data_pipeline.tokenizer import load_tokenizer
+    from pretrain.niah import make_suite, write_jsonl
+
+    try:
+        tokenizer = load_tokenizer(args.tokenizer).tokenizer
+    except DataError as err:
+        return _fail("memdlm-niah", str(err))
+    examples = make_suite(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, args.kinds.split(","),
+                          _csv_ints(args.lengths), args.per_cell, args.seed)
+    write_jsonl(examples, Path(args.output))
+    print(f"wrote {len(examples)} examples to {args.output}")
+    return 0
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())
