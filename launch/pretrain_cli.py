@@ -65,9 +65,22 @@ def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     agent = subprocess.Popen(command, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
     try:
-        return agent.wait()
+        code = agent.wait()
     except KeyboardInterrupt:  # the agent got the same Ctrl-C; let it stop its ranks
-        return agent.wait()
+        code = agent.wait()
+    return _requeue_code(code, argv)
+
+
+def _requeue_code(code: int, argv: list[str]) -> int:
+    """Ranks under torchrun exit 0 after a stop on a signal (else the elastic agent would restart them);
+    the run directory's REQUEUE marker tells the caller to run the job again."""
+    from pretrain.resilience import REQUEUE, REQUEUE_EXIT_CODE
+
+    try:
+        out_dir = build_config(argv).train.out_dir
+    except UsageError:
+        return code
+    return REQUEUE_EXIT_CODE if code == 0 and os.path.exists(os.path.join(out_dir, REQUEUE)) else code
 
 
 def _is_main_rank() -> bool:
@@ -97,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(signal.SIGKILL)  # the launcher is gone: nobody could coordinate a save
     from launch.preemption import stop_on_signals
     from parallel.topology import shutdown_topology
+    from pretrain.resilience import REQUEUE_EXIT_CODE, TrainingStopped
     from pretrain.trainer import train
 
     try:
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(cfg, stop_flag)
     except UsageError as err:
         return _fail(str(err))
+    except TrainingStopped as err:
+        if _is_main_rank():
+            print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         if _is_main_rank():
             print(f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
@@ -112,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_topology()
     if _is_main_rank():
         print(_summary_text(summary, cfg))
+    if summary.stopped_early and not started_by_torchrun():
+        return REQUEUE_EXIT_CODE  # a checkpoint is saved: run the same command again to resume
     return 0
 
 

@@ -125,8 +125,8 @@ class DeepSpeedEngine(EngineBase):
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
             self.engine.backward(loss * self.topology.data_parallel_size, scale_wrt_gas=False)
+            add_output(sums, self.module.last_output)  # before the step: the step guard reads the loss
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
-            add_output(sums, self.module.last_output)
 
     def apply_gradients(self) -> torch.Tensor:
         grad_norm = self.engine.get_global_grad_norm()  # DeepSpeed keeps it as a float or a tensor

@@ -189,6 +189,7 @@ class EngineBase:
         self.num_inner_steps = num_inner_steps
         self.optimizer: OuterOptimizer | None = None  # set by the engines that use one
         self.evaluator: EvalFunction | None = None  # set by whoever builds the engine (evaluation only)
+        self.guard = None  # a ``parallel.step_guard.StepGuard`` around the optimizer's step, when asked for
         # Statistics live on the ranks that computed them; these groups add them up (in order).
         self.statistics_groups = [topology.data_parallel_group]
 
@@ -197,6 +198,8 @@ class EngineBase:
         normalizer = global_normalizer(list(micro_batches), topology.data_parallel_group, topology.device)
         self.set_learning_rate(lr)
         sums = torch.zeros(self.options.statistics_size, dtype=torch.float64, device=topology.device)
+        if self.guard is not None:
+            self.guard.begin(sums)
         self.forward_backward(micro_batches, normalizer, step, sums)
         grad_norm = self.apply_gradients()
         for group in self.statistics_groups:

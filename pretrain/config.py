@@ -244,6 +244,33 @@ class TrainConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Bad steps and hangs: what keeps a long run from being corrupted or stuck (see README, Clusters)."""
+
+    skip_bad_steps: bool = param(
+        True, "skip the update of a step whose loss or gradient is non-finite on any rank (or that spikes, see "
+        "--guard.spike_zscore): weights, optimizer state and the learning-rate schedule stay as they were, the "
+        "batch is consumed (one small all-reduce and one device read per step)")
+    spike_zscore: float = param(
+        0.0, "also skip a step whose loss exceeds the mean of the recent accepted losses by this many standard "
+        "deviations (0: off; the 1/t-weighted MDLM loss is heavy-tailed, so keep it generous, e.g. 8)")
+    spike_window: int = param(100, "accepted steps the spike statistics are taken over (at least 20 needed)")
+    max_bad_steps_in_row: int = param(
+        5, "this many skipped steps in a row reload the newest good checkpoint and go on with the next data")
+    max_bad_steps: int = param(50, "stop the run with an error after this many skipped steps in all")
+    step_timeout_s: float = param(
+        0.0, "hang watchdog: if no step (evaluation, checkpoint) finishes within this many seconds, dump every "
+        "thread's stack to stderr and exit non-zero so the scheduler restarts the job (0: off)")
+
+    def __post_init__(self):
+        _check(self.spike_zscore >= 0, "guard.spike_zscore", "must be >= 0 (0: off)")
+        _check(self.spike_window >= 20, "guard.spike_window", "must be at least 20")
+        _check(self.max_bad_steps_in_row >= 1, "guard.max_bad_steps_in_row", "must be positive")
+        _check(self.max_bad_steps >= 1, "guard.max_bad_steps", "must be positive")
+        _check(self.step_timeout_s >= 0, "guard.step_timeout_s", "must be >= 0 (0: off)")
+
+
+@dataclass
 class CheckpointConfig:
     """Sharded checkpoints (torch.distributed.checkpoint): saving, keeping, verifying."""
 
@@ -379,6 +406,7 @@ class RunConfig:
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -20,6 +20,7 @@ from parallel.engine import Engine, EngineOptions, OuterOptimizer
 from parallel.layout import LayoutError, check_batch_split, check_tensor_split, check_world, stage_layers
 from parallel.local_engine import LocalEngine
 from parallel.pipeline import PipelineEngine
+from parallel.step_guard import StepGuard
 from pretrain.bilevel import BilevelStep
 from pretrain.config import ConfigError, RunConfig
 from pretrain.evaluation import Evaluator
@@ -114,6 +115,10 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, step: BilevelStep,
         outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group)
         engine = LocalEngine(model, step, outer, options, topology)
     engine.evaluator = Evaluator(adapter)
+    if cfg.guard.skip_bad_steps:
+        engine.guard = StepGuard(topology.control_group, topology.world_size, topology.tensor_parallel_rank == 0,
+                                 cfg.guard.spike_zscore, cfg.guard.spike_window)
+        engine.guard.wrap(optimizer)
     return engine
 
 

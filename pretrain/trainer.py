@@ -29,6 +29,7 @@ from pretrain.hf_import import load_hf_weights, resolve_init_from
 from pretrain.metrics import MetricsLogger, NullLogger
 from pretrain.model import count_parameters, full_parameter_count
 from pretrain.optim import learning_rate
+from pretrain.resilience import DONE, REQUEUE, BadSteps, TrainingStopped, Watchdog, clear_markers, write_marker
 from pretrain.run_lock import RunDirectoryBusy, RunLock
 from pretrain.evaluation import bits
 from pretrain.training_data import (
@@ -126,7 +127,7 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
             load_hf_weights(model, Path(cfg.model.init_from), cfg.model, topology.tensor_parallel_size,
                             topology.tensor_parallel_rank)
         engine = build_training(cfg, topology, mask_id, model).engine
-        start_step, data_state = 0, None
+        start_step, data_state, state = 0, None, {}
         if checkpoint is not None:
             state = checkpointer.load(checkpoint, engine)
             start_step = state["step"]
@@ -151,7 +152,8 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
         )
 
         # 5. The loop.
-        loop = _Loop(cfg, topology, engine, batches, checkpointer, logger, start_step, checkpoint, data_root, manifest)
+        loop = _Loop(cfg, topology, engine, batches, checkpointer, logger, start_step, checkpoint, data_root, manifest,
+                     state)
         loop.run(stop_requested)
 
     timed = loop.step_seconds[1:] or loop.step_seconds
@@ -171,13 +173,19 @@ class _Loop:
 
     def __init__(self, cfg: RunConfig, topology: Topology, engine, batches: ReplicaBatches,
                  checkpointer: Checkpointer, logger, start_step: int, checkpoint: Path | None, data_root: Path,
-                 manifest: dict):
+                 manifest: dict, trainer_state: dict | None = None):
         self.cfg, self.topology, self.engine, self.batches = cfg, topology, engine, batches
         self.data_root, self.manifest, self.validation = data_root, manifest, None
         self.checkpointer, self.logger = checkpointer, logger
         self.start_step = self.completed = start_step
         self.saved = checkpoint
         self.stopped_early = False
+        trainer_state = trainer_state or {}
+        # Applied updates: the learning-rate schedule's position (a skipped step does not advance it).
+        self.updates = trainer_state.get("updates", start_step)
+        self.bad_steps = BadSteps(cfg.guard.max_bad_steps_in_row, cfg.guard.max_bad_steps,
+                                  trainer_state.get("bad_steps", 0))
+        self.watchdog = Watchdog(cfg.guard.step_timeout_s)
         self.losses, self.step_seconds, self.skipped_samples = [], [], 0
         self.pending, self.flushed_at = [], time.perf_counter()
         self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
@@ -190,20 +198,31 @@ class _Loop:
         logger.write(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s per rank ({source})")
 
     def run(self, stop_requested: Callable[[], bool]) -> None:
-        cfg, checkpointer = self.cfg, self.checkpointer
+        cfg, checkpointer, out_dir = self.cfg, self.checkpointer, Path(self.cfg.train.out_dir)
+        if self.topology.is_main:
+            clear_markers(out_dir)
+        self.watchdog.progress()
         try:
             for step in range(self.start_step, cfg.train.steps):
                 stop = self.step(step, stop_requested)
+                self.watchdog.progress()
                 if cfg.checkpoint.asynchronous:
                     self.saved = checkpointer.poll() or self.saved
                 if cfg.checkpoint.every and self.completed % cfg.checkpoint.every == 0:
                     self.save()
+                    self.watchdog.progress()
                 if stop and self.completed < cfg.train.steps:
                     self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
                     self.stopped_early = True
                     break
             self.flush()
             self.save_if_new()
+            self.watchdog.stop()
+            if self.topology.is_main:
+                if self.stopped_early:
+                    write_marker(out_dir, REQUEUE, self.completed)
+                else:
+                    write_marker(out_dir, DONE, self.completed, checkpoint=self.saved.name if self.saved else None)
         except KeyboardInterrupt:
             self.flush()
             # Nothing lost: keep what the completed steps trained (single process; with several
@@ -220,17 +239,18 @@ class _Loop:
         micro_batches = [self.batches.next() for _ in range(self.accumulation)]
         if self.completed + 1 < cfg.train.steps:
             self.batches.prefetch()  # the next step's first micro-batch travels while this step runs
-        lr = learning_rate(step, cfg.train.steps, cfg.optim)
+        lr = learning_rate(self.updates, cfg.train.steps, cfg.optim)
         stats = self.engine.train_step(micro_batches, step, lr)
         self.completed = step + 1
+        verdict = self.engine.guard.finish() if self.engine.guard is not None else None
         self.skipped_samples += sum(mb.num_skipped for mb in micro_batches)
         # Executed FLOPs from the masked row counts the loader reported (each replica once).
         flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
                                    cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
         stop, flops = _control(stop_requested(), flops, self.topology)
-        extra = {}
+        extra = self.judge(verdict)
         if cfg.eval.every and (self.completed % cfg.eval.every == 0 or self.completed == cfg.train.steps):
-            extra = self.evaluate()
+            extra.update(self.evaluate())
         self.pending.append((self.completed, stats, lr, self.skipped_samples, flops, extra))
         if len(self.pending) >= self.cfg.logging.every:
             self.flush()
@@ -258,6 +278,34 @@ class _Loop:
             self.step_seconds.append(seconds)
         self.pending = []
 
+    def judge(self, verdict) -> dict:
+        """Count an applied update, or a skipped one (and roll back after too many in a row)."""
+        if verdict is None or verdict.accepted:
+            self.updates += 1
+            self.bad_steps.accepted()
+            return {}
+        self.logger.write(f"step {self.completed}: update skipped on every rank ({verdict.reason}); weights, "
+                          "optimizer state and learning-rate schedule unchanged")
+        record = {"skipped_update": verdict.reason, "bad_steps": self.bad_steps.total + 1}
+        if self.bad_steps.rejected(self.completed, verdict.reason):
+            record["rolled_back_to"] = self.roll_back()
+        return record
+
+    def roll_back(self) -> str:
+        """Weights, optimizer state and schedule position of the newest good checkpoint; the data goes on."""
+        self.saved = self.checkpointer.wait() or self.saved
+        folder = self.checkpointer.newest_good()
+        if folder is None:
+            raise TrainingStopped(
+                f"step {self.completed}: {self.bad_steps.in_row} updates in a row were skipped and there is no "
+                "checkpoint to return to; save more often (--checkpoint.every) or lower the learning rate")
+        state = self.checkpointer.load(folder, self.engine)
+        self.updates = state.get("updates", state["step"])
+        self.bad_steps.accepted()
+        self.logger.write(f"step {self.completed}: {self.cfg.guard.max_bad_steps_in_row} skipped updates in a row: "
+                          f"rolled back to {folder.name}; training goes on with the next data")
+        return folder.name
+
     def evaluate(self) -> dict:
         """The held-out losses (``eval_*`` keys), with the evaluation's time kept out of the step time."""
         started = time.perf_counter()
@@ -273,7 +321,7 @@ class _Loop:
     def save(self) -> None:
         self.flush()
         report = self.checkpointer.save(self.completed, self.engine, {
-            "data": self.batches.states(), "layout": {**self.topology.layout, "zero_stage": self.cfg.parallel.zero_stage}})
+            "data": self.batches.states(), "updates": self.updates, "bad_steps": self.bad_steps.total, "layout": {**self.topology.layout, "zero_stage": self.cfg.parallel.zero_stage}})
         if report.pending:
             self.logger.write(f"checkpoint at step {self.completed}: state copied in {report.seconds:.2f} s, "
                               "writing in the background")
