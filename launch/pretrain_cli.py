@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(err))
         return _launch_with_torchrun(nproc, argv)
 
+    from launch.slurm import ranks_from_slurm
+
+    os.environ.update(ranks_from_slurm(os.environ))  # `srun python -m launch.pretrain_cli`: one task per rank
     if started_by_torchrun():
         die_with_parent(signal.SIGKILL)  # the launcher is gone: nobody could coordinate a save
     from launch.preemption import stop_on_signals

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -104,6 +105,7 @@ def data_state_for(saved: dict, data_format: str, data_parallel_rank: int):
 
 
 def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state):
+    streaming_world = _streaming_world(topology)
     if not topology.reads_data:
         return None
     spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
@@ -114,7 +116,7 @@ def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, st
         verify_hashes=cfg.data.verify_hashes, max_skipped_samples=cfg.data.max_skipped_samples,
         pin_memory=topology.device.type == "cuda",
     )
-    _present_data_world_to_streaming(topology)
+    os.environ.update(streaming_world)
     readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
     return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
                         topology.data_parallel_rank, topology.data_parallel_size, state,
@@ -138,18 +140,38 @@ def restored_environment(names):
                 os.environ[name] = value
 
 
-def _present_data_world_to_streaming(topology: Topology) -> None:
-    """mosaicml-streaming takes its world from RANK / WORLD_SIZE / LOCAL_*; only the reading ranks
-    (one per model replica) read, so present it the data-parallel world instead."""
-    if topology.tensor_parallel_size * topology.pipeline_parallel_size == 1:
-        return
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", topology.world_size))
-    readers_per_node = max(1, local_world // topology.tensor_parallel_size)
-    os.environ.update(
-        RANK=str(topology.data_parallel_rank), WORLD_SIZE=str(topology.data_parallel_size),
-        LOCAL_RANK=str(topology.data_parallel_rank % readers_per_node),
-        LOCAL_WORLD_SIZE=str(min(readers_per_node, topology.data_parallel_size)),
-    )
+def _shared_memory_key() -> str:
+    """What identifies this process's /dev/shm: processes with the same key share mosaicml-streaming's
+    shared memory, whatever their hostnames say (two emulated Slurm nodes on one machine do)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        shm = os.stat("/dev/shm")
+        return f"{boot}:{shm.st_dev}:{shm.st_ino}"
+    except OSError:
+        return socket.gethostname()
+
+
+def _streaming_world(topology: Topology) -> dict[str, str]:
+    """The world mosaicml-streaming should see (it takes it from RANK / WORLD_SIZE / LOCAL_*): only the
+    reading ranks (one per model replica) read, numbered by data-parallel rank, and a "node" is a set of
+    readers that share shared memory (else two readers on one machine that torchrun placed on different
+    nodes would race for the same shared-memory names). Collective over every rank."""
+    if topology.world_size == 1:
+        return {}
+    mine = (topology.data_parallel_rank, _shared_memory_key()) if topology.reads_data else None
+    gathered = [None] * topology.world_size
+    dist.all_gather_object(gathered, mine, group=topology.control_group)
+    readers = sorted(r for r in gathered if r is not None)
+    keys = [key for _, key in readers]
+    per_node = keys.count(keys[0])
+    chunks = [keys[i:i + per_node] for i in range(0, len(keys), per_node)]
+    regular = len(keys) % per_node == 0 and all(len(set(c)) == 1 for c in chunks) \
+        and len({c[0] for c in chunks}) == len(chunks)
+    if not regular:  # uneven or interleaved placement: one reader per node, each its own cache prefix
+        per_node = 1
+    rank = topology.data_parallel_rank
+    return {"RANK": str(rank), "WORLD_SIZE": str(topology.data_parallel_size), "LOCAL_RANK": str(rank % per_node),
+            "LOCAL_WORLD_SIZE": str(per_node)}
 
 
 def prepare_data(cfg: RunConfig, topology: Topology):

@@ -1,0 +1,118 @@
+"""``memdlm-launch slurm``: write (and optionally submit) the sbatch script of a training run.
+
+The options after ``--`` are ``memdlm-pretrain``'s, unchanged; they are checked here first (config and
+layout for the allocation's world size) so a mistake shows before the job waits in the queue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import UsageError
+from launch.slurm import SlurmJob, sbatch_script
+
+PROG = "memdlm-launch"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Launch memdlm-pretrain on a cluster. `memdlm-launch slurm [options] -- "
+        "<memdlm-pretrain options>` writes OUT/slurm/job.sbatch (OUT: the run's --train.out_dir), prints it, "
+        "and with --submit submits it. See README, Clusters.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    slurm = commands.add_parser("slurm", help="an sbatch script: one srun task per node running torchrun",
+                                description="Write the sbatch script of a run: one srun task per node running "
+                                "torchrun with the c10d rendezvous on the first node, USR1 before the time limit, "
+                                "requeue on preemption, one log per job attempt.")
+    slurm.add_argument("--nodes", type=int, required=True, help="nodes (the most nodes, for an elastic run)")
+    slurm.add_argument("--min-nodes", type=int, default=0,
+                       help="elastic: the run goes on with as few as this many nodes (torchrun --nnodes MIN:MAX); "
+                            "0 (default): a fixed number of nodes")
+    slurm.add_argument("--max-restarts", type=int, default=3,
+                       help="torchrun restarts of the workers on a membership change or failure (default 3)")
+    slurm.add_argument("--gpus-per-node", type=int, default=0, help="GPUs per node (0: a CPU run, gloo)")
+    slurm.add_argument("--nproc-per-node", type=int, default=0,
+                       help="ranks per node (default: one per GPU, or 1 without GPUs)")
+    slurm.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (all its ranks)")
+    slurm.add_argument("--partition", default="", help="Slurm partition")
+    slurm.add_argument("--account", default="", help="Slurm account")
+    slurm.add_argument("--time", default="", help="time limit, e.g. 24:00:00")
+    slurm.add_argument("--job-name", default="memdlm", help="job name (default memdlm)")
+    slurm.add_argument("--grace", type=int, default=120,
+                       help="seconds before the time limit at which the run is told to save and requeue (default 120)")
+    slurm.add_argument("--python", default=sys.executable, help="the Python that runs torchrun on the nodes "
+                                                                "(default: this one)")
+    slurm.add_argument("--sbatch-option", action="append", default=[],
+                       help="an extra #SBATCH line, e.g. --sbatch-option=--exclusive (repeatable)")
+    mode = slurm.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="write and print the script only (the default)")
+    mode.add_argument("--submit", action="store_true", help="also submit it with sbatch and print the job id")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    train_args: list[str] = []
+    if "--" in argv:
+        split = argv.index("--")
+        argv, train_args = argv[:split], argv[split + 1:]
+    args = _parser().parse_args(argv)
+    try:
+        job = _job(args, train_args)
+    except UsageError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    script = sbatch_script(job)
+    path = job.out_dir / "slurm" / "job.sbatch"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    print(script, end="")
+    print(f"# written to {path}", file=sys.stderr)
+    if not args.submit:
+        return 0
+    try:
+        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        print(f"{PROG}: error: sbatch is not on PATH; run this on a Slurm login node", file=sys.stderr)
+        return 2
+    if result.returncode != 0:
+        print(f"{PROG}: error: sbatch failed: {result.stderr.strip()}", file=sys.stderr)
+        return result.returncode
+    job_id = result.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}; logs in {job.out_dir / 'slurm'}")
+    return 0
+
+
+def _job(args, train_args: list[str]) -> SlurmJob:
+    from launch.config_cli import build_config
+    from pretrain.factory import check_run_layout
+
+    if args.nodes < 1:
+        raise UsageError("--nodes must be positive")
+    if args.min_nodes and not 1 <= args.min_nodes <= args.nodes:
+        raise UsageError(f"--min-nodes {args.min_nodes} must lie in 1..--nodes {args.nodes}")
+    if any(a.startswith("--nproc-per-node") or a.startswith("--nproc_per_node") for a in train_args):
+        raise UsageError("give ranks per node as memdlm-launch's --nproc-per-node, not after --")
+    cfg = build_config(train_args)
+    job = SlurmJob(nodes=args.nodes, out_dir=Path(cfg.train.out_dir).absolute(), train_args=train_args,
+                   gpus_per_node=args.gpus_per_node, nproc_per_node=args.nproc_per_node,
+                   cpus_per_task=args.cpus_per_task, min_nodes=args.min_nodes, max_restarts=args.max_restarts,
+                   partition=args.partition, account=args.account, time=args.time, job_name=args.job_name,
+                   grace_s=args.grace, python=args.python, workdir=os.getcwd(), extra_sbatch=args.sbatch_option)
+    for nodes in range(args.min_nodes or args.nodes, args.nodes + 1):
+        try:
+            check_run_layout(cfg, nodes * job.ranks_per_node)
+        except UsageError as err:
+            which = f"with {nodes} of the elastic run's nodes" if args.min_nodes else f"on {nodes} nodes"
+            raise UsageError(f"{which} ({nodes * job.ranks_per_node} ranks): {err}") from None
+    if cfg.train.out_dir == "runs/default" and not Path(cfg.train.out_dir).is_absolute():
+        print(f"{PROG}: note: the run writes to {job.out_dir} (--train.out_dir)", file=sys.stderr)
+    return job
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Slurm launcher on a real Slurm: two emulated nodes on this machine (``scripts/slurm_cluster.sh up``,
+which ``.ci/run`` starts). Each test submits the sbatch script that ``memdlm-launch slurm`` writes and
+compares the run's losses with one process training the same global batch.
+
+Faults injected: USR1 to the batch shell (preemption), SIGTERM to one worker, the loss of one node's
+torchrun agent and worker in an elastic run. Skipped, with the reason, where no Slurm cluster answers.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+TINY = ["--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads",
+        "2", "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
+        "--train.micro_batch_size", "2", "--data.num_workers", "0", "--logging.progress_bar", "false",
+        "--logging.wandb", "false", "--memory.layer_fraction", "0.5", "--eval.every", "0", "--train.device", "cpu",
+        "--train.num_threads", "1"]
+
+
+def _slurm_up() -> str | None:
+    if shutil.which("sbatch") is None:
+        return "Slurm is not installed (scripts/slurm_cluster.sh up installs and starts it, as root)"
+    try:
+        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%N=%t"], capture_output=True, text=True, timeout=20)
+    except subprocess.SubprocessError:
+        return "sinfo does not answer"
+    idle = [line for line in states.stdout.split() if line.endswith(("=idle", "=mix", "=alloc"))]
+    if states.returncode != 0 or len(set(idle)) < 2:
+        return f"no two-node Slurm cluster is up (sinfo: {states.stdout.strip() or states.stderr.strip()}); " \
+               "start one with scripts/slurm_cluster.sh up"
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster():
+    reason = _slurm_up()
+    if reason:
+        pytest.skip(reason)
+
+
+def _both_idle() -> bool:
+    states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], capture_output=True, text=True, timeout=20).stdout
+    return states.split().count("idle") >= 2
+
+
+def _submit(out: Path, cache: Path, steps: int, *launch: str, extra=()) -> tuple[str, list[str]]:
+    _wait_for(_both_idle, 60, "both nodes to be idle (an elastic job takes what is free)")
+    args = [*TINY, "--train.steps", str(steps), "--train.out_dir", str(out), "--data.cache_dir", str(cache), *extra]
+    result = subprocess.run([sys.executable, "-m", "launch.launch_cli", "slurm", "--nodes", "2", "--cpus-per-task",
+                             "1", *launch, "--submit", "--", *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1].split()[2].rstrip(";"), args
+
+
+def _job_state(job: str) -> tuple[str, int]:
+    text = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, timeout=30).stdout
+    state = text.split("JobState=")[1].split()[0] if "JobState=" in text else "UNKNOWN"
+    restarts = int(text.split("Restarts=")[1].split()[0]) if "Restarts=" in text else 0
+    return state, restarts
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _finished(job: str, out: Path, timeout: float = 240) -> int:
+    def done():
+        state, restarts = _job_state(job)
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            raise AssertionError(f"job {job} ended {state}: " + _logs(out))
+        return (restarts,) if state == "COMPLETED" else None
+    try:
+        return _wait_for(done, timeout, f"job {job} to complete")[0]
+    except AssertionError:
+        subprocess.run(["scancel", job], timeout=30)
+        raise AssertionError(f"job {job} did not complete: " + _logs(out)) from None
+
+
+def _logs(out: Path, tail: int = 2500) -> str:
+    return "\n".join(f"--- {p.name}\n" + p.read_text()[-tail:] for p in sorted((out / "slurm").glob("*.log")))
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """step -> loss; a resumed run's steps replace the stopped run's (the last line of a step wins)."""
+    losses = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        losses[record["step"]] = record["loss"]
+    return losses
+
+
+def _reference(tmp_path, args) -> list[float]:
+    """One process, the same global batch (its own output directory)."""
+    out = tmp_path / "reference"
+    command = [sys.executable, "-m", "launch.pretrain_cli", *args, "--train.out_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = _losses(out)
+    return [losses[s] for s in sorted(losses)]
+
+
+def _assert_same(losses: dict[int, float], reference: list[float]):
+    assert sorted(losses) == list(range(1, len(reference) + 1)), sorted(losses)
+    for step, expected in enumerate(reference, 1):
+        assert abs(losses[step] - expected) / abs(expected) < 1e-5, (step, losses[step], expected)
+
+
+def _workers(out: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of this run's torchrun agents and ranks."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "launch.pretrain_cli" in command and str(out) in command and not command.startswith("srun"):
+                found.append((int(proc.name), command))
+    return found
+
+
+def _steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_submit_trains_across_two_nodes_like_one_process(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    job, _ = _submit(out, cache, 6)
+    assert _finished(job, out) == 0
+    assert "2 ranks = tensor 1 x pipeline 1 x data 2" in _logs(out, tail=10**7)
+    assert (out / "DONE").is_file()
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.cache_dir", str(cache)]))
+
+
+@pytest.mark.parametrize("fault", ["usr1-to-batch-shell", "sigterm-to-one-worker"])
+def test_preemption_saves_requeues_and_the_run_equals_an_uninterrupted_one(tmp_path, fault):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    steps = 40
+    job, _ = _submit(out, cache, steps)
+    _wait_for(lambda: _steps_logged(out) >= 3, 180, "the first steps")
+    if fault == "usr1-to-batch-shell":
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
+    else:
+        ranks = [pid for pid, command in _workers(out) if "torch.distributed.run" not in command]
+        assert len(ranks) == 2, _workers(out)
+        os.kill(ranks[-1], signal.SIGTERM)
+    restarts = _finished(job, out, timeout=300)
+    logs = _logs(out, tail=10**7)
+    assert restarts == 1 and "requeueing" in logs, logs
+    assert "stop requested: saving a checkpoint" in logs and "resumed from" in logs
+    assert (out / "DONE").is_file() and not (out / "REQUEUE").exists()
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.cache_dir",
+                                                      str(cache)]))
+
+
+def test_elastic_run_loses_a_node_and_finishes_on_the_other(tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    steps = 40
+    job, _ = _submit(out, cache, steps, "--min-nodes", "1", "--max-restarts", "2",
+                     extra=("--checkpoint.every", "2"))
+    _wait_for(lambda: _steps_logged(out) >= 4, 180, "the first steps")
+    agents = [pid for pid, command in _workers(out) if "torch.distributed.run" in command]
+    assert len(agents) == 2, _workers(out)
+    # The agent that hosts the rendezvous store must survive (losing it ends the job, as documented).
+    port = 29500 + int(job) % 20000
+    listening = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True).stdout
+    victim = next(pid for pid in agents if f"pid={pid}," not in listening)
+    lost_at = _steps_logged(out)
+    os.kill(victim, signal.SIGKILL)  # the node's agent; its rank dies with it (parent-death signal)
+    _finished(job, out, timeout=300)
+    logs = _logs(out, tail=10**7)
+    assert "1 ranks = tensor 1 x pipeline 1 x data 1" in logs and "resumed from" in logs, logs
+    assert (out / "DONE").is_file()
+    losses = _losses(out)
+    reference = _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.cache_dir", str(cache),
+                                      "--checkpoint.every", "2"])
+    _assert_same(losses, reference)
+    assert lost_at < steps
