@@ -16,5 +16,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # shellcheck disable=SC2086
 .venv/bin/python -m pip install --quiet ${MEMDLM_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}
-.venv/bin/python -m pip install --quiet -e ".[test]"
+# The other dependencies at the versions CI tests (docker/constraints.txt, also used by the Docker image).
+if [ -z "${MEMDLM_TORCH_SPEC:-}" ]; then CONSTRAINTS=(-c docker/constraints.txt); else CONSTRAINTS=(); fi
+.venv/bin/python -m pip install --quiet "${CONSTRAINTS[@]}" -e ".[test]"
 echo "environment ready: $(pwd)/.venv"

@@ -1,0 +1,49 @@
+"""``memdlm-launch slurm`` without a cluster: the script it writes, and what it refuses (the Slurm runs
+themselves are in test_slurm)."""
+
+import subprocess
+
+from launch.launch_cli import main
+from launch.slurm import ranks_from_slurm
+
+TRAIN = ["--model.num_layers", "4", "--train.global_batch_size", "16", "--train.micro_batch_size", "2"]
+
+
+def test_the_script_has_one_torchrun_per_node_preemption_and_requeue(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1:00:00",
+                 "--grace", "90", "--", *TRAIN, "--train.out_dir", str(out)]) == 0
+    script = (out / "slurm" / "job.sbatch").read_text()
+    assert capsys.readouterr().out == script
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1:00:00"):
+        assert line in script.splitlines(), line
+    assert "--nnodes=2 --nproc-per-node=4 --rdzv-backend=c10d" in script
+    assert "--signals-to-handle=SIGTERM,SIGUSR1,SIGINT" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert f"--train.out_dir {out}" in script and 'if [ -f "$OUT/DONE" ]' in script
+    assert subprocess.run(["bash", "-n", str(out / "slurm" / "job.sbatch")]).returncode == 0
+
+
+def test_elastic_runs_and_refusals(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["slurm", "--nodes", "2", "--min-nodes", "1", "--", *TRAIN, "--train.out_dir", str(out)]) == 0
+    assert "--nnodes=1:2" in (out / "slurm" / "job.sbatch").read_text()
+    capsys.readouterr()
+    # 3 nodes x 1 rank cannot split a global batch of 16 sequences: said before anything is submitted.
+    assert main(["slurm", "--nodes", "3", "--", *TRAIN, "--train.out_dir", str(tmp_path / "x")]) == 2
+    assert "on 3 nodes" in capsys.readouterr().err
+    # An elastic run must be valid at every size it may shrink to.
+    assert main(["slurm", "--nodes", "4", "--min-nodes", "3", "--", *TRAIN, "--train.out_dir", str(tmp_path / "y")]) == 2
+    assert "with 3 of the elastic run's nodes" in capsys.readouterr().err
+    assert main(["slurm", "--nodes", "2", "--", "--model.no_such_field", "1"]) == 2
+    assert "no_such_field" in capsys.readouterr().err
+
+
+def test_srun_python_takes_its_rank_from_slurm():
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x4)",
+           "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1234", "MASTER_ADDR": "head"}
+    assert ranks_from_slurm(env) == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                                     "MASTER_PORT": str(29500 + 1234)}
+    assert ranks_from_slurm({**env, "RANK": "0"}) == {}  # torchrun (or the user) already said
+    assert ranks_from_slurm({k: v for k, v in env.items() if k != "SLURM_STEP_ID"}) == {}  # the batch shell
