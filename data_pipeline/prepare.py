@@ -46,6 +46,7 @@ class PrepareOptions:
     progress: bool = True
     val_fraction: float = 0.0  # documents held out for validation (chosen by a hash of their index)
     val_input: str = ""  # or: separate validation text/JSONL
+    val_optional: bool = False  # an empty split is left out (input prepared on first use) instead of an error
 
     def check(self) -> None:
         unknown = [f for f in self.formats if f not in FORMAT_DIRS]
@@ -211,7 +212,7 @@ def _prepare_into(options: PrepareOptions, files: list[Path], staging: Path) -> 
         "sources": [str(f) for f in files],
         "formats": formats,
     }
-    if options.val_fraction or options.val_input:
+    if (options.val_fraction or options.val_input) and not (options.val_optional and validation.is_empty()):
         manifest["validation"] = validation.save(staging)
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest

@@ -56,6 +56,7 @@ def resolve_dataset(path: str, tokenizer: str, seq_len: int, vocab_size: int, ca
                 input=str(source), output=str(root), formats=["mds", "webdataset"], seq_len=seq_len,
                 vocab_size=vocab_size, tokenizer=tokenizer, num_workers=prepare_workers,
                 samples_per_shard=AUTO_SAMPLES_PER_SHARD, overwrite=True, progress=False, val_fraction=val_fraction,
+                val_optional=True,
             ))
     manifest = read_manifest(root)
     if manifest["seq_len"] != seq_len:

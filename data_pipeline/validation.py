@@ -37,6 +37,10 @@ class ValidationSink:
             self.tokens.append(sample.tokens)
             self.layouts.append(encode_layout(sample))
 
+    def is_empty(self) -> bool:
+        self._keep(self.packer.finish())
+        return not self.tokens
+
     def save(self, folder: Path) -> dict:
         self._keep(self.packer.finish())
         if not self.tokens:

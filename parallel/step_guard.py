@@ -83,7 +83,8 @@ class StepGuard:
         values = self._local_health()
         if self.world_size > 1:
             dist.all_reduce(values, group=self.group)
-        bad, loss = bool(values[0] > 0), float(values[1])
+        bad, loss = values.tolist()  # on the host already: the step's one device read was the .cpu() above
+        bad = bad > 0
         if bad:
             return Verdict(False, "non-finite loss or gradient", float("nan"))
         if self.spike_zscore > 0 and len(self.history) >= 20:

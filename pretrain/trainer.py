@@ -186,6 +186,10 @@ class _Loop:
         self.bad_steps = BadSteps(cfg.guard.max_bad_steps_in_row, cfg.guard.max_bad_steps,
                                   trainer_state.get("bad_steps", 0))
         self.watchdog = Watchdog(cfg.guard.step_timeout_s)
+        self.eval_every = cfg.eval.every if manifest.get("validation") else 0
+        if cfg.eval.every and not self.eval_every:
+            logger.write(f"held-out evaluation is off: {data_root} has no validation split (prepare the data with "
+                         "memdlm-prepare-data --val-fraction F, or set --data.val_fraction for raw input)")
         self.losses, self.step_seconds, self.skipped_samples = [], [], 0
         self.pending, self.flushed_at = [], time.perf_counter()
         self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
@@ -249,7 +253,7 @@ class _Loop:
                                    cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
         stop, flops = _control(stop_requested(), flops, self.topology)
         extra = self.judge(verdict)
-        if cfg.eval.every and (self.completed % cfg.eval.every == 0 or self.completed == cfg.train.steps):
+        if self.eval_every and (self.completed % self.eval_every == 0 or self.completed == cfg.train.steps):
             extra.update(self.evaluate())
         self.pending.append((self.completed, stats, lr, self.skipped_samples, flops, extra))
         if len(self.pending) >= self.cfg.logging.every:

@@ -37,6 +37,9 @@ class RecordingStep:
         self.last = self.step(batch, normalizer, step, record_fast_weights=True)
         return self.last
 
+    def __getattr__(self, name):  # what else the factory reads of a step (sites, mask token, autocast...)
+        return getattr(self.step, name)
+
 
 def _engine(memory_enabled: bool, zero_stage: int, record: bool = False):
     """The factory's parts for a DP run, optionally with a recording step."""

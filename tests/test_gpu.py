@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from data_pipeline.masking import build_masked_batch
-from pretrain.config import DataConfig, MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from pretrain.config import DataConfig, GuardConfig, MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +25,8 @@ def _config(device: str, precision: str = "fp32", documents: bool = False, memor
     return RunConfig(model=TINY, memory=MemoryConfig(enabled=memory, layer_fraction=0.5),
                      optim=OptimizerConfig(warmup_steps=0, eps=1e-6),
                      train=TrainConfig(global_batch_size=8, micro_batch_size=4, device=device, precision=precision),
-                     data=DataConfig(document_attention=documents))
+                     data=DataConfig(document_attention=documents),
+                     guard=GuardConfig(skip_bad_steps=False))  # its verdict is the one read (README, Clusters)
 
 
 def _batches(padded: bool = False, documents: bool = False):

@@ -64,21 +64,37 @@ def _batch(b, l, padded=False, states=1):
 @pytest.mark.parametrize("memory, padded, documents", [(True, False, False), (True, True, True), (False, False, False)],
                          ids=["memdlm", "memdlm-padding-documents", "mdlm"])
 def test_the_step_never_reads_back_from_the_device(topology, gpu_row_padding, memory, padded, documents):
+    seen = _syncs_in_a_step(topology, memory, padded, documents, guard=False)
+    assert not seen, "operators that synchronise on a GPU ran in the step:\n" + "\n".join(seen[:3])
+
+
+def test_the_bad_step_guard_is_the_one_reading_when_on(topology, gpu_row_padding):
+    """The guard's verdict needs the host: its copy of the health flags (``.cpu()``, which this CPU detector
+    cannot see) is the step's one read on a GPU; nothing else reads (``--guard.skip_bad_steps false`` makes
+    the step sync-free, as the gpu test checks)."""
+    seen = _syncs_in_a_step(topology, True, False, False, guard=True)
+    assert all("step_guard.py" in stack for stack in seen), "\n".join(seen[:3])
+
+
+def _syncs_in_a_step(topology, memory, padded, documents, guard):
+    from pretrain.config import GuardConfig
     from pretrain.factory import build_training
 
     cfg = RunConfig(model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48,
                                       seq_len=32),
                     memory=MemoryConfig(enabled=memory, layer_fraction=0.5), optim=OptimizerConfig(warmup_steps=0),
                     train=TrainConfig(global_batch_size=8, micro_batch_size=4),
-                    data=DataConfig(document_attention=documents))
+                    data=DataConfig(document_attention=documents), guard=GuardConfig(skip_bad_steps=guard))
     engine = build_training(cfg, topology, 63).engine
     batches = [_batch(4, 32, padded), _batch(4, 32, padded)]
     engine.train_step(batches, 0, 1e-3)  # warm-up outside the check (lazy state creation)
     mode = FailOnSync()
     with mode:
         stats = engine.train_step(batches, 1, 1e-3)
-    assert not mode.seen, "operators that synchronise on a GPU ran in the step:\n" + "\n".join(mode.seen[:3])
+    if engine.guard is not None:
+        assert engine.guard.finish().accepted
     assert np.isfinite(stats.host().loss)
+    return mode.seen
 
 
 def test_the_detector_catches_a_read_back(topology):

@@ -193,3 +193,22 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(tmp_path):
                                       "--checkpoint.every", "2"])
     _assert_same(losses, reference)
     assert lost_at < steps
+
+
+def test_srun_python_one_task_per_rank(tmp_path):
+    """``srun python -m launch.pretrain_cli``: rank and world from SLURM_*, no torchrun."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = [*TINY, "--train.steps", "6", "--train.out_dir", str(out), "--data.cache_dir", str(cache)]
+    _wait_for(_both_idle, 60, "both nodes to be idle")
+    out.mkdir(parents=True)
+    command = " ".join([sys.executable, "-m", "launch.pretrain_cli", *args])
+    result = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                             f"--output={out}/slurm-%j.log", f"--chdir={os.getcwd()}",
+                             f"--wrap=OMP_NUM_THREADS=1 srun {command}"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip().split(";")[0]
+    (out / "slurm").mkdir(exist_ok=True)
+    _finished(job, out)
+    log = next(out.glob("slurm-*.log")).read_text()
+    assert "2 ranks = tensor 1 x pipeline 1 x data 2" in log, log[-3000:]
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.cache_dir", str(cache)]))
