@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,14 +158,14 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
         loop.run(stop_requested)
 
     timed = loop.step_seconds[1:] or loop.step_seconds
-    losses = loop.losses
+    losses = [x for x in loop.losses if math.isfinite(x)] or loop.losses  # a skipped step's loss may be nan
     head, tail = losses[:10], losses[-10:]
     return TrainSummary(
         out_dir=out_dir, steps_done=loop.completed, first_loss=losses[0], last_loss=losses[-1],
         first_losses_mean=sum(head) / len(head), last_losses_mean=sum(tail) / len(tail),
         tokens_per_s=loop.tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
         num_parameters=full_parameter_count(cfg.model), checkpoint=loop.saved, metrics_file=out_dir / "metrics.jsonl",
-        wandb_dir=logger.wandb_dir, stopped_early=loop.stopped_early, losses=losses, resumed_from=checkpoint,
+        wandb_dir=logger.wandb_dir, stopped_early=loop.stopped_early, losses=loop.losses, resumed_from=checkpoint,
     )
 
 

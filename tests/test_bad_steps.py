@@ -117,6 +117,7 @@ def test_bad_steps_in_a_row_roll_back_and_the_budget_stops_the_run(topology, tmp
     assert not (budget / "DONE").exists()
 
 
+@pytest.mark.slow
 def test_a_loss_spike_is_skipped(topology, tmp_path):
     out = tmp_path / "run"
     args = [*TINY, "--train.steps", "24", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
@@ -143,6 +144,7 @@ train(build_config(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_the_watchdog_dumps_the_stacks_and_exits_when_a_step_hangs(tmp_path):
     args = [*TINY, "--train.steps", "4", "--train.out_dir", str(tmp_path / "run"), "--data.cache_dir",
             str(tmp_path / "cache"), "--guard.step_timeout_s", "8"]

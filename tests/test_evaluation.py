@@ -144,31 +144,35 @@ def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_eval_cli_reports_held_out_loss_equal_to_training(trained):
+def test_eval_cli_reports_held_out_loss_equal_to_training(trained, capsys):
     """The standalone held-out loss (one process, eval seed 0, 8 samples) equals the one logged at the end."""
     run, _ = trained
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if "eval_loss" in r][-1]
     data = next((run.parent / "cache").rglob("manifest.json")).parent
-    result = _cli("launch.eval_cli", str(run), "--task", "heldout", "--data", str(data), "--num-samples", "8",
-                  "--adaptation", "true", "--device", "cpu")
-    assert result.returncode == 0, result.stderr
-    values = json.loads(result.stdout)
+    from launch.eval_cli import eval_main
+
+    assert eval_main([str(run), "--task", "heldout", "--data", str(data), "--num-samples", "8", "--adaptation", "true",
+                      "--device", "cpu"]) == 0
+    values = json.loads(capsys.readouterr().out)
     assert values["loss_nats_per_token"] == pytest.approx(logged["eval_loss"], rel=1e-6)
     assert values["adapted_loss_nats_per_token"] == pytest.approx(logged["eval_adapted_loss"], rel=1e-6)
 
 
-def test_generate_cli_with_and_without_adaptation(trained):
+def test_generate_cli_with_and_without_adaptation(trained, capsys):
+    from launch.generate_cli import main
+
     run, _ = trained
     outputs = {}
     for adapt in ("false", "true"):
-        result = _cli("launch.generate_cli", str(run), "--prompt", "ROMEO: What say you", "--gen.length", "8",
-                      "--gen.steps", "8", "--memory.inference", adapt, "--device", "cpu")
-        assert result.returncode == 0, result.stderr
-        outputs[adapt] = json.loads(result.stdout.strip().splitlines()[-1])
-        assert outputs[adapt]["prompt"] == "ROMEO: What say you" and isinstance(outputs[adapt]["completion"], str)
-    bad = _cli("launch.generate_cli", str(run / "nowhere"), "--prompt", "x")
-    assert bad.returncode == 2 and "checkpoint" in bad.stderr
+        assert main([str(run), "--prompt", "ROMEO: What say you", "--prompt", "KING:", "--gen.length", "8",
+                     "--gen.steps", "8", "--memory.inference", adapt, "--device", "cpu"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+        assert [line["prompt"] for line in lines] == ["ROMEO: What say you", "KING:"]
+        assert all(len(line["tokens"]) <= 8 and line["adapted"] == (adapt == "true") for line in lines)
+        outputs[adapt] = lines
+    assert main([str(run / "nowhere"), "--prompt", "x"]) == 2
+    assert "checkpoint" in capsys.readouterr().err
 
 
 TASK = """task: memdlm_local_qa
@@ -186,6 +190,7 @@ metric_list:
 """
 
 
+@pytest.mark.slow
 def test_lm_eval_runs_a_local_two_question_task(trained, tmp_path):
     run, _ = trained
     data = tmp_path / "qa.jsonl"
