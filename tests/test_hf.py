@@ -168,6 +168,7 @@ def _init_from_run(rank, world, args):
     return train(build_config(args)).losses
 
 
+@pytest.mark.slow
 def test_init_from_trains_the_same_at_tensor_parallel_two(tmp_path):
     tiny_llama(tmp_path / "llama")
     out = import_hf(tmp_path / "llama", tmp_path / "imported", progress=lambda m: None)

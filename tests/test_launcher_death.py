@@ -4,9 +4,12 @@ fault tests)."""
 import os
 import signal
 
+import pytest
+
 from tests.test_faults import TP2, agent_and_ranks, assert_gone, kill_everything, start, steps_logged, wait_for
 
 
+@pytest.mark.slow  # test_faults keeps the torchrun agent's death in the default tier
 def test_ranks_stop_when_the_launcher_dies(tmp_path):
     """``kill -9`` of ``memdlm-pretrain --nproc-per-node``: its torchrun agent gets SIGTERM and stops
     the ranks (they would otherwise go on training and writing checkpoints on their own)."""
