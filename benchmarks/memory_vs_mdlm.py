@@ -203,7 +203,10 @@ def report(out: Path, folders: dict[str, Path], niah_results: dict, exposure_res
         axes[0].plot(steps, [r["eval_adapted_loss"] for r in evals[name]], ls="--",
                      label=f"{name} + inference adaptation")
         axes[1].plot([at(name, flops, s) / 1e12 for s in steps], [r["eval_loss"] for r in evals[name]], marker="o",
-                     label=name)
+                     label=f"{name} (base)")
+        if name == "memdlm":
+            axes[1].plot([at(name, flops, s) / 1e12 for s in steps], [r["eval_adapted_loss"] for r in evals[name]],
+                         ls="--", label=f"{name} + inference adaptation")
         train_steps = [r["step"] for r in metrics[name]]
         losses = np.array([r["loss"] for r in metrics[name]])
         smooth = np.convolve(losses, np.ones(10) / 10, mode="valid")
