@@ -53,8 +53,9 @@ munge_up() {
   mkdir -p /var/lib/munge /var/log/munge /run/munge
   chown munge:munge /etc/munge /etc/munge/munge.key /var/lib/munge /var/log/munge /run/munge
   chmod 0700 /etc/munge /var/log/munge; chmod 0600 /etc/munge/munge.key; chmod 0755 /run/munge
-  runuser -u munge -- /usr/sbin/munged --pid-file="$DIR/munged.pid"
+  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/memdlm-munged.pid  # a directory munge may write
   retry 30 bash -c 'munge -n | unmunge' || fail "munged does not answer"
+  retry 10 test -s /run/munge/memdlm-munged.pid && cp /run/munge/memdlm-munged.pid "$DIR/munged.pid"  # ours to stop
 }
 
 configure() {
