@@ -152,7 +152,7 @@ def test_submit_trains_across_two_nodes_like_one_process(tmp_path):
 @pytest.mark.parametrize("fault", ["usr1-to-batch-shell", "sigterm-to-one-worker"])
 def test_preemption_saves_requeues_and_the_run_equals_an_uninterrupted_one(tmp_path, fault):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    steps = 40
+    steps = 80  # long enough that the signal arrives mid-run on a fast machine too
     job, _ = _submit(out, cache, steps)
     _wait_for(lambda: _steps_logged(out) >= 3, 180, "the first steps")
     if fault == "usr1-to-batch-shell":
