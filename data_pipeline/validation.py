@@ -68,9 +68,12 @@ def read_validation(root: Path, manifest: dict) -> tuple[np.ndarray, list[np.nda
     return tokens, [layouts[offsets[i]:offsets[i + 1]] for i in range(len(tokens))]
 
 
-def validation_batches(root: Path, manifest: dict, collate, indices: list[int], batch_size: int) -> list[MaskedBatch]:
-    """Masked batches of validation samples ``indices`` (``collate``: a ``MaskingCollate`` with the
-    evaluation's seed; a sample's masks depend only on it and its index)."""
+def validation_batches(root: Path, manifest: dict, collates: list, indices: list[int],
+                       batch_size: int) -> list[list[MaskedBatch]]:
+    """Masked batches of validation samples ``indices``, one list per collate (``MaskingCollate`` objects:
+    the evaluation's masks, the adaptation's; a sample's masks depend only on it and its index). The file
+    is read and checked once."""
     tokens, layouts = read_validation(root, manifest)
     samples = [{"tokens": tokens[i], "layout": layouts[i], "sample_index": i, "epoch": 0} for i in indices]
-    return [collate(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
+    return [[collate(samples[start:start + batch_size]) for start in range(0, len(samples), batch_size)]
+            for collate in collates]

@@ -9,6 +9,7 @@ import sys
 
 from data_pipeline.errors import UsageError
 from launch.generate_cli import add_generation_options, generation_config
+from launch.messages import fail
 
 
 def _csv_ints(text: str) -> list[int]:
@@ -40,8 +41,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         result = _evaluate(args)
     except UsageError as err:
-        print(f"memdlm-eval: error: {err}", file=sys.stderr)
-        return 2
+        return fail("memdlm-eval", str(err))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -79,35 +79,33 @@ def _evaluate(args) -> dict:
 
 
 def _heldout(model, args) -> dict:
-    import dataclasses
     from pathlib import Path
 
     import torch
 
-    from data_pipeline.readers import MaskingCollate, MaskingSpec
     from data_pipeline.shards import read_manifest
     from data_pipeline.validation import validation_batches
     from parallel.collectives import LossNormalizer
-    from pretrain.evaluation import Evaluator, bits
+    from pretrain.evaluation import Evaluator, bits, evaluation_collates
 
     root = Path(args.data)
     manifest = read_manifest(root)
     cfg = model.model.cfg
-    memory = model.adapter.memory
+    adapt = args.adaptation != "false"
     total = min(args.num_samples, manifest.get("validation", {}).get("num_samples", args.num_samples))
-    spec = MaskingSpec(args.seed, memory.num_inner_steps, memory.pre_anchor_scale, 1e-3, cfg.seq_len, cfg.vocab_size)
-    batches = validation_batches(root, manifest, MaskingCollate(spec), list(range(total)), 16)
-    prompt_spec = dataclasses.replace(spec, seed=args.seed + 1, mask_ratio=memory.prompt_mask_ratio)
-    prompts = validation_batches(root, manifest, MaskingCollate(prompt_spec), list(range(total)), 16)
+    collates = evaluation_collates(args.seed, model.adapter.memory, model.adapter.diffusion.eps, cfg.seq_len,
+                                   cfg.vocab_size, adapt)
+    batches, *prompts = validation_batches(root, manifest, collates, list(range(total)), 16)
+    prompts = prompts[0] if adapt else [None] * len(batches)
     device = model.device
     normalizer = LossNormalizer.of([b.maskable for b in batches]).to(device)
     evaluator = Evaluator(model.adapter)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch, prompt in zip(batches, prompts):
-        sums += evaluator(batch.to(device), normalizer, prompt.to(device) if args.adaptation != "false" else None)
+        sums += evaluator(batch.to(device), normalizer, prompt.to(device) if prompt is not None else None)
     loss, adapted = sums.tolist()
     result = {"samples": total, "loss_nats_per_token": loss, "bits_per_token": bits(loss)}
-    if args.adaptation != "false":
+    if adapt:
         result.update(adapted_loss_nats_per_token=adapted, adapted_bits_per_token=bits(adapted))
     return result
 
@@ -134,17 +132,12 @@ def niah_main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer).tokenizer
     except DataError as err:
-        return _fail("memdlm-niah", str(err))
+        return fail("memdlm-niah", str(err))
     examples = make_suite(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, args.kinds.split(","),
                           _csv_ints(args.lengths), args.per_cell, args.seed)
     write_jsonl(examples, Path(args.output))
     print(f"wrote {len(examples)} examples to {args.output}")
     return 0
-
-
-def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 if __name__ == "__main__":

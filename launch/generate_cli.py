@@ -8,6 +8,7 @@ import json
 import sys
 
 from data_pipeline.errors import UsageError
+from launch.messages import fail
 
 PROG = "memdlm-generate"
 
@@ -99,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 lines.append(json.dumps({"prompt": text, "completion": model.decode(tokens), "tokens": tokens,
                                          "adapted": args.inference == "true"}))
     except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(err))
     text = "\n".join(lines) + "\n"
     if args.output:
         with open(args.output, "w") as handle:

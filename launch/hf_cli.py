@@ -7,6 +7,7 @@ import re
 import sys
 
 from data_pipeline.errors import UsageError
+from launch.messages import fail
 
 
 def parse_size(text: str) -> int:
@@ -18,11 +19,6 @@ def parse_size(text: str) -> int:
     factor = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40, "K": 2**10, "M": 2**20,
               "G": 2**30, "T": 2**40}[unit]
     return int(number * factor)
-
-
-def _fail(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def export_main(argv: list[str] | None = None) -> int:
@@ -50,7 +46,7 @@ def export_main(argv: list[str] | None = None) -> int:
         export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, not args.no_verify,
                           args.overwrite)
     except UsageError as err:
-        return _fail(parser.prog, str(err))
+        return fail(parser.prog, str(err))
     return 0
 
 
@@ -74,7 +70,7 @@ def import_main(argv: list[str] | None = None) -> int:
     try:
         import_hf(args.hf_dir, args.out_dir, args.max_shard_size, args.overwrite)
     except UsageError as err:
-        return _fail(parser.prog, str(err))
+        return fail(parser.prog, str(err))
     return 0
 
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from data_pipeline.errors import UsageError
+from launch.messages import fail
 from launch.slurm import SlurmJob, sbatch_script
 
 PROG = "memdlm-launch"
@@ -64,8 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = _job(args, train_args)
     except UsageError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+        return fail(PROG, str(err))
     script = sbatch_script(job)
     path = job.out_dir / "slurm" / "job.sbatch"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=120)
     except FileNotFoundError:
-        print(f"{PROG}: error: sbatch is not on PATH; run this on a Slurm login node", file=sys.stderr)
-        return 2
+        return fail(PROG, "sbatch is not on PATH; run this on a Slurm login node")
     if result.returncode != 0:
         print(f"{PROG}: error: sbatch failed: {result.stderr.strip()}", file=sys.stderr)
         return result.returncode

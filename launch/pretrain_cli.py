@@ -13,6 +13,7 @@ import sys
 
 from data_pipeline.errors import UsageError
 from launch.config_cli import build_config, format_help
+from launch.messages import fail
 from launch.process_guard import die_with_parent, started_by_torchrun
 
 PROG = "memdlm-pretrain"
@@ -32,9 +33,8 @@ LAUNCH_OPTIONS = [
 
 
 def _fail(message: str) -> int:
-    if _is_main_rank():
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
+    """Only rank 0 reports: every rank of a launch checks the same options."""
+    return fail(PROG, message) if _is_main_rank() else 2
 
 
 def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
@@ -54,7 +54,7 @@ def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
     return (int(nproc) if nproc is not None else None), rest
 
 
-def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
+def _launch_with_torchrun(nproc: int, argv: list[str], out_dir: str) -> int:
     """One process per rank on this machine, through torchrun (restarts resume from checkpoints).
 
     The agent gets SIGTERM if this process dies (it then stops its ranks), and each rank dies with the
@@ -68,18 +68,14 @@ def _launch_with_torchrun(nproc: int, argv: list[str]) -> int:
         code = agent.wait()
     except KeyboardInterrupt:  # the agent got the same Ctrl-C; let it stop its ranks
         code = agent.wait()
-    return _requeue_code(code, argv)
+    return _requeue_code(code, out_dir)
 
 
-def _requeue_code(code: int, argv: list[str]) -> int:
+def _requeue_code(code: int, out_dir: str) -> int:
     """Ranks under torchrun exit 0 after a stop on a signal (else the elastic agent would restart them);
     the run directory's REQUEUE marker tells the caller to run the job again."""
     from pretrain.resilience import REQUEUE, REQUEUE_EXIT_CODE
 
-    try:
-        out_dir = build_config(argv).train.out_dir
-    except UsageError:
-        return code
     return REQUEUE_EXIT_CODE if code == 0 and os.path.exists(os.path.join(out_dir, REQUEUE)) else code
 
 
@@ -104,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             check_run_layout(cfg, nproc)
         except UsageError as err:
             return _fail(str(err))
-        return _launch_with_torchrun(nproc, argv)
+        return _launch_with_torchrun(nproc, argv, cfg.train.out_dir)
 
     from launch.slurm import ranks_from_slurm
 

@@ -121,6 +121,7 @@ class OuterOptimizer:
         self.tensor_group = tensor_group
         self.pipeline_group = pipeline_group
         self.reduce_group = reduce_group
+        self.norm_listener = None  # told the global gradient norm before each step (the step guard)
 
     def set_learning_rate(self, lr: float) -> None:
         set_learning_rate(self.optimizer, lr)
@@ -131,6 +132,8 @@ class OuterOptimizer:
         if self.reduce_group is not None:
             all_reduce_gradients(params, self.reduce_group)
         grad_norm = grad_norm_and_clip(params, self.max_norm, self.tensor_group, self.pipeline_group)
+        if self.norm_listener is not None:
+            self.norm_listener(grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

@@ -3,8 +3,9 @@ optimizer would change anything.
 
 The guard wraps the ``step`` of the torch optimizer that each engine finally calls (directly, or from
 inside DeepSpeed's ZeRO wrapper, which may call it once per parameter group: the decision is taken once
-per training step and reused). Each rank contributes whether its loss share and the gradients its
-optimizer holds are finite, and its share of the global loss; one all-reduce on the CPU control group
+per training step and reused). Each rank contributes whether its loss share and the gradients are
+finite (by the global gradient norm the local and pipeline engines already compute, or else by a norm of
+the gradients its optimizer holds), and its share of the global loss; one all-reduce on the CPU control group
 gives every rank the same verdict. A rejected step does not call the optimizer: weights, AdamW moments
 and step count are untouched, and the caller does not advance its learning-rate schedule.
 
@@ -40,6 +41,7 @@ class StepGuard:
         self.spike_zscore = spike_zscore
         self.history: deque[float] = deque(maxlen=window)
         self.sums: torch.Tensor | None = None
+        self.norm: torch.Tensor | None = None  # the global gradient norm, when the engine computed one
         self.verdict: Verdict | None = None
         self.optimizer: torch.optim.Optimizer | None = None
 
@@ -58,7 +60,12 @@ class StepGuard:
         optimizer.step = guarded_step
 
     def begin(self, sums: torch.Tensor) -> None:
-        self.sums, self.verdict = sums, None
+        self.sums, self.norm, self.verdict = sums, None, None
+
+    def note_norm(self, norm: torch.Tensor) -> None:
+        """The step's global gradient norm (over tensor and pipeline ranks, after the data-parallel
+        reduction): non-finite exactly when some gradient is, so the gradients need no pass of their own."""
+        self.norm = norm
 
     def finish(self) -> Verdict:
         verdict = self.verdict or Verdict(False, "non-finite gradient norm (DeepSpeed skipped the update)")
@@ -70,12 +77,15 @@ class StepGuard:
     # -- the decision ----------------------------------------------------------------------------
     def _local_health(self) -> torch.Tensor:
         """[gradients or loss non-finite here, this rank's share of the global loss] (float64, on the CPU)."""
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         loss = self.sums[0] if self.sums is not None else torch.zeros((), dtype=torch.float64)
         finite = torch.isfinite(loss)
-        if grads:
-            norms = torch._foreach_norm(grads)
-            finite = finite & torch.isfinite(torch.stack([n.to(loss.device, torch.float64) for n in norms]).sum())
+        if self.norm is not None:
+            finite = finite & torch.isfinite(self.norm.to(loss.device))
+        else:  # DeepSpeed: the gradients (or this rank's partition of them) the optimizer is about to use
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                norms = torch._foreach_norm(grads)
+                finite = finite & torch.isfinite(torch.stack([n.to(loss.device, torch.float64) for n in norms]).sum())
         share = loss if self.counts_loss else torch.zeros_like(loss)
         return torch.stack([(~finite).double(), torch.nan_to_num(share.double(), nan=0.0, posinf=0.0)]).cpu()
 

@@ -15,12 +15,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch
 
 from data_pipeline.masking import MaskedBatch, hashed_uniform
+from data_pipeline.readers import MaskingCollate, MaskingSpec
 from parallel.collectives import LossNormalizer
 from pretrain.bilevel import BilevelStep
 from pretrain.inference import prompt_adaptation_batch
@@ -78,6 +80,17 @@ def conditional_log_likelihood(model, adapter: BilevelStep, prompt: list[int], c
     log_probs = logits.log_softmax(-1).gather(-1, ids[len(prompt):].expand(num_samples, n)[..., None]).squeeze(-1)
     estimates = (log_probs * where).sum(-1) * (n / torch.from_numpy(counts).to(device).double())
     return float(estimates.mean())
+
+
+def evaluation_collates(seed: int, memory, eps: float, seq_len: int, vocab_size: int,
+                        adaptation: bool) -> list[MaskingCollate]:
+    """How validation samples are masked: the evaluation's anchor masks (from ``seed``) and, for
+    adaptation, the same samples masked at ``memory.prompt_mask_ratio`` (from ``seed + 1``)."""
+    spec = MaskingSpec(seed, memory.num_inner_steps, memory.pre_anchor_scale, eps, seq_len, vocab_size)
+    collates = [MaskingCollate(spec)]
+    if adaptation:
+        collates.append(MaskingCollate(dataclasses.replace(spec, seed=seed + 1, mask_ratio=memory.prompt_mask_ratio)))
+    return collates
 
 
 def bits(nats: float) -> float:

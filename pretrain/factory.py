@@ -119,6 +119,8 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, step: BilevelStep,
         engine.guard = StepGuard(topology.control_group, topology.world_size, topology.tensor_parallel_rank == 0,
                                  cfg.guard.spike_zscore, cfg.guard.spike_window)
         engine.guard.wrap(optimizer)
+        if engine.optimizer is not None:  # an OuterOptimizer already computes the global norm
+            engine.optimizer.norm_listener = engine.guard.note_norm
     return engine
 
 

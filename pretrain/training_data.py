@@ -6,7 +6,6 @@ that checkpoints carry.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -16,12 +15,13 @@ import torch.distributed as dist
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
-from data_pipeline.readers import MaskingCollate, MaskingSpec
+from data_pipeline.readers import MaskingSpec
 from data_pipeline.source import resolve_dataset
 from data_pipeline.validation import validation_batches
 from parallel.collectives import broadcast_batch
 from parallel.topology import Topology
 from pretrain.config import RunConfig
+from pretrain.evaluation import evaluation_collates
 
 
 class ReplicaBatches:
@@ -81,17 +81,12 @@ class Validation:
             raise DataError(f"--eval.num_samples: {total} validation samples cannot be shared by "
                             f"{topology.data_parallel_size} data-parallel ranks; evaluate more samples")
         indices = list(range(topology.data_parallel_rank, total, topology.data_parallel_size))
-        memory, model = cfg.memory, cfg.model
-        spec = MaskingSpec(cfg.eval.seed, memory.num_inner_steps, memory.pre_anchor_scale, cfg.diffusion.eps,
-                           model.seq_len, model.vocab_size)
-        size = cfg.eval.micro_batch_size
-        self.batches = [b.to(topology.device)
-                        for b in validation_batches(root, manifest, MaskingCollate(spec), indices, size)]
-        self.prompts = None
-        if cfg.eval.adaptation:
-            prompt_spec = dataclasses.replace(spec, seed=cfg.eval.seed + 1, mask_ratio=memory.prompt_mask_ratio)
-            self.prompts = [b.to(topology.device) for b in
-                            validation_batches(root, manifest, MaskingCollate(prompt_spec), indices, size)]
+        collates = evaluation_collates(cfg.eval.seed, cfg.memory, cfg.diffusion.eps, cfg.model.seq_len,
+                                       cfg.model.vocab_size, cfg.eval.adaptation)
+        masked = [[b.to(topology.device) for b in batches] for batches in
+                  validation_batches(root, manifest, collates, indices, cfg.eval.micro_batch_size)]
+        self.batches = masked[0]
+        self.prompts = masked[1] if cfg.eval.adaptation else None
 
 
 def data_state_for(saved: dict, data_format: str, data_parallel_rank: int):

@@ -14,6 +14,7 @@ import torch
 from launch.config_cli import build_config
 from pretrain.checkpoint import read_tensors
 from tests.dist_utils import run_ranks
+from tests.test_cli import read_metrics
 
 TINY = ["--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads",
         "2", "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
@@ -45,10 +46,6 @@ def _everything(folder):
     return dict(read_tensors(folder, prefix=""))
 
 
-def _records(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def _train_poisoned(rank, world, args, steps, ranks, factor=float("nan")):
     from pretrain.bilevel import BilevelStep
     from pretrain.trainer import train
@@ -70,7 +67,7 @@ def _check_skipped(out, bad_step):
     assert sorted(before) == sorted(after) and any(k.endswith("exp_avg") for k in before)
     for key in before:
         assert torch.equal(before[key], after[key]), key
-    records = {r["step"]: r for r in _records(out)}
+    records = {r["step"]: r for r in read_metrics(out)}
     assert "skipped_update" in records[bad_step + 1] and "non-finite" in records[bad_step + 1]["skipped_update"]
     assert records[bad_step + 2]["lr"] == records[bad_step + 1]["lr"] != records[bad_step]["lr"]
     assert all("skipped_update" not in r for s, r in records.items() if s != bad_step + 1)
@@ -105,7 +102,7 @@ def test_bad_steps_in_a_row_roll_back_and_the_budget_stops_the_run(topology, tmp
     args = [*TINY, "--train.steps", "7", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
             "--guard.max_bad_steps_in_row", "2"]
     _train_poisoned(0, 1, args, {3, 4}, {0})
-    records = {r["step"]: r for r in _records(out)}
+    records = {r["step"]: r for r in read_metrics(out)}
     assert records[5]["rolled_back_to"] == "step_000004" and "skipped_update" in records[4]
     assert records[6]["lr"] == records[4]["lr"]  # steps 4 and 5 were skipped: the schedule waited
     assert "skipped_update" not in records[6] and json.loads((out / "DONE").read_text())["step"] == 7
@@ -123,7 +120,7 @@ def test_a_loss_spike_is_skipped(topology, tmp_path):
     args = [*TINY, "--train.steps", "24", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
             "--guard.spike_zscore", "6", "--guard.spike_window", "20", "--checkpoint.every", "0"]
     _train_poisoned(0, 1, args, {22}, {0}, factor=100.0)
-    records = {r["step"]: r for r in _records(out)}
+    records = {r["step"]: r for r in read_metrics(out)}
     assert [s for s, r in records.items() if "skipped_update" in r] == [23]
     assert "loss spike" in records[23]["skipped_update"] and records[24]["lr"] == records[23]["lr"]
 

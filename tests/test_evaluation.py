@@ -18,6 +18,7 @@ from parallel.collectives import LossNormalizer
 from pretrain.evaluation import Evaluator, bits, conditional_log_likelihood
 from pretrain.inference import load_for_inference
 from pretrain.niah import KINDS, exact_match, make_suite
+from tests.test_cli import read_metrics
 from tests.test_generation import MASK, PAD, _adapter, _model
 
 SMALL = ["--model.vocab_size", "512", "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads",
@@ -130,7 +131,7 @@ def trained(tmp_path_factory):
 
 def test_training_logs_held_out_losses_at_the_interval_and_the_end(trained):
     run, _ = trained
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     evaluated = {r["step"]: r for r in records if "eval_loss" in r}
     assert sorted(evaluated) == [2, 3]
     for record in evaluated.values():
@@ -147,7 +148,7 @@ def _cli(*args, timeout=300):
 def test_eval_cli_reports_held_out_loss_equal_to_training(trained, capsys):
     """The standalone held-out loss (one process, eval seed 0, 8 samples) equals the one logged at the end."""
     run, _ = trained
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(run)
     logged = [r for r in records if "eval_loss" in r][-1]
     data = next((run.parent / "cache").rglob("manifest.json")).parent
     from launch.eval_cli import eval_main
@@ -163,14 +164,12 @@ def test_generate_cli_with_and_without_adaptation(trained, capsys):
     from launch.generate_cli import main
 
     run, _ = trained
-    outputs = {}
     for adapt in ("false", "true"):
         assert main([str(run), "--prompt", "ROMEO: What say you", "--prompt", "KING:", "--gen.length", "8",
                      "--gen.steps", "8", "--memory.inference", adapt, "--device", "cpu"]) == 0
         lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
         assert [line["prompt"] for line in lines] == ["ROMEO: What say you", "KING:"]
         assert all(len(line["tokens"]) <= 8 and line["adapted"] == (adapt == "true") for line in lines)
-        outputs[adapt] = lines
     assert main([str(run / "nowhere"), "--prompt", "x"]) == 2
     assert "checkpoint" in capsys.readouterr().err
 

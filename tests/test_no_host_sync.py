@@ -68,12 +68,18 @@ def test_the_step_never_reads_back_from_the_device(topology, gpu_row_padding, me
     assert not seen, "operators that synchronise on a GPU ran in the step:\n" + "\n".join(seen[:3])
 
 
-def test_the_bad_step_guard_is_the_one_reading_when_on(topology, gpu_row_padding):
-    """The guard's verdict needs the host: its copy of the health flags (``.cpu()``, which this CPU detector
-    cannot see) is the step's one read on a GPU; nothing else reads (``--guard.skip_bad_steps false`` makes
-    the step sync-free, as the gpu test checks)."""
+def test_the_bad_step_guard_reads_the_device_once_per_step(topology, gpu_row_padding, monkeypatch):
+    """The guard's verdict needs the host: one copy of its health flags (``.cpu()``, which this CPU
+    detector cannot see, so the copies are counted) per step and nothing else that reads
+    (``--guard.skip_bad_steps false`` makes the step sync-free, as the gpu test checks)."""
+    from parallel.step_guard import StepGuard
+
+    reads = []
+    original = StepGuard._local_health
+    monkeypatch.setattr(StepGuard, "_local_health", lambda self: reads.append(1) or original(self))
     seen = _syncs_in_a_step(topology, True, False, False, guard=True)
-    assert all("step_guard.py" in stack for stack in seen), "\n".join(seen[:3])
+    assert not seen, "\n".join(seen[:3])
+    assert len(reads) == 2, "one read in the warm-up step and one in the checked step"
 
 
 def _syncs_in_a_step(topology, memory, padded, documents, guard):

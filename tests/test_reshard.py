@@ -9,13 +9,13 @@ The held-out evaluation (``--eval.every 3``: after step 3 at layout A and step 6
 without inference-time adaptation) must also give the single-process figures at every layout.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 
 from pretrain.checkpoint import read_weights
 from tests.dist_utils import run_ranks
+from tests.test_cli import read_metrics
 from tests.test_parallel_layouts import LAYOUTS, TINY, relative
 
 STEPS = ["--train.steps", "6", "--eval.every", "3", "--eval.num_samples", "12", "--eval.micro_batch_size", "4"]
@@ -92,7 +92,7 @@ def resharded(tmp_path_factory):
 
 
 def _eval_losses(folder) -> dict:
-    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(Path(folder))
     return {(r["step"], key): r[key] for r in records for key in ("eval_loss", "eval_adapted_loss") if key in r}
 
 
