@@ -291,8 +291,9 @@ class _Loop:
             return {}
         self.logger.write(f"step {self.completed}: update skipped on every rank ({verdict.reason}); weights, "
                           "optimizer state and learning-rate schedule unchanged")
-        record = {"skipped_update": verdict.reason, "bad_steps": self.bad_steps.total + 1}
-        if self.bad_steps.rejected(self.completed, verdict.reason):
+        roll_back = self.bad_steps.rejected(self.completed, verdict.reason)
+        record = {"skipped_update": verdict.reason, "bad_steps": self.bad_steps.total}
+        if roll_back:
             record["rolled_back_to"] = self.roll_back()
         return record
 
