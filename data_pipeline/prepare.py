@@ -109,7 +109,9 @@ def _encoded_stream(files, tokenizer_json: str, eot_id: int, num_workers: int, p
             yield from account(_encode(task), task)
         return
     pending: list = []
-    context = multiprocessing.get_context("fork")
+    # Spawned, not forked: a fork copies the locks of the caller's other threads (a trainer or a test
+    # process has loader threads), and a worker that inherits a held one never starts (seen: a hang).
+    context = multiprocessing.get_context("spawn")
     with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer_json,)) as pool:
         # A bounded window of tasks in flight keeps memory flat while results stay in input order.
         for task in tasks:
