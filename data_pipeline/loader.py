@@ -58,7 +58,7 @@ def _barriers_on(group):
         dist.barrier = original
 
 
-def _open_streaming_dataset(**kwargs) -> "IndexedStreamingDataset":
+def open_streaming_dataset(**kwargs) -> "IndexedStreamingDataset":
     """mosaicml-streaming picks the first free shared-memory prefix by looking, then creating: two jobs
     starting at once on one machine can pick the same one, and the slower gets ``FileExistsError`` (seen
     with two test workers). Its first shared-memory object is the one that fails, so trying again (after a
@@ -76,7 +76,7 @@ class MDSBatches:
     def __init__(self, folder: Path, micro_batch_size: int, collate: MaskingCollate, options: ReaderOptions,
                  seed: int, state: dict | None, barrier_group=None):
         with _barriers_on(barrier_group):
-            self.dataset = _open_streaming_dataset(
+            self.dataset = open_streaming_dataset(
                 local=str(folder), remote=None, shuffle=options.shuffle, shuffle_seed=seed,
                 num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
                 shuffle_block_size=options.shuffle_block_size or None,

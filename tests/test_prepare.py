@@ -8,7 +8,8 @@ import webdataset as wds
 from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
-from data_pipeline.readers import IndexedStreamingDataset, MaskingCollate, MaskingSpec
+from data_pipeline.loader import open_streaming_dataset
+from data_pipeline.readers import MaskingCollate, MaskingSpec
 from data_pipeline.shards import decode_webdataset_sample
 from tests.data_fixtures import SEQ_LEN, VOCAB, prepare, write_corpus
 
@@ -62,7 +63,7 @@ def reference_packing(corpus, tokenizer_file, manifest):
 
 
 def read_mds(root):
-    dataset = IndexedStreamingDataset(local=str(root / "mds"), remote=None, shuffle=False)
+    dataset = open_streaming_dataset(local=str(root / "mds"), remote=None, shuffle=False)  # a test beside may race
     try:
         return [dataset[i] for i in range(len(dataset))]
     finally:
