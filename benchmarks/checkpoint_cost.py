@@ -40,10 +40,10 @@ def _run(rank, world, port, out_dir, device_name, model_name, threads):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
     from data_pipeline.masking import build_masked_batch
+    from parallel.checkpoint.checkpointer import Checkpointer
     from parallel.topology import initialize_topology, shutdown_topology
-    from pretrain.checkpoint import Checkpointer
     from pretrain.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     micro = GLOBAL_BATCH // world
     cfg = RunConfig(model=ModelConfig(**MODELS[model_name]),
@@ -64,7 +64,7 @@ def _run(rank, world, port, out_dir, device_name, model_name, threads):
     tokenizer = Path(out_dir) / "tokenizer.json"
     tokenizer.write_text("{}")
     saver = Checkpointer(root, topology, {}, tokenizer, keep=3, log=lambda m: None)
-    sync = saver.save(1, engine, {"data": {}})
+    sync = saver.save(1, engine)
     folder = sync.folder
     files = sorted(folder.glob(f"__{rank}_*.distcp"))
     written = sum(f.stat().st_size for f in files)
@@ -74,7 +74,7 @@ def _run(rank, world, port, out_dir, device_name, model_name, threads):
     background = Checkpointer(Path(out_dir) / "async", topology, {}, tokenizer, asynchronous=True,
                               log=lambda m: None)
     start = time.perf_counter()
-    report = background.save(2, engine, {"data": {}})
+    report = background.save(2, engine)
     stall = report.seconds
     background.wait()
     async_total = time.perf_counter() - start

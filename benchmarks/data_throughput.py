@@ -24,8 +24,8 @@ from data_pipeline.readers import MaskingSpec  # noqa: E402
 from data_pipeline.source import resolve_dataset  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
 from pretrain.config import RunConfig  # noqa: E402
-from pretrain.cpu_memory import keep_freed_memory  # noqa: E402
-from pretrain.factory import build_training  # noqa: E402
+from pretrain.train.cpu_memory import keep_freed_memory  # noqa: E402
+from pretrain.train.factory import build_training  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ Stages (each leaves its result in the output folder and is skipped when rerun, s
 the training runs resume from their checkpoints):
 
 1. data: the bundled corpus is prepared (its BPE tokenizer), a needle-in-a-haystack training mixture is
-   generated with that tokenizer (``pretrain.niah``, seed 0) and both are prepared together, 5% of the
+   generated with that tokenizer (``pretrain.eval.niah``, seed 0) and both are prepared together, 5% of the
    documents held out;
 2. train: ``memdlm-pretrain`` twice, memory off (MDLM) and on (MemDLM), the same seed, model, data order
    and masks, the held-out loss of the base model every ``--eval-every`` steps (``eval_loss``), and with
@@ -53,7 +53,7 @@ def _done(path: Path) -> dict | None:
 def prepare_data(out: Path, args) -> Path:
     from data_pipeline.corpus import BUNDLED_CORPUS
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.niah import make_suite, write_jsonl
+    from pretrain.eval.niah import make_suite, write_jsonl
 
     dataset = out / "data" / "mixture"
     if (dataset / "manifest.json").is_file():
@@ -109,9 +109,9 @@ def niah(out: Path, folders: dict[str, Path], args) -> dict:
     path = out / "niah.json"
     if (done := _done(path)) is not None:
         return done
-    from pretrain.inference import load_for_inference
-    from pretrain.niah import evaluate_suite, make_suite
-    from pretrain.sampling import GenerationConfig
+    from pretrain.eval.inference import load_for_inference
+    from pretrain.eval.niah import evaluate_suite, make_suite
+    from pretrain.eval.sampling import GenerationConfig
 
     results = {}
     generation = GenerationConfig(length=8, steps=8)
@@ -166,7 +166,7 @@ def exposure(out: Path, folders: dict[str, Path], dataset: Path, args) -> dict:
         return done
     from data_pipeline.shards import read_manifest
     from data_pipeline.validation import read_validation
-    from pretrain.inference import load_for_inference
+    from pretrain.eval.inference import load_for_inference
 
     tokens, _ = read_validation(dataset, read_manifest(dataset))
     ids = torch.from_numpy(tokens[:args.exposure_samples].astype(np.int64))

@@ -87,7 +87,7 @@ def _run(rank, world, port, out_dir, device_name, zero_stage, steps, threads):
     torch.set_num_threads(threads)
     from parallel.topology import initialize_topology, shutdown_topology
     from pretrain.config import ParallelConfig, RunConfig, TrainConfig
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     micro = GLOBAL_BATCH // 2
     cfg = RunConfig(train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,

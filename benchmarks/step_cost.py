@@ -10,7 +10,7 @@ Presets:
 A "step" is the loss and its backward (what the bi-level step changes); the optimizer update is the
 same for both and left out. MDLM and MemDLM steps are interleaved after a warm-up; medians.
 
-Figures: executed FLOPs (``pretrain.flops.executed_flops``, equal to torch's FLOP counter) and model
+Figures: executed FLOPs (``pretrain.train.flops.executed_flops``, equal to torch's FLOP counter) and model
 FLOPs (the plain MDLM convention, ``6 N + 12 L l h`` per token, bidirectional attention), both as MFU
 against the device's peak (data-sheet bf16 peak on known GPUs, else a 2048^3 matmul measured in the
 same run); tokens/s; peak memory of one step with memory on and off, with and without recomputation
@@ -37,10 +37,10 @@ from data_pipeline.masking import build_masked_batch  # noqa: E402
 from parallel.collectives import LossNormalizer  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
 from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
-from pretrain.cpu_memory import keep_freed_memory  # noqa: E402
-from pretrain.factory import build_model, build_step  # noqa: E402
-from pretrain.flops import executed_flops, model_flops_per_token, peak_flops  # noqa: E402
-from pretrain.model import count_parameters  # noqa: E402
+from pretrain.model.transformer import count_parameters  # noqa: E402
+from pretrain.train.cpu_memory import keep_freed_memory  # noqa: E402
+from pretrain.train.factory import build_bilevel_step, build_model  # noqa: E402
+from pretrain.train.flops import executed_flops, model_flops_per_token, peak_flops  # noqa: E402
 
 PRESETS = {
     "small": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536,
@@ -59,7 +59,8 @@ class Bench:
                                      train=TrainConfig(seed=0, precision=precision, recompute=recompute))
                      for name, enabled in (("mdlm", False), ("memdlm", True))}
         self.model = build_model(self.runs["mdlm"], topology)
-        self.steps = {name: build_step(run, self.model, topology, cfg.vocab_size - 1) for name, run in self.runs.items()}
+        self.steps = {name: build_bilevel_step(run, self.model, topology, cfg.vocab_size - 1)
+                      for name, run in self.runs.items()}
         rng = np.random.default_rng(0)
         self.batches = []
         for index in range(num_batches):
@@ -76,7 +77,8 @@ class Bench:
     def executed(self, name: str) -> float:
         run = self.runs[name]
         counts = [b.row_counts if run.memory.enabled else b.row_counts[-1:] for b, _ in self.batches]
-        return sum(executed_flops(self.cfg, run.memory, self.batch, c, run.train.recompute) for c in counts) / len(counts)
+        flops = [executed_flops(self.cfg, run.memory, self.batch, c, run.train.recompute) for c in counts]
+        return sum(flops) / len(counts)
 
     def set_recompute(self, mode: str) -> None:
         for name, step in self.steps.items():
@@ -106,7 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run")
     parser.add_argument("--preset", default="", choices=["", *PRESETS], help="model (default: small on CPU, 1b on GPU)")
-    parser.add_argument("--batch", type=int, default=-1, help="micro-batch (default: the preset's; 0 = largest that fits)")
+    parser.add_argument("--batch", type=int, default=-1,
+                        help="micro-batch (default: the preset's; 0 = largest that fits)")
     parser.add_argument("--precision", default="", choices=["", "fp32", "bf16"], help="default: the preset's")
     parser.add_argument("--recompute", default="", choices=["", "none", "full", "selective"],
                         help="recomputation for the timed steps (default: the preset's)")

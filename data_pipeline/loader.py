@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
-
 from streaming.base import StreamingDataLoader
 from torch.utils.data import DataLoader
 

@@ -23,9 +23,9 @@ from tqdm import tqdm
 from data_pipeline.documents import Document, input_files, iter_documents, iter_training_text
 from data_pipeline.errors import DataError
 from data_pipeline.packing import Packer
-from data_pipeline.validation import ValidationSink, held_out
 from data_pipeline.shards import FORMAT_DIRS, MANIFEST, MDSSink, WebDatasetSink, token_dtype
 from data_pipeline.tokenizer import describe, limit_bytes, load_tokenizer, train_bpe
+from data_pipeline.validation import ValidationSink, held_out
 
 FORMAT_VERSION = 1
 _DOCS_PER_TASK = 256
@@ -55,7 +55,8 @@ class PrepareOptions:
         if self.seq_len < 2:
             raise DataError(f"--seq-len: a sequence needs at least 2 tokens, got {self.seq_len}")
         if self.vocab_size < 300 and not self.tokenizer:  # only a BPE trained here needs the byte alphabet
-            raise DataError(f"--vocab-size: {self.vocab_size} is below the 256 bytes + special tokens a byte-level BPE needs")
+            raise DataError(f"--vocab-size: {self.vocab_size} is below the 256 bytes + special tokens a byte-level "
+                            "BPE needs")
         if self.samples_per_shard < 1:
             raise DataError("--samples-per-shard must be positive")
         if self.num_workers < 0:

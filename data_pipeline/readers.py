@@ -157,7 +157,8 @@ class WebDatasetStream(IterableDataset):
                 except Exception as err:  # tar errors of a damaged shard: the rest of it is lost
                     lost = max(shard["samples"] - read, 1)
                     skipped_total += lost
-                    self._check_budget(skipped_total, f"webdataset shard {path} is damaged ({type(err).__name__}: {err})")
+                    reason = f"webdataset shard {path} is damaged ({type(err).__name__}: {err})"
+                    self._check_budget(skipped_total, reason)
                     print(f"warning: skipped {lost} samples of damaged shard {path} ({skipped_total} in total)",
                           file=sys.stderr)
                     yield {"skip_marker": lost}

@@ -2,7 +2,8 @@
 
 A prepared dataset directory holds ``manifest.json``, ``tokenizer.json`` and one folder per
 format: ``mds/`` (mosaicml-streaming's ``MDSWriter`` output with its ``index.json`` and
-per-shard hashes) and/or ``webdataset/`` (``shard-NNNNNN.tar``), with the same samples and sample index (the MDS sample id; the webdataset ``__key__``).
+per-shard hashes) and/or ``webdataset/`` (``shard-NNNNNN.tar``), with the same samples and sample index (the
+MDS sample id; the webdataset ``__key__``).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from launch.generate_cli import add_generation_options, generation_config
 from launch.messages import fail
 
@@ -47,21 +47,21 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args) -> dict:
-    from pretrain.inference import load_for_inference
+    from pretrain.eval.inference import load_for_inference
 
     model = load_for_inference(args.checkpoint, args.device, seed=args.seed)
     modes = {"true": [True], "false": [False], "both": [False, True]}[args.adaptation]
     if args.task == "loglik":
-        from pretrain.evaluation import conditional_log_likelihood
+        from pretrain.eval.likelihood import conditional_log_likelihood
 
         if args.prompt is None or args.continuation is None:
             raise UsageError("--task loglik needs --prompt and --continuation")
         prompt, continuation = model.encode(args.prompt), model.encode(args.continuation)
         return {("adapted" if adapt else "plain"): conditional_log_likelihood(
-            model.model, model.adapter, prompt, continuation, model.mask_id, args.mc_samples, args.seed, adapt)
+            model.model, model.adaptation, prompt, continuation, model.mask_id, args.mc_samples, args.seed, adapt)
             for adapt in modes}
     if args.task == "niah":
-        from pretrain.niah import evaluate_suite, make_suite
+        from pretrain.eval.niah import evaluate_suite, make_suite
 
         generation = generation_config(args)
         generation.check()
@@ -86,20 +86,20 @@ def _heldout(model, args) -> dict:
     from data_pipeline.shards import read_manifest
     from data_pipeline.validation import validation_batches
     from parallel.collectives import LossNormalizer
-    from pretrain.evaluation import Evaluator, bits, evaluation_collates
+    from pretrain.eval.heldout import Evaluator, bits, evaluation_collates
 
     root = Path(args.data)
     manifest = read_manifest(root)
     cfg = model.model.cfg
     adapt = args.adaptation != "false"
     total = min(args.num_samples, manifest.get("validation", {}).get("num_samples", args.num_samples))
-    collates = evaluation_collates(args.seed, model.adapter.memory, model.adapter.diffusion.eps, cfg.seq_len,
+    collates = evaluation_collates(args.seed, model.adaptation.memory, model.adaptation.diffusion.eps, cfg.seq_len,
                                    cfg.vocab_size, adapt)
     batches, *prompts = validation_batches(root, manifest, collates, list(range(total)), 16)
     prompts = prompts[0] if adapt else [None] * len(batches)
     device = model.device
     normalizer = LossNormalizer.of([b.maskable for b in batches]).to(device)
-    evaluator = Evaluator(model.adapter)
+    evaluator = Evaluator(model.adaptation)
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch, prompt in zip(batches, prompts):
         sums += evaluator(batch.to(device), normalizer, prompt.to(device) if prompt is not None else None)
@@ -127,7 +127,7 @@ def niah_main(argv: list[str] | None = None) -> int:
 
     from data_pipeline.errors import DataError
     from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.niah import make_suite, write_jsonl
+    from pretrain.eval.niah import make_suite, write_jsonl
 
     try:
         tokenizer = load_tokenizer(args.tokenizer).tokenizer

@@ -7,18 +7,19 @@ import argparse
 import json
 import sys
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from launch.messages import fail
 
 PROG = "memdlm-generate"
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    from pretrain.sampling import GenerationConfig
+    from pretrain.eval.sampling import GenerationConfig
 
     d = GenerationConfig()
     group = parser.add_argument_group("generation")
-    group.add_argument("--gen.length", dest="length", type=int, default=d.length, help=f"tokens to generate ({d.length})")
+    group.add_argument("--gen.length", dest="length", type=int, default=d.length,
+                       help=f"tokens to generate ({d.length})")
     group.add_argument("--gen.steps", dest="steps", type=int, default=d.steps,
                        help=f"denoising steps in all, a multiple of the number of blocks ({d.steps})")
     group.add_argument("--gen.block_length", dest="block_length", type=int, default=d.block_length,
@@ -40,7 +41,7 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
 
 
 def generation_config(args):
-    from pretrain.sampling import GenerationConfig
+    from pretrain.eval.sampling import GenerationConfig
 
     return GenerationConfig(length=args.length, steps=args.steps, block_length=args.block_length,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -82,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = generation_config(args)
         cfg.check()
         prompts = read_prompts(args)
-        from pretrain.inference import load_for_inference
-        from pretrain.sampling import generate
+        from pretrain.eval.inference import load_for_inference
+        from pretrain.eval.sampling import generate
 
         model = load_for_inference(args.checkpoint, args.device, seed=args.seed)
         if model.tokenizer is None:

@@ -6,7 +6,7 @@ import argparse
 import re
 import sys
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from launch.messages import fail
 
 
@@ -40,7 +40,7 @@ def export_main(argv: list[str] | None = None) -> int:
                         help="skip checking the checkpoint files' sha256 against its manifest (sizes are checked)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
-    from pretrain.hf_export import export_checkpoint
+    from pretrain.hf.exporter import export_checkpoint
 
     try:
         export_checkpoint(args.checkpoint, args.out_dir, args.dtype, args.max_shard_size, not args.no_verify,
@@ -65,7 +65,7 @@ def import_main(argv: list[str] | None = None) -> int:
                         help="largest safetensors file before an index and more files are written (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     args = parser.parse_args(argv)
-    from pretrain.hf_import import import_hf
+    from pretrain.hf.importer import import_hf
 
     try:
         import_hf(args.hf_dir, args.out_dir, args.max_shard_size, args.overwrite)

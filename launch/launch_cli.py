@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from launch.messages import fail
 from launch.slurm import SlurmJob, sbatch_script
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _job(args, train_args: list[str]) -> SlurmJob:
     from launch.config_cli import build_config
-    from pretrain.factory import check_run_layout
+    from pretrain.train.factory import check_run_layout
 
     if args.nodes < 1:
         raise UsageError("--nodes must be positive")

@@ -13,7 +13,7 @@ def main() -> int:
         print("memdlm-lm-eval: error: lm-evaluation-harness is not installed; pip install -e '.[eval]'",
               file=sys.stderr)
         return 2
-    import pretrain.lm_eval_model  # noqa: F401  (registers "memdlm")
+    import pretrain.eval.lm_eval_model  # noqa: F401  (registers "memdlm")
 
     harness.cli_evaluate()
     return 0

@@ -27,13 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="mds", choices=["mds", "webdataset", "both"],
                         help="shard format(s) to write (default: mds)")
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len,
-                        help=f"tokens per packed sample; must equal the model's --model.seq_len (default {defaults.seq_len})")
+                        help="tokens per packed sample; must equal the model's --model.seq_len "
+                        f"(default {defaults.seq_len})")
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size,
-                        help=f"BPE vocabulary size to train, and the limit a loaded tokenizer must fit (default {defaults.vocab_size})")
+                        help="BPE vocabulary size to train, and the limit a loaded tokenizer must fit "
+                        f"(default {defaults.vocab_size})")
     parser.add_argument("--tokenizer", default="",
                         help="a tokenizer.json or Hugging Face tokenizer directory; omit to train a byte-level BPE")
     parser.add_argument("--tokenizer-sample-mb", type=int, default=defaults.tokenizer_sample_mb,
-                        help=f"train the BPE on the first N MB of text, 0 for all (default {defaults.tokenizer_sample_mb})")
+                        help="train the BPE on the first N MB of text, 0 for all "
+                        f"(default {defaults.tokenizer_sample_mb})")
     parser.add_argument("--num-workers", type=int, default=defaults.num_workers,
                         help=f"tokenization processes, 0 tokenizes in this process (default {defaults.num_workers})")
     parser.add_argument("--samples-per-shard", type=int, default=defaults.samples_per_shard,

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from launch.config_cli import build_config, format_help
 from launch.messages import fail
 from launch.process_guard import die_with_parent, started_by_torchrun
@@ -74,7 +74,7 @@ def _launch_with_torchrun(nproc: int, argv: list[str], out_dir: str) -> int:
 def _requeue_code(code: int, out_dir: str) -> int:
     """Ranks under torchrun exit 0 after a stop on a signal (else the elastic agent would restart them);
     the run directory's REQUEUE marker tells the caller to run the job again."""
-    from pretrain.resilience import REQUEUE, REQUEUE_EXIT_CODE
+    from pretrain.train.resilience import REQUEUE, REQUEUE_EXIT_CODE
 
     return REQUEUE_EXIT_CODE if code == 0 and os.path.exists(os.path.join(out_dir, REQUEUE)) else code
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         return _fail(str(err))
     if nproc is not None and "RANK" not in os.environ:
-        from pretrain.factory import check_run_layout
+        from pretrain.train.factory import check_run_layout
 
         try:
             check_run_layout(cfg, nproc)
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         die_with_parent(signal.SIGKILL)  # the launcher is gone: nobody could coordinate a save
     from launch.preemption import stop_on_signals
     from parallel.topology import shutdown_topology
-    from pretrain.resilience import REQUEUE_EXIT_CODE, TrainingStopped
-    from pretrain.trainer import train
+    from pretrain.train.resilience import REQUEUE_EXIT_CODE, TrainingStopped
+    from pretrain.train.trainer import train
 
     try:
         with stop_on_signals() as stop_flag:
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _summary_text(summary, cfg) -> str:
     stopped = " (stopped early on a signal; rerun the same command to resume)" if summary.stopped_early else ""
-    memory = "MemDLM bi-level step" if cfg.memory.enabled else "plain MDLM (memory off)"
+    method = "MemDLM bi-level step" if cfg.memory.enabled else "plain MDLM (memory off)"
     wandb_line = f" The wandb run is in {summary.wandb_dir} (`wandb sync` uploads it)." if summary.wandb_dir else ""
     return (
-        f"\nSummary: trained a {summary.num_parameters / 1e6:.2f}M-parameter diffusion LM with the {memory} for "
+        f"\nSummary: trained a {summary.num_parameters / 1e6:.2f}M-parameter diffusion LM with the {method} for "
         f"{summary.steps_done} steps{stopped} in {summary.seconds / 60:.1f} min. The MDLM loss went from "
         f"{summary.first_loss:.3f} (mean of the first 10 steps {summary.first_losses_mean:.3f}) to "
         f"{summary.last_loss:.3f} (mean of the last 10 steps {summary.last_losses_mean:.3f}), at "

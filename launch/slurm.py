@@ -4,7 +4,8 @@ One ``srun`` task per node runs ``torchrun`` (``--nproc-per-node`` ranks) with t
 allocation's first node (``scontrol show hostnames``) on a port derived from the job id. Elastic runs
 (``--min-nodes``) allocate the most nodes and give torchrun ``--nnodes MIN:MAX`` and ``--max-restarts``:
 when a node is lost the agents left re-form the group and every rank restarts from the newest checkpoint
-at the new data-parallel size; the rendezvous settles in seconds (``last_call_timeout``, fast keep-alives) instead of torchrun's 30-40 s defaults.
+at the new data-parallel size; the rendezvous settles in seconds (``last_call_timeout``, fast keep-alives)
+instead of torchrun's 30-40 s defaults.
 
 Preemption: Slurm sends USR1 to the batch shell ``grace`` seconds before the time limit
 (``--signal=B:USR1@grace``), ``scancel --signal=USR1 --batch`` does the same; the shell forwards it to

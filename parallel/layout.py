@@ -6,7 +6,7 @@ Everything here takes plain sizes, so it can be checked before any rank starts (
 
 from __future__ import annotations
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 
 
 class LayoutError(UsageError):

@@ -125,6 +125,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def launched_world_size() -> int:
+    """The world size this process belongs to: the process group's if it exists, else the launcher's
+    (``WORLD_SIZE`` from torchrun or ``launch.slurm``), else 1. Known before any group is made, so a
+    layout can be checked first."""
+    if dist.is_initialized():
+        return dist.get_world_size()
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # as ``initialize_topology`` decides
+        return int(os.environ["WORLD_SIZE"])
+    return 1
+
+
 def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
                         num_layers: int | None = None) -> Topology:
     resolved = resolve_device(device)

@@ -11,7 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
+
+SPIKE_MIN_HISTORY = 20  # accepted steps the spike test needs before it judges (--guard.spike_window >= this)
 
 
 class ConfigError(UsageError):
@@ -165,7 +167,8 @@ class MemoryConfig:
             "memory.num_inner_steps",
             f"needs at least 1 inner step, got {self.num_inner_steps}; use --memory.enabled false for plain MDLM",
         )
-        _check(self.pre_anchor_scale >= 1.0, "memory.pre_anchor_scale", "must be >= 1 (the pre-anchor state is noisier)")
+        _check(self.pre_anchor_scale >= 1.0, "memory.pre_anchor_scale",
+               "must be >= 1 (the pre-anchor state is noisier)")
         _check(self.inner_lr >= 0, "memory.inner_lr", "must be >= 0")
         _check(self.inner_grad_clip >= 0, "memory.inner_grad_clip", "must be >= 0 (0 turns clipping off)")
         _check(0 < self.layer_fraction <= 1, "memory.layer_fraction", f"must lie in (0, 1], got {self.layer_fraction}")
@@ -254,7 +257,9 @@ class GuardConfig:
     spike_zscore: float = param(
         0.0, "also skip a step whose loss exceeds the mean of the recent accepted losses by this many standard "
         "deviations (0: off; the 1/t-weighted MDLM loss is heavy-tailed, so keep it generous, e.g. 8)")
-    spike_window: int = param(100, "accepted steps the spike statistics are taken over (at least 20 needed)")
+    spike_window: int = param(
+        100, f"accepted steps the spike statistics are taken over (at least {SPIKE_MIN_HISTORY}; the test starts "
+        f"once {SPIKE_MIN_HISTORY} are seen)")
     max_bad_steps_in_row: int = param(
         5, "this many skipped steps in a row reload the newest good checkpoint and go on with the next data")
     max_bad_steps: int = param(50, "stop the run with an error after this many skipped steps in all")
@@ -264,7 +269,7 @@ class GuardConfig:
 
     def __post_init__(self):
         _check(self.spike_zscore >= 0, "guard.spike_zscore", "must be >= 0 (0: off)")
-        _check(self.spike_window >= 20, "guard.spike_window", "must be at least 20")
+        _check(self.spike_window >= SPIKE_MIN_HISTORY, "guard.spike_window", f"must be at least {SPIKE_MIN_HISTORY}")
         _check(self.max_bad_steps_in_row >= 1, "guard.max_bad_steps_in_row", "must be positive")
         _check(self.max_bad_steps >= 1, "guard.max_bad_steps", "must be positive")
         _check(self.step_timeout_s >= 0, "guard.step_timeout_s", "must be >= 0 (0: off)")

@@ -1,10 +1,13 @@
 """The attention paths: a FlexAttention document block mask means the same as the dense mask."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from pretrain.attention import attend, document_block_mask
+from pretrain.model.attention import attend, document_block_mask
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 
 def test_document_block_mask_equals_the_dense_mask():

@@ -12,22 +12,25 @@ import pytest
 import torch
 
 from launch.config_cli import build_config
-from pretrain.checkpoint import read_tensors
-from tests.dist_utils import run_ranks
-from tests.test_cli import read_metrics
+from parallel.checkpoint.reading import read_tensors
+from tests.helpers import read_metrics
+from tests.helpers.ranks import run_ranks
 
-TINY = ["--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads",
-        "2", "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
-        "--train.micro_batch_size", "2", "--data.num_workers", "0", "--logging.progress_bar", "false",
-        "--logging.wandb", "false", "--memory.layer_fraction", "0.5", "--eval.every", "0",
-        "--checkpoint.every", "1", "--checkpoint.keep", "20", "--optim.warmup_steps", "1"]
+# Every step checkpointed and kept, so a skipped step can be compared bit for bit with the one before.
+GUARDED = {"memory.layer_fraction": 0.5, "eval.every": 0, "checkpoint.every": 1, "checkpoint.keep": 20,
+           "optim.warmup_steps": 1}
+
+
+@pytest.fixture
+def base(tiny):
+    return tiny(GUARDED)
 
 
 def poison(steps: set[int], ranks: set[int], factor: float = float("nan")):
     """Multiply the loss (hence every gradient) of the given steps on the given ranks by ``factor``."""
     import torch.distributed as dist
 
-    from pretrain.bilevel import BilevelStep
+    from pretrain.memdlm.bilevel import BilevelStep
 
     original = BilevelStep.__call__
 
@@ -47,8 +50,8 @@ def _everything(folder):
 
 
 def _train_poisoned(rank, world, args, steps, ranks, factor=float("nan")):
-    from pretrain.bilevel import BilevelStep
-    from pretrain.trainer import train
+    from pretrain.memdlm.bilevel import BilevelStep
+    from pretrain.train.trainer import train
 
     original = poison(steps, ranks, factor)
     try:
@@ -75,32 +78,29 @@ def _check_skipped(out, bad_step):
     assert any(not torch.equal(after[k], later[k]) for k in after), "the next good step must train again"
 
 
-def test_a_nan_gradient_skips_the_update_in_one_process(topology, tmp_path):
+def test_a_nan_gradient_skips_the_update_in_one_process(topology, tmp_path, base):
     out = tmp_path / "run"
-    _train_poisoned(0, 1, [*TINY, "--train.steps", "5", "--train.out_dir", str(out), "--data.cache_dir",
-                           str(tmp_path / "cache")], {2}, {0})
+    _train_poisoned(0, 1, [*base, "--train.steps", "5", "--train.out_dir", str(out)], {2}, {0})
     _check_skipped(out, 2)
     assert json.loads((out / "DONE").read_text())["step"] == 5
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", ["0", "1"])
-def test_a_nan_gradient_on_one_rank_skips_the_update_on_every_rank(tmp_path, zero):
+def test_a_nan_gradient_on_one_rank_skips_the_update_on_every_rank(tmp_path, zero, base):
     """ZeRO 0: the guard's all-reduce decides; ZeRO 1: DeepSpeed's own norm check skips, the guard reports it."""
     out = tmp_path / "run"
-    args = [*TINY, "--train.steps", "5", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
-            "--parallel.zero_stage", zero]
+    args = [*base, "--train.steps", "5", "--train.out_dir", str(out), "--parallel.zero_stage", zero]
     losses = run_ranks(_train_poisoned, 2, args, {2}, {1})
     assert losses[0][:2] == losses[1][:2]
     _check_skipped(out, 2)
 
 
-def test_bad_steps_in_a_row_roll_back_and_the_budget_stops_the_run(topology, tmp_path):
-    from pretrain.resilience import TrainingStopped
+def test_bad_steps_in_a_row_roll_back_and_the_budget_stops_the_run(topology, tmp_path, base):
+    from pretrain.train.resilience import TrainingStopped
 
     out = tmp_path / "run"
-    args = [*TINY, "--train.steps", "7", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
-            "--guard.max_bad_steps_in_row", "2"]
+    args = [*base, "--train.steps", "7", "--train.out_dir", str(out), "--guard.max_bad_steps_in_row", "2"]
     _train_poisoned(0, 1, args, {3, 4}, {0})
     records = {r["step"]: r for r in read_metrics(out)}
     assert records[5]["rolled_back_to"] == "step_000004" and "skipped_update" in records[4]
@@ -109,16 +109,16 @@ def test_bad_steps_in_a_row_roll_back_and_the_budget_stops_the_run(topology, tmp
 
     budget = tmp_path / "budget"
     with pytest.raises(TrainingStopped, match="max_bad_steps 1"):
-        _train_poisoned(0, 1, [*TINY, "--train.steps", "7", "--train.out_dir", str(budget), "--data.cache_dir",
-                               str(tmp_path / "cache"), "--guard.max_bad_steps", "1"], {1, 3}, {0})
+        _train_poisoned(0, 1, [*base, "--train.steps", "7", "--train.out_dir", str(budget),
+                               "--guard.max_bad_steps", "1"], {1, 3}, {0})
     assert not (budget / "DONE").exists()
 
 
 @pytest.mark.slow
-def test_a_loss_spike_is_skipped(topology, tmp_path):
+def test_a_loss_spike_is_skipped(topology, tmp_path, base):
     out = tmp_path / "run"
-    args = [*TINY, "--train.steps", "24", "--train.out_dir", str(out), "--data.cache_dir", str(tmp_path / "cache"),
-            "--guard.spike_zscore", "6", "--guard.spike_window", "20", "--checkpoint.every", "0"]
+    args = [*base, "--train.steps", "24", "--train.out_dir", str(out), "--guard.spike_zscore", "6",
+            "--guard.spike_window", "20", "--checkpoint.every", "0"]
     _train_poisoned(0, 1, args, {22}, {0}, factor=100.0)
     records = {r["step"]: r for r in read_metrics(out)}
     assert [s for s, r in records.items() if "skipped_update" in r] == [23]
@@ -128,8 +128,8 @@ def test_a_loss_spike_is_skipped(topology, tmp_path):
 BLOCKING = """
 import time, sys
 from launch.config_cli import build_config
-from pretrain.bilevel import BilevelStep
-from pretrain.trainer import train
+from pretrain.memdlm.bilevel import BilevelStep
+from pretrain.train.trainer import train
 
 original = BilevelStep.__call__
 def call(self, batch, normalizer, step, **kwargs):
@@ -142,9 +142,8 @@ train(build_config(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_the_watchdog_dumps_the_stacks_and_exits_when_a_step_hangs(tmp_path):
-    args = [*TINY, "--train.steps", "4", "--train.out_dir", str(tmp_path / "run"), "--data.cache_dir",
-            str(tmp_path / "cache"), "--guard.step_timeout_s", "8"]
+def test_the_watchdog_dumps_the_stacks_and_exits_when_a_step_hangs(tmp_path, base):
+    args = [*base, "--train.steps", "4", "--train.out_dir", str(tmp_path / "run"), "--guard.step_timeout_s", "8"]
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(BLOCKING), *args], capture_output=True, text=True,
                             timeout=300)

@@ -1,5 +1,6 @@
-"""Sharded checkpoints in one process: round trip, retention, verification of damaged checkpoints,
-refusing non-finite state, asynchronous saves, and the run directory's lock."""
+"""Sharded checkpoints in one process: round trip, the typed state registered with the checkpointer (JSON and
+tensor-only files, nothing unpickled), retention, verification of damaged checkpoints, refusing non-finite
+state, asynchronous saves, and the run directory's lock."""
 
 import json
 import os
@@ -13,10 +14,14 @@ import pytest
 import torch
 
 from data_pipeline.masking import build_masked_batch
-from pretrain.checkpoint import CheckpointError, Checkpointer, check_checkpoint, read_weights
+from parallel.checkpoint.checkpointer import Checkpointer
+from parallel.checkpoint.manifest import CheckpointError, check_checkpoint
+from parallel.checkpoint.reading import read_weights
 from pretrain.config import MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
-from pretrain.run_lock import RunDirectoryBusy, RunLock
-from tests.conftest import ROOT
+from pretrain.train.run_lock import RunDirectoryBusy, RunLock
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 CFG = RunConfig(model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48,
                                   seq_len=12),
@@ -30,7 +35,7 @@ def _batch(index: int):
 
 
 def _engine(topology):
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     return build_training(CFG, topology, 63).engine
 
@@ -41,11 +46,11 @@ class _Saver:
     def __init__(self, checkpointer, engine):
         self.checkpointer, self.engine = checkpointer, engine
 
-    def save(self, step, trainer_state):
-        return self.checkpointer.save(step, self.engine, trainer_state)
+    def save(self, step):
+        return self.checkpointer.save(step, self.engine)
 
-    def load(self, folder):
-        return self.checkpointer.load(folder, self.engine)
+    def load(self, folder, **options):
+        return self.checkpointer.load(folder, self.engine, **options)
 
     def __getattr__(self, name):
         return getattr(self.checkpointer, name)
@@ -69,20 +74,20 @@ def _trained(topology, steps=2):
 def test_round_trip_continues_identically(topology, tmp_path):
     original = _trained(topology)
     saver = _checkpointer(topology, original, tmp_path)
-    report = saver.save(2, {"data": {}})
+    report = saver.save(2)
     folder = report.folder
     assert folder.name == "step_000002" and report.seconds > 0
     assert (folder.parent / "latest").read_text().strip() == "step_000002"
     assert not list(folder.parent.glob(".staging_*")), "the staging directory is renamed into place"
     assert check_checkpoint(folder) is None
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert {".metadata", "trainer_state.pt", "config.json", "tokenizer.json", "rank_states/rank_00000.pt"} <= set(
+    assert {".metadata", "train_state.json", "config.json", "tokenizer.json", "rank_states/rank_00000.pt"} <= set(
         manifest["files"])
 
     restored = _engine(topology)
     loader = _checkpointer(topology, restored, tmp_path)
     assert loader.newest_good() == folder
-    assert loader.load(folder)["step"] == 2
+    assert loader.load(folder).step == 2
     for (name, a), b in zip(original.model.named_parameters(), restored.model.parameters()):
         assert torch.equal(a, b), name
     state_a = original.optimizer.optimizer.state_dict()["state"]
@@ -99,10 +104,113 @@ def test_round_trip_continues_identically(topology, tmp_path):
     assert set(weights) == {n for n, _ in original.model.named_parameters()}
 
 
+class _Position:
+    """A stand-in for the data feed: a Stateful with a nested JSON state."""
+
+    def __init__(self, batches=0):
+        self.batches = batches
+
+    def state_dict(self):
+        return {"by_data_rank": [{"format": "mds", "loader": {"epoch": 0, "sample_in_epoch": self.batches}}]}
+
+    def load_state_dict(self, state):
+        self.batches = state["by_data_rank"][0]["loader"]["sample_in_epoch"]
+
+
+def test_registered_state_round_trips_as_json_and_tensors_without_pickle(topology, tmp_path):
+    from pretrain.train.state import TrainState
+
+    engine = _trained(topology)
+    saver = _checkpointer(topology, engine, tmp_path)
+    saver.register("train", TrainState(step=2, updates=1, bad_steps=1))
+    saver.register("data", _Position(24))
+    folder = saver.save(2).folder
+    record = json.loads((folder / "train_state.json").read_text())
+    assert record["format"] == "memdlm-dcp-2" and record["step"] == 2 and record["layout"]["world_size"] == 1
+    assert record["parts"]["train"] == {"step": 2, "updates": 1, "bad_steps": 1}
+    rng = torch.load(folder / "rank_states" / "rank_00000.pt", weights_only=True)  # tensors and numbers only
+    assert set(rng) >= {"python", "numpy", "torch"} and rng["numpy"]["keys"].dtype == torch.int64
+
+    state, position = TrainState(), _Position()
+    loader = _checkpointer(topology, _engine(topology), tmp_path)
+    loader.register("train", state)
+    loader.register("data", position)
+    assert loader.load(folder, restore_registered=False).parts["train"]["updates"] == 1
+    assert state == TrainState() and position.batches == 0, "a roll-back loads the tensors only"
+    assert loader.load(folder).step == 2
+    assert state == TrainState(step=2, updates=1, bad_steps=1) and position.batches == 24
+
+
+class _Planted:
+    """A pickle that creates ``marker`` when it is unpickled (what a hostile checkpoint file would carry)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+def _replace_and_rehash(folder, name, payload):
+    """Put ``payload`` at ``folder/name`` and record it in the manifest, so only its content can refuse it."""
+    from parallel.checkpoint.manifest import describe_files
+
+    torch.save(payload, folder / name)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"].update(describe_files(folder, [name]))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert check_checkpoint(folder) is None
+
+
+def test_a_planted_pickle_in_the_train_state_is_refused_and_never_run(topology, tmp_path):
+    saver = _checkpointer(topology, _trained(topology), tmp_path)
+    folder = saver.save(2).folder
+    marker = tmp_path / "ran"
+    (folder / "train_state.json").unlink()  # as a checkpoint of the previous format would be
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["train_state.json"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    _replace_and_rehash(folder, "trainer_state.pt", {"step": 2, "data": {}, "hook": _Planted(marker)})
+    with pytest.raises(CheckpointError, match="trainer_state.pt holds something other than plain numbers"):
+        saver.load(folder)
+    assert not marker.exists()
+
+
+def test_a_planted_pickle_in_the_rng_states_is_not_run(topology, tmp_path):
+    messages = []
+    saver = _checkpointer(topology, _trained(topology), tmp_path, messages)
+    folder = saver.save(2).folder
+    marker = tmp_path / "ran"
+    _replace_and_rehash(folder, "rank_states/rank_00000.pt", {"python": _Planted(marker)})
+    assert saver.load(folder).step == 2
+    assert not marker.exists()
+    assert "the RNG states of step_000002 are not restored" in messages[-1]
+
+
+def test_a_checkpoint_of_the_previous_format_still_resumes(topology, tmp_path):
+    """``trainer_state.pt`` of plain containers (what the previous version wrote) loads with weights_only=True."""
+    saver = _checkpointer(topology, _trained(topology), tmp_path)
+    folder = saver.save(2).folder
+    (folder / "train_state.json").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["files"]["train_state.json"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    legacy = {"data": {0: {"format": "mds", "loader": {"epoch": 0, "sample_in_epoch": 8}}}, "updates": 2,
+              "bad_steps": 0, "layout": {"world_size": 1}, "step": 2, "format": "memdlm-dcp-1"}
+    _replace_and_rehash(folder, "trainer_state.pt", legacy)
+    from pretrain.train.state import TrainState
+
+    state, position = TrainState(), _Position()
+    saver.register("train", state)
+    saver.register("data", position)
+    assert saver.load(folder).step == 2
+    assert state == TrainState(step=2, updates=2, bad_steps=0) and position.batches == 8
+
+
 def test_only_the_newest_checkpoints_are_kept(topology, tmp_path):
     saver = _checkpointer(topology, _trained(topology, 1), tmp_path, keep=2)
     for step in (1, 2, 3):
-        saver.save(step, {"data": {}})
+        saver.save(step)
     kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
     assert kept == ["step_000002", "step_000003"]
 
@@ -119,7 +227,7 @@ def _truncate(path):
 
 DAMAGE = {
     "flipped bit in a tensor file": (lambda f: _flip_byte(next(f.glob("*.distcp"))), "does not match its sha256"),
-    "truncated file": (lambda f: _truncate(f / "trainer_state.pt"), "trainer_state.pt has"),
+    "truncated file": (lambda f: _truncate(f / "train_state.json"), "train_state.json has"),
     "manifest deleted": (lambda f: (f / "manifest.json").unlink(), "manifest.json is missing"),
     ".metadata deleted": (lambda f: (f / ".metadata").unlink(), ".metadata is missing"),
 }
@@ -129,9 +237,9 @@ DAMAGE = {
 def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(topology, tmp_path, damage):
     engine = _trained(topology, 1)
     saver = _checkpointer(topology, engine, tmp_path, keep=3)
-    good = saver.save(1, {"data": {}}).folder
+    good = saver.save(1).folder
     engine.train_step([_batch(1)], 1, 1e-3)
-    newest = saver.save(2, {"data": {}}).folder
+    newest = saver.save(2).folder
     spoil, expected = DAMAGE[damage]
     spoil(newest)
     messages = []
@@ -144,7 +252,7 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_used(topology
 
 def test_no_intact_checkpoint_stops_with_a_message(topology, tmp_path):
     saver = _checkpointer(topology, _trained(topology, 1), tmp_path)
-    folder = saver.save(1, {"data": {}}).folder
+    folder = saver.save(1).folder
     (folder / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no usable checkpoint in .*step_000001: manifest.json is missing"):
         saver.newest_good()
@@ -152,7 +260,7 @@ def test_no_intact_checkpoint_stops_with_a_message(topology, tmp_path):
 
 def test_hash_checks_can_be_skipped_for_huge_checkpoints(topology, tmp_path):
     saver = _checkpointer(topology, _trained(topology, 1), tmp_path)
-    folder = saver.save(1, {"data": {}}).folder
+    folder = saver.save(1).folder
     _flip_byte(next(folder.glob("*.distcp")))  # same size: only a hash can tell
     assert _checkpointer(topology, _engine(topology), tmp_path, verify_hashes=False).newest_good() == folder
     assert "sha256" in check_checkpoint(folder, verify_hashes=True)
@@ -162,10 +270,10 @@ def test_non_finite_state_is_never_saved(topology, tmp_path):
     engine = _trained(topology, 1)
     messages = []
     saver = _checkpointer(topology, engine, tmp_path, messages)
-    saver.save(1, {"data": {}})
+    saver.save(1)
     with torch.no_grad():
         next(engine.model.parameters())[0, 0] = float("nan")
-    report = saver.save(2, {"data": {}})
+    report = saver.save(2)
     assert report.folder is None and "not saving step 2" in messages[-1]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000001"
     assert not (tmp_path / "run" / "checkpoints" / "step_000002").exists()
@@ -173,9 +281,9 @@ def test_non_finite_state_is_never_saved(topology, tmp_path):
 
 def test_asynchronous_save_writes_the_same_state(topology, tmp_path):
     engine = _trained(topology, 2)
-    sync = _checkpointer(topology, engine, tmp_path / "sync").save(2, {"data": {}}).folder
+    sync = _checkpointer(topology, engine, tmp_path / "sync").save(2).folder
     background = _checkpointer(topology, engine, tmp_path / "async", asynchronous=True)
-    report = background.save(2, {"data": {}})
+    report = background.save(2)
     assert report.pending and report.folder is None
     folder = background.wait()
     assert folder.name == "step_000002" and check_checkpoint(folder) is None
@@ -193,7 +301,7 @@ def test_a_live_run_holds_its_directory_and_a_dead_one_does_not(tmp_path):
 
     # A holder killed with SIGKILL leaves the file behind but not the lock.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; sys.path.insert(0, sys.argv[1]); from pretrain.run_lock import RunLock; "
+        "import sys, time; sys.path.insert(0, sys.argv[1]); from pretrain.train.run_lock import RunLock; "
         "lock = RunLock(sys.argv[2]); lock.acquire(); print('held', flush=True); time.sleep(60)"), str(ROOT),
         str(tmp_path / "other")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

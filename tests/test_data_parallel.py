@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.dist_utils import run_ranks
+from tests.helpers.ranks import run_ranks
 
 MODEL = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64, seq_len=16)
 
@@ -45,13 +45,13 @@ def _engine(memory_enabled: bool, zero_stage: int, record: bool = False):
     """The factory's parts for a DP run, optionally with a recording step."""
     from parallel.comm_accounting import install
     from parallel.topology import initialize_topology
-    from pretrain.factory import build_engine, build_model, build_step
+    from pretrain.train.factory import build_bilevel_step, build_engine, build_model
 
     install()  # before DeepSpeed caches any collective
     cfg = _config(memory_enabled, zero_stage)
     topology = initialize_topology("cpu", 1, 1, MODEL["num_layers"])
     model = build_model(cfg, topology)
-    step = build_step(cfg, model, topology, 255)
+    step = build_bilevel_step(cfg, model, topology, 255)
     if record:
         step = RecordingStep(step)
     return build_engine(cfg, model, step, topology), topology, step
@@ -108,11 +108,11 @@ def _single_process_fast_weights(rank):
     """What one process computes for rank ``rank``'s micro-batch, with the same global normaliser."""
     from parallel.collectives import LossNormalizer
     from parallel.topology import initialize_topology
-    from pretrain.factory import build_model, build_step
+    from pretrain.train.factory import build_bilevel_step, build_model
 
     topology = initialize_topology("cpu")
     cfg = _config()
-    step = build_step(cfg, build_model(cfg, topology), topology, 255)
+    step = build_bilevel_step(cfg, build_model(cfg, topology), topology, 255)
     batches = [_batch(seed=10 + r, first_index=2 * r) for r in range(2)]
     result = step(batches[rank], LossNormalizer.of([b.maskable for b in batches]), 0, record_fast_weights=True)
     return result.fast_weight_history[-1]

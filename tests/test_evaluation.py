@@ -15,11 +15,12 @@ import torch
 from data_pipeline.masking import build_masked_batch
 from launch.config_cli import build_config
 from parallel.collectives import LossNormalizer
-from pretrain.evaluation import Evaluator, bits, conditional_log_likelihood
-from pretrain.inference import load_for_inference
-from pretrain.niah import KINDS, exact_match, make_suite
-from tests.test_cli import read_metrics
-from tests.test_generation import MASK, PAD, _adapter, _model
+from pretrain.eval.heldout import Evaluator, bits
+from pretrain.eval.inference import load_for_inference
+from pretrain.eval.likelihood import conditional_log_likelihood
+from pretrain.eval.niah import KINDS, exact_match, make_suite
+from tests.helpers import read_metrics
+from tests.helpers.models import MASK, tiny_adaptation, tiny_model
 
 SMALL = ["--model.vocab_size", "512", "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads",
          "4", "--model.ffn_hidden_size", "96", "--model.seq_len", "64", "--train.global_batch_size", "4",
@@ -49,34 +50,36 @@ def _by_hand(model, batch, fast=None) -> float:
     return float((ce * batch.anchor_mask / batch.t.double()[:, None]).sum() / batch.maskable.sum())
 
 
+@pytest.mark.fast
 def test_held_out_loss_is_the_mdlm_objective_computed_by_hand(topology):
-    model = _model()
-    adapter = _adapter(model)
+    model = tiny_model()
+    adaptation = tiny_adaptation(model)
     batch, prompt = _batch(), _batch(seed=9)
     batch.t = batch.t.double()
-    values = Evaluator(adapter)(batch, LossNormalizer.of([batch.maskable]), prompt)
+    values = Evaluator(adaptation)(batch, LossNormalizer.of([batch.maskable]), prompt)
     assert abs(float(values[0]) - _by_hand(model, batch)) < 1e-10 * abs(float(values[0]))
-    fast = adapter.adapt(prompt)
+    fast = adaptation.adapt(prompt)
     adapted = _by_hand(model, batch, fast)
     assert abs(float(values[1]) - adapted) < 1e-10 * abs(adapted)
     assert abs(adapted - float(values[0])) > 1e-6, "the adapted loss must differ for the comparison to mean anything"
     assert bits(float(values[0])) == pytest.approx(float(values[0]) / np.log(2))
 
 
+@pytest.mark.fast
 def test_conditional_likelihood_of_one_token_is_its_exact_log_probability(topology):
     """With one continuation token every Monte Carlo draw masks it: the estimate is exact."""
-    model = _model()
-    adapter = _adapter(model)
+    model = tiny_model()
+    adaptation = tiny_adaptation(model)
     prompt, token = [3, 4, 5, 6], 7
     with torch.no_grad():
         exact = model(torch.tensor([prompt + [MASK]])).double().log_softmax(-1)[0, -1, token]
-    value = conditional_log_likelihood(model, adapter, prompt, [token], MASK, num_samples=5, seed=1)
+    value = conditional_log_likelihood(model, adaptation, prompt, [token], MASK, num_samples=5, seed=1)
     assert value == pytest.approx(float(exact), rel=1e-9)
     many = [8, 9, 10, 11, 12]
-    first = conditional_log_likelihood(model, adapter, prompt, many, MASK, num_samples=16, seed=1)
-    assert first == conditional_log_likelihood(model, adapter, prompt, many, MASK, num_samples=16, seed=1)
-    assert first != conditional_log_likelihood(model, adapter, prompt, many, MASK, num_samples=16, seed=2)
-    adapted = conditional_log_likelihood(model, adapter, prompt, many, MASK, num_samples=16, seed=1, adapt=True)
+    first = conditional_log_likelihood(model, adaptation, prompt, many, MASK, num_samples=16, seed=1)
+    assert first == conditional_log_likelihood(model, adaptation, prompt, many, MASK, num_samples=16, seed=1)
+    assert first != conditional_log_likelihood(model, adaptation, prompt, many, MASK, num_samples=16, seed=2)
+    adapted = conditional_log_likelihood(model, adaptation, prompt, many, MASK, num_samples=16, seed=1, adapt=True)
     assert adapted != first and np.isfinite(adapted)
 
 
@@ -85,6 +88,7 @@ def _words(text):  # a stand-in tokenizer: one id per whitespace-separated word
     return text.split()
 
 
+@pytest.mark.fast
 def test_niah_suite_is_deterministic_and_the_needles_are_where_the_metadata_says():
     suite = make_suite(_words, lengths=(128, 256), per_cell=3, seed=4)
     again = make_suite(_words, lengths=(128, 256), per_cell=3, seed=4)
@@ -120,12 +124,12 @@ def test_niah_answers_are_in_the_trained_vocabulary(trained):
 
 # -- a trained checkpoint: evaluation in training, the CLIs, lm-eval -------------------------------
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    from pretrain.trainer import train
+def trained(tmp_path_factory, prepared_corpus):
+    from pretrain.train.trainer import train
 
     root = tmp_path_factory.mktemp("eval")
     summary = train(build_config([*SMALL, "--train.steps", "3", "--train.out_dir", str(root / "run"),
-                                  "--data.cache_dir", str(root / "cache")]))
+                                  "--data.path", str(prepared_corpus(seq_len=64))]))
     return root / "run", summary
 
 
@@ -145,12 +149,12 @@ def _cli(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_eval_cli_reports_held_out_loss_equal_to_training(trained, capsys):
+def test_eval_cli_reports_held_out_loss_equal_to_training(trained, prepared_corpus, capsys):
     """The standalone held-out loss (one process, eval seed 0, 8 samples) equals the one logged at the end."""
     run, _ = trained
     records = read_metrics(run)
     logged = [r for r in records if "eval_loss" in r][-1]
-    data = next((run.parent / "cache").rglob("manifest.json")).parent
+    data = prepared_corpus(seq_len=64)
     from launch.eval_cli import eval_main
 
     assert eval_main([str(run), "--task", "heldout", "--data", str(data), "--num-samples", "8", "--adaptation", "true",
@@ -198,7 +202,8 @@ def test_lm_eval_runs_a_local_two_question_task(trained, tmp_path):
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "memdlm_local_qa.yaml").write_text(TASK.format(data=data))
     result = _cli("launch.lm_eval_cli", "--model", "memdlm", "--model_args",
-                  f"checkpoint={run},inference_adaptation=true,mc_samples=4", "--device", "cpu", "--tasks", "memdlm_local_qa",
+                  f"checkpoint={run},inference_adaptation=true,mc_samples=4", "--device", "cpu",
+                  "--tasks", "memdlm_local_qa",
                   "--include_path", str(tmp_path / "tasks"), "--output_path", str(tmp_path / "out"), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]["memdlm_local_qa"]

@@ -8,7 +8,9 @@ from benchmarks.common import count_flops
 from data_pipeline.masking import build_masked_batch
 from parallel.collectives import LossNormalizer
 from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig
-from pretrain.flops import executed_flops, model_flops_per_token
+from pretrain.train.flops import executed_flops, model_flops_per_token
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 TINY = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48, seq_len=16)
 
@@ -35,11 +37,11 @@ CASES = {
 @pytest.mark.parametrize("recompute", ["none", "full", "selective"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_executed_flops_equal_torchs_flop_counter(topology, case, recompute):
-    from pretrain.factory import build_model, build_step
+    from pretrain.train.factory import build_bilevel_step, build_model
 
     memory = MemoryConfig(**{"layer_fraction": 0.5, **CASES[case]})
     cfg = RunConfig(model=TINY, memory=memory, train=TrainConfig(recompute=recompute))
-    step = build_step(cfg, build_model(cfg, topology), topology, 63)
+    step = build_bilevel_step(cfg, build_model(cfg, topology), topology, 63)
     ids = np.random.default_rng(0).integers(0, 63, size=(4, 16))
     batch = build_masked_batch(ids, np.arange(4), seed=0, epoch=0, num_inner_steps=memory.num_inner_steps,
                                pre_anchor_scale=1.5)

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from pretrain.fused_head import VocabParallelHead
 from parallel.megatron import ModelParallelConfig, vocab_parallel_cross_entropy
+from pretrain.model.fused_head import VocabParallelHead
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 
 def make_head(dtype):

@@ -1,20 +1,15 @@
 """The MDLM sampler and inference-time adaptation."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
-from pretrain.bilevel import BilevelStep
-from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
-from pretrain.fast_weights import build_fast_weight_plan
-from pretrain.inference import prompt_adaptation_batch
-from pretrain.model import DiffusionTransformer
-from pretrain.sampling import GenerationConfig, generate, transfer_schedule
-from tests.reference_step import reference_step
+from pretrain.eval.inference import prompt_adaptation_batch
+from pretrain.eval.sampling import GenerationConfig, generate, transfer_schedule
+from tests.helpers.models import MASK, PAD, TINY_MODEL, VOCAB, tiny_adaptation, tiny_model
+from tests.helpers.reference_step import reference_step
 
-MASK, PAD, VOCAB = 30, 31, 32
-TINY = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=40, seq_len=48)
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 
 class Scripted(nn.Module):
@@ -61,18 +56,10 @@ def test_blocks_are_filled_in_order():
     assert len(model.seen) == 6
 
 
-def _model(seed=0):
-    torch.manual_seed(seed)
-    model = DiffusionTransformer(TINY, dtype=torch.float64, seed=seed)
-    with torch.no_grad():  # a spread of logits, so that greedy choices are clear-cut
-        model.lm_head.weight.mul_(20)
-    return model
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padding_is_never_attended(topology, side):
     """A prompt gives the same answer alone as next to a longer one, padded either way."""
-    model = _model()
+    model = tiny_model()
     cfg = GenerationConfig(length=8, steps=8, padding_side=side)
     short, long = [3, 4, 5], [7, 8, 9, 10, 11, 12, 13]
     alone = generate(model, [short], cfg, MASK, PAD)[0]
@@ -82,7 +69,7 @@ def test_padding_is_never_attended(topology, side):
 
 
 def test_sampling_is_deterministic_for_a_seed(topology):
-    model = _model()
+    model = tiny_model()
     cfg = GenerationConfig(length=10, steps=10, temperature=1.0, top_k=8, top_p=0.9, seed=3)
     first = generate(model, [[1, 2, 3], [4, 5]], cfg, MASK, PAD)
     assert generate(model, [[1, 2, 3], [4, 5]], cfg, MASK, PAD) == first
@@ -100,35 +87,30 @@ def test_generation_stops_at_the_end_of_document_token():
 
 
 # -- inference-time adaptation -------------------------------------------------------------------
-def _adapter(model, **memory):
-    memory = MemoryConfig(inner_loss_weight="uniform", layer_fraction=0.5, **memory)
-    return BilevelStep(model, build_fast_weight_plan(TINY, memory), memory, DiffusionConfig(), MASK, seed=0)
-
-
 def test_adaptation_equals_the_float64_oracles_inner_steps(topology):
-    model = _model()
-    adapter = _adapter(model, num_inner_steps=3)
+    model = tiny_model()
+    adaptation = tiny_adaptation(model, num_inner_steps=3)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
-    batch = prompt_adaptation_batch(adapter, prompts, [0, 1], PAD)
+    batch = prompt_adaptation_batch(adaptation, prompts, [0, 1], PAD)
     batch.t = batch.t.double()
     assert batch.anchor_mask.sum(1).tolist() == [2, 1], "20% of each prompt, at least one token"
-    fast = adapter.adapt(batch)
-    phi0 = adapter.plan.initial(2, 0, 0, "cpu", torch.float64).clone_values()
+    fast = adaptation.adapt(batch)
+    phi0 = adaptation.plan.initial(2, 0, 0, "cpu", torch.float64).clone_values()
     weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    _, history, _ = reference_step(weights, TINY, adapter.memory, batch, MASK, phi0, batch.maskable.sum())
+    _, history, _ = reference_step(weights, TINY_MODEL, adaptation.memory, batch, MASK, phi0, batch.maskable.sum())
     for name, tensors in history[-1].items():
         for ours, theirs in zip(fast.get(name), tensors):
             assert float((ours - theirs).norm() / theirs.norm()) < 1e-6, name
 
 
 def test_adaptation_is_reset_for_every_prompt_and_per_sequence_in_a_batch(topology):
-    model = _model()
-    adapter = _adapter(model)
+    model = tiny_model()
+    adaptation = tiny_adaptation(model)
     a, b = [1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13]
-    first = adapter.adapt(prompt_adaptation_batch(adapter, [a], [0], PAD))
-    adapter.adapt(prompt_adaptation_batch(adapter, [b], [1], PAD))
-    again = adapter.adapt(prompt_adaptation_batch(adapter, [a], [0], PAD))
-    together = adapter.adapt(prompt_adaptation_batch(adapter, [a, b], [0, 1], PAD))
+    first = adaptation.adapt(prompt_adaptation_batch(adaptation, [a], [0], PAD))
+    adaptation.adapt(prompt_adaptation_batch(adaptation, [b], [1], PAD))
+    again = adaptation.adapt(prompt_adaptation_batch(adaptation, [a], [0], PAD))
+    together = adaptation.adapt(prompt_adaptation_batch(adaptation, [a, b], [0, 1], PAD))
     for name in first.tensors:
         for x, y, z in zip(first.get(name), again.get(name), together.get(name)):
             assert torch.equal(x, y)
@@ -136,17 +118,17 @@ def test_adaptation_is_reset_for_every_prompt_and_per_sequence_in_a_batch(topolo
 
 
 def test_adaptation_off_is_bit_identical_and_batches_equal_single_prompts(topology):
-    model = _model()
+    model = tiny_model()
     cfg = GenerationConfig(length=8, steps=8)
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
     plain = generate(model, prompts, cfg, MASK, PAD)
-    idle = _adapter(model, inner_lr=0.0)  # phi_K = phi_0, whose LoRA product is exactly zero
+    idle = tiny_adaptation(model, inner_lr=0.0)  # phi_K = phi_0, whose LoRA product is exactly zero
     fast = idle.adapt(prompt_adaptation_batch(idle, prompts, None, PAD))
     assert generate(model, prompts, cfg, MASK, PAD, fast=fast) == plain
-    adapter = _adapter(model, inner_lr=5.0)
-    fast = adapter.adapt(prompt_adaptation_batch(adapter, prompts, [0, 1], PAD))
+    adaptation = tiny_adaptation(model, inner_lr=5.0)
+    fast = adaptation.adapt(prompt_adaptation_batch(adaptation, prompts, [0, 1], PAD))
     batched = generate(model, prompts, cfg, MASK, PAD, fast=fast)
     for index, prompt in enumerate(prompts):
-        alone = adapter.adapt(prompt_adaptation_batch(adapter, [prompt], [index], PAD))
+        alone = adaptation.adapt(prompt_adaptation_batch(adaptation, [prompt], [index], PAD))
         assert generate(model, [prompt], cfg, MASK, PAD, fast=alone, indices=[index]) == [batched[index]]
     assert batched != plain, "a strong inner step must change some answer for this test to mean anything"

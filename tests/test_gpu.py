@@ -54,7 +54,7 @@ def _topology(device: str):
 
 
 def _train(device: str, steps: int = 2, precision: str = "fp32", padded=False, documents=False, memory=True):
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     topology = _topology(device)
     parts = build_training(_config(device, precision, documents, memory), topology, 127)
@@ -96,7 +96,7 @@ def test_attention_reaches_the_fast_kernels():
 
 
 def test_document_attention_uses_flex_attention_and_equals_the_dense_mask(monkeypatch):
-    from pretrain import attention
+    from pretrain.model import attention
 
     calls = []
     original = attention._compiled_flex_attention
@@ -108,7 +108,7 @@ def test_document_attention_uses_flex_attention_and_equals_the_dense_mask(monkey
     monkeypatch.setattr(attention, "_compiled_flex_attention", counting)
     flex, *_ = _train("cuda", steps=1, documents=True)
     assert calls, "within-document attention must go through FlexAttention on CUDA"
-    from pretrain import bilevel
+    from pretrain.memdlm import bilevel
 
     monkeypatch.setattr(bilevel.BilevelStep, "attention", lambda self, batch: batch.attention_mask(True))
     dense, *_ = _train("cuda", steps=1, documents=True)
@@ -131,7 +131,7 @@ def test_no_host_synchronisation_in_the_step(padded, memory):
 def _run(device: str, out, steps: int, cache):
     from launch.config_cli import build_config
     from parallel.topology import shutdown_topology
-    from pretrain.trainer import train
+    from pretrain.train.trainer import train
 
     shutdown_topology()
     args = ["--model.vocab_size", "512", "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads",

@@ -9,11 +9,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 
 from launch.config_cli import build_config
-from pretrain.checkpoint import Checkpointer, read_weights
-from pretrain.hf_export import export_checkpoint
-from pretrain.hf_format import HuggingFaceFormatError, model_fields_from_hf
-from pretrain.hf_import import import_hf, load_hf_weights, resolve_init_from
-from tests.dist_utils import run_ranks
+from parallel.checkpoint.checkpointer import Checkpointer
+from parallel.checkpoint.reading import read_weights
+from pretrain.hf.exporter import export_checkpoint
+from pretrain.hf.format import HuggingFaceFormatError, model_fields_from_hf
+from pretrain.hf.importer import import_hf, load_hf_weights, resolve_init_from
+from tests.helpers.ranks import run_ranks
 
 GQA = ["--model.vocab_size", "512", "--model.hidden_size", "64", "--model.num_layers", "2", "--model.num_heads", "4",
        "--model.num_kv_heads", "2", "--model.ffn_hidden_size", "96", "--model.seq_len", "32",
@@ -30,7 +31,7 @@ def all_files_tensors(folder):
 
 def our_logits(cfg, weights, ids, attention_mask=None):
     from parallel.topology import initialize_topology
-    from pretrain.factory import build_model
+    from pretrain.train.factory import build_model
 
     model = build_model(cfg, initialize_topology("cpu"))
     with torch.no_grad():
@@ -47,16 +48,17 @@ def full_mask(batch, length, attention_mask=None):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, prepared_corpus):
     """Two steps of a grouped-query-attention model; its checkpoint and config."""
-    from pretrain.trainer import train
+    from pretrain.train.trainer import train
 
     root = tmp_path_factory.mktemp("hf")
-    cfg = build_config([*GQA, "--train.steps", "2", "--train.out_dir", str(root / "run"), "--data.cache_dir",
-                        str(root / "cache")])
+    cfg = build_config([*GQA, "--train.steps", "2", "--train.out_dir", str(root / "run"), "--data.path",
+                        str(prepared_corpus())])
     summary = train(cfg)
     record = json.loads((summary.checkpoint / "config.json").read_text())
-    return summary.checkpoint, build_config([*GQA, "--model.mask_token_id", str(record["model"]["mask_token_id"])]), root
+    mask = str(record["model"]["mask_token_id"])
+    return summary.checkpoint, build_config([*GQA, "--model.mask_token_id", mask]), root
 
 
 def test_export_loads_in_transformers_and_gives_our_logits(trained, topology):
@@ -92,7 +94,7 @@ def test_export_import_export_gives_identical_tensors(trained, topology, tmp_pat
     resolved = resolve_init_from(build_config([*GQA, "--model.init_from", str(imported)]))
     assert resolved.model.mask_token_id == cfg.model.mask_token_id and resolved.model.num_kv_heads == 2
     from parallel.topology import initialize_topology
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     topo = initialize_topology("cpu")
     parts = build_training(resolved, topo, resolved.model.mask_token_id)
@@ -100,7 +102,7 @@ def test_export_import_export_gives_identical_tensors(trained, topology, tmp_pat
     tokenizer = tmp_path / "tokenizer.json"
     tokenizer.write_text((checkpoint / "tokenizer.json").read_text())
     record = json.loads((checkpoint / "config.json").read_text())
-    saved = Checkpointer(tmp_path / "run", topo, record, tokenizer).save(1, parts.engine, {"data": {}}).folder
+    saved = Checkpointer(tmp_path / "run", topo, record, tokenizer).save(1, parts.engine).folder
     second = export_checkpoint(saved, tmp_path / "second", progress=lambda m: None)
     a, b = all_files_tensors(first), all_files_tensors(second)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,6 +127,7 @@ def tiny_llama(folder, tie=False):
     return model
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("tie", [False, True])
 def test_a_transformers_llama_imports_and_our_model_gives_its_logits(tmp_path, topology, tie):
     llama = tiny_llama(tmp_path / "llama", tie)
@@ -135,7 +138,7 @@ def test_a_transformers_llama_imports_and_our_model_gives_its_logits(tmp_path, t
     assert (cfg.model.num_heads, cfg.model.num_kv_heads, cfg.model.vocab_size) == (4, 2, 192)
     assert cfg.data.tokenizer == str(out)
     from parallel.topology import initialize_topology
-    from pretrain.factory import build_model
+    from pretrain.train.factory import build_model
 
     model = build_model(cfg, initialize_topology("cpu"))
     load_hf_weights(model, out, cfg.model)
@@ -148,6 +151,37 @@ def test_a_transformers_llama_imports_and_our_model_gives_its_logits(tmp_path, t
     torch.testing.assert_close(grown[128], llama.model.embed_tokens.weight.mean(0), rtol=0, atol=1e-6)
 
 
+@pytest.mark.fast
+def test_importing_never_runs_code_from_the_model_folder(tmp_path, topology):
+    """A model folder whose config asks for remote code, with a module and a pickled weight file that would
+    create a file if imported or unpickled: ``memdlm-import-hf`` and ``--model.init_from`` read the
+    safetensors, the config and the tokenizer as data only."""
+    folder = tmp_path / "llama"
+    tiny_llama(folder)
+    marker = tmp_path / "ran"
+    planted = f"open({str(marker)!r}, 'w').close()\n"
+    (folder / "modeling_planted.py").write_text(planted)
+    (folder / "configuration_planted.py").write_text(planted)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_planted.Config", "AutoModel": "modeling_planted.Model"}
+    (folder / "config.json").write_text(json.dumps(config))
+
+    class Planted:
+        def __reduce__(self):
+            return exec, (planted,)
+
+    torch.save({"model.embed_tokens.weight": Planted()}, folder / "pytorch_model.bin")
+    out = import_hf(folder, tmp_path / "imported", progress=lambda m: None)
+    cfg = resolve_init_from(build_config(["--model.init_from", str(out), "--model.seq_len", "32"]))
+    from parallel.topology import initialize_topology
+    from pretrain.train.factory import build_model
+
+    load_hf_weights(build_model(cfg, initialize_topology("cpu")), out, cfg.model)
+    assert not marker.exists()
+    assert not (out / "modeling_planted.py").exists() and not (out / "pytorch_model.bin").exists()
+
+
+@pytest.mark.fast
 def test_unsupported_architectures_are_refused_with_the_reason():
     base = {"num_attention_heads": 4, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 48,
             "vocab_size": 64}
@@ -163,7 +197,7 @@ def test_unsupported_architectures_are_refused_with_the_reason():
 
 
 def _init_from_run(rank, world, args):
-    from pretrain.trainer import train
+    from pretrain.train.trainer import train
 
     return train(build_config(args)).losses
 

@@ -3,12 +3,15 @@ themselves are in test_slurm)."""
 
 import subprocess
 
+import pytest
+
 from launch.launch_cli import main
 from launch.slurm import ranks_from_slurm
 
 TRAIN = ["--model.num_layers", "4", "--train.global_batch_size", "16", "--train.micro_batch_size", "2"]
 
 
+@pytest.mark.fast
 def test_the_script_has_one_torchrun_per_node_preemption_and_requeue(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["slurm", "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time", "1:00:00",
@@ -25,6 +28,7 @@ def test_the_script_has_one_torchrun_per_node_preemption_and_requeue(tmp_path, c
     assert subprocess.run(["bash", "-n", str(out / "slurm" / "job.sbatch")]).returncode == 0
 
 
+@pytest.mark.fast
 def test_elastic_runs_and_refusals(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["slurm", "--nodes", "2", "--min-nodes", "1", "--", *TRAIN, "--train.out_dir", str(out)]) == 0
@@ -34,12 +38,14 @@ def test_elastic_runs_and_refusals(tmp_path, capsys):
     assert main(["slurm", "--nodes", "3", "--", *TRAIN, "--train.out_dir", str(tmp_path / "x")]) == 2
     assert "on 3 nodes" in capsys.readouterr().err
     # An elastic run must be valid at every size it may shrink to.
-    assert main(["slurm", "--nodes", "4", "--min-nodes", "3", "--", *TRAIN, "--train.out_dir", str(tmp_path / "y")]) == 2
+    elastic = ["slurm", "--nodes", "4", "--min-nodes", "3"]
+    assert main([*elastic, "--", *TRAIN, "--train.out_dir", str(tmp_path / "y")]) == 2
     assert "with 3 of the elastic run's nodes" in capsys.readouterr().err
     assert main(["slurm", "--nodes", "2", "--", "--model.no_such_field", "1"]) == 2
     assert "no_such_field" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_srun_python_takes_its_rank_from_slurm():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NTASKS_PER_NODE": "2(x4)",
            "SLURM_STEP_ID": "0", "SLURM_JOB_ID": "1234", "MASTER_ADDR": "head"}

@@ -8,15 +8,14 @@ import hashlib
 import shutil
 import tarfile
 
-import numpy as np
 import pytest
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
 from data_pipeline.readers import MaskingSpec
 from data_pipeline.shards import read_manifest
-from tests.data_fixtures import SEQ_LEN, VOCAB, prepare, write_corpus
-from tests.dist_utils import run_ranks
+from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
+from tests.helpers.ranks import run_ranks
 
 SPEC = MaskingSpec(seed=7, num_inner_steps=3, pre_anchor_scale=1.5, eps=1e-3, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
@@ -49,6 +48,7 @@ def take(root, fmt, micro, count, workers=1, rank=0, ranks=1, state=None, spec=S
     return got, batches.state_dict()
 
 
+@pytest.mark.fast
 def test_mds_order_and_masks_do_not_depend_on_workers(dataset):
     # 80 micro-batches of 4 = 320 samples: into the third epoch (~130 samples each).
     runs = [take(dataset, "mds", 4, 80, workers=w)[0] for w in (0, 1, 2)]
@@ -59,6 +59,7 @@ def test_mds_order_and_masks_do_not_depend_on_workers(dataset):
     assert len(first_epoch) == len(set(first_epoch)), "no sample twice within an epoch"
 
 
+@pytest.mark.fast
 def test_webdataset_masks_follow_the_sample_not_the_worker(dataset):
     one, two = (take(dataset, "webdataset", 4, 12, workers=w)[0] for w in (1, 2))
     by_index = {}
@@ -68,6 +69,7 @@ def test_webdataset_masks_follow_the_sample_not_the_worker(dataset):
                 assert by_index.setdefault((index, epoch), digest) == digest
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("fmt", ["mds", "webdataset"])
 def test_resume_continues_the_stream_exactly(dataset, fmt):
     straight, _ = take(dataset, fmt, 4, 30)
@@ -76,6 +78,7 @@ def test_resume_continues_the_stream_exactly(dataset, fmt):
     assert first + rest == straight
 
 
+@pytest.mark.fast
 def test_webdataset_resume_refuses_another_layout(dataset):
     _, state = take(dataset, "webdataset", 4, 3)
     with pytest.raises(DataError, match="webdataset resume needs the layout it was saved with"):
@@ -130,12 +133,14 @@ def damaged(dataset, tmp_path):
     return copy
 
 
+@pytest.mark.fast
 def test_missing_shard_is_named(damaged):
     (damaged / "mds" / "shard.00001.mds").unlink()
     with pytest.raises(DataError, match=r"shard .*shard.00001.mds is missing"):
         take(damaged, "mds", 4, 1)
 
 
+@pytest.mark.fast
 def test_truncated_shard_is_named(damaged):
     shard = damaged / "webdataset" / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
@@ -143,6 +148,7 @@ def test_truncated_shard_is_named(damaged):
         take(damaged, "webdataset", 4, 1)
 
 
+@pytest.mark.fast
 def test_hash_mismatch_is_named(damaged):
     shard = damaged / "mds" / "shard.00000.mds"
     data = bytearray(shard.read_bytes())
@@ -152,6 +158,7 @@ def test_hash_mismatch_is_named(damaged):
         take(damaged, "mds", 4, 1)
 
 
+@pytest.mark.fast
 def test_token_outside_the_vocabulary_is_named(dataset):
     small = MaskingSpec(7, 3, 1.5, 1e-3, SEQ_LEN, vocab_size=100)
     with pytest.raises(DataError, match=r"sample \d+ holds token id \d+ outside the vocabulary \[0, 100\)"):
@@ -169,6 +176,7 @@ def _corrupt_tar(path):
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.fast
 def test_webdataset_skip_budget(damaged):
     manifest = read_manifest(damaged)
     shard = manifest["formats"]["webdataset"]["shards"][1]

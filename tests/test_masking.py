@@ -5,6 +5,8 @@ import pytest
 
 from data_pipeline.masking import build_masked_batch
 
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
+
 
 def make_batch(num_inner_steps=2, scale=1.5, b=512, l=64, seed=7, with_prompt=True, with_padding=True):
     rng = np.random.default_rng(0)

@@ -15,8 +15,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.masking import build_masked_batch
-from pretrain import objective
 from pretrain.config import DataConfig, MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from pretrain.model import rows as objective
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
@@ -72,7 +74,7 @@ def test_the_bad_step_guard_reads_the_device_once_per_step(topology, gpu_row_pad
     """The guard's verdict needs the host: one copy of its health flags (``.cpu()``, which this CPU
     detector cannot see, so the copies are counted) per step and nothing else that reads
     (``--guard.skip_bad_steps false`` makes the step sync-free, as the gpu test checks)."""
-    from parallel.step_guard import StepGuard
+    from parallel.engines.step_guard import StepGuard
 
     reads = []
     original = StepGuard._local_health
@@ -84,7 +86,7 @@ def test_the_bad_step_guard_reads_the_device_once_per_step(topology, gpu_row_pad
 
 def _syncs_in_a_step(topology, memory, padded, documents, guard):
     from pretrain.config import GuardConfig
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     cfg = RunConfig(model=ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48,
                                       seq_len=32),
@@ -97,8 +99,8 @@ def _syncs_in_a_step(topology, memory, padded, documents, guard):
     mode = FailOnSync()
     with mode:
         stats = engine.train_step(batches, 1, 1e-3)
-    if engine.guard is not None:
-        assert engine.guard.finish().accepted
+    if guard:
+        assert stats.verdict is not None and stats.verdict.accepted
     assert np.isfinite(stats.host().loss)
     return mode.seen
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from pretrain.config import OptimizerConfig
-from pretrain.optim import build_optimizer, learning_rate
+from pretrain.train.optim import build_optimizer, learning_rate
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 
 def test_warmup_is_linear_from_the_first_step():

@@ -5,12 +5,14 @@ import pytest
 import torch
 
 from data_pipeline.masking import build_masked_batch
-from pretrain.bilevel import BilevelStep
-from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
-from pretrain.fast_weights import build_fast_weight_plan
-from pretrain.model import DiffusionTransformer
 from parallel.collectives import LossNormalizer
-from tests.reference_step import reference_step
+from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
+from pretrain.memdlm.bilevel import BilevelStep
+from pretrain.model.fast_weights import build_fast_weight_plan
+from pretrain.model.transformer import DiffusionTransformer
+from tests.helpers.reference_step import reference_step
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 TINY = ModelConfig(vocab_size=48, hidden_size=32, num_layers=3, num_heads=2, ffn_hidden_size=40, seq_len=16)
 MASK_ID = 47

@@ -3,17 +3,13 @@
 import os
 import signal
 
+import pytest
+
 from launch.config_cli import build_config
 from launch.preemption import stop_on_signals
 
-TINY = [
-    "--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads", "2",
-    "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
-    "--train.micro_batch_size", "2", "--data.num_workers", "0", "--logging.progress_bar", "false",
-    "--logging.wandb", "false",
-]
 
-
+@pytest.mark.fast
 def test_a_signal_sets_the_flag_and_the_handlers_come_back():
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
     with stop_on_signals() as stop:
@@ -26,10 +22,10 @@ def test_a_signal_sets_the_flag_and_the_handlers_come_back():
     assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
-def test_a_stop_request_saves_that_step_and_the_rerun_continues_exactly(topology, tmp_path):
-    from pretrain.trainer import train
+def test_a_stop_request_saves_that_step_and_the_rerun_continues_exactly(topology, tmp_path, tiny):
+    from pretrain.train.trainer import train
 
-    common = [*TINY, "--data.cache_dir", str(tmp_path / "cache"), "--train.steps", "3"]
+    common = [*tiny(), "--train.steps", "3"]
     straight = train(build_config([*common, "--train.out_dir", str(tmp_path / "straight")]))
 
     calls = []

@@ -11,7 +11,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import open_streaming_dataset
 from data_pipeline.readers import MaskingCollate, MaskingSpec
 from data_pipeline.shards import decode_webdataset_sample
-from tests.data_fixtures import SEQ_LEN, VOCAB, prepare, write_corpus
+from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,7 @@ def read_webdataset(root, manifest):
     return [decode_webdataset_sample(raw) for raw in wds.WebDataset(shards, shardshuffle=False, empty_check=False)]
 
 
+@pytest.mark.fast
 def test_round_trip_both_formats(corpus, prepared):
     root, manifest = prepared
     tokens, real, maskable, starts = reference_packing(corpus, root / "tokenizer.json", manifest)
@@ -109,6 +110,7 @@ def test_parallel_tokenization_writes_identical_shards(corpus, prepared, tmp_pat
         assert ours == theirs, name
 
 
+@pytest.mark.fast
 def test_manifest_records_shards_and_ids(prepared):
     root, manifest = prepared
     for key in ("seq_len", "vocab_size", "mask_token_id", "num_samples", "num_tokens", "tokenizer"):
@@ -120,6 +122,7 @@ def test_manifest_records_shards_and_ids(prepared):
     assert (root / "mds" / "index.json").is_file()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("make_input, message", [
     (lambda d: d, "holds no non-empty files"),
     (lambda d: (d / "e.txt").write_text("") and d, "holds no non-empty files"),

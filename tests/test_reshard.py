@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.checkpoint import read_weights
-from tests.dist_utils import run_ranks
-from tests.test_cli import read_metrics
-from tests.test_parallel_layouts import LAYOUTS, TINY, relative
+from parallel.checkpoint.reading import read_weights
+from tests.helpers import read_metrics
+from tests.helpers.layouts import LAYOUT_OPTIONS, LAYOUTS, relative
+from tests.helpers.ranks import run_ranks
 
 STEPS = ["--train.steps", "6", "--eval.every", "3", "--eval.num_samples", "12", "--eval.micro_batch_size", "4"]
 
@@ -42,11 +42,11 @@ def _train_each(rank, world, runs):
     """``(key, layout, folder, stop after)`` in turn on these ranks; each run's losses by key."""
     from launch.config_cli import build_config
     from parallel.megatron import parallel_state
-    from pretrain.trainer import train
+    from pretrain.train.trainer import train
 
     losses = {}
-    for key, layout, folder, cache, stop in runs:
-        args = [*TINY, *STEPS, *LAYOUTS[layout][1], "--train.out_dir", folder, "--data.cache_dir", cache]
+    for key, layout, folder, data, stop in runs:
+        args = [*LAYOUT_OPTIONS, *STEPS, *LAYOUTS[layout][1], "--train.out_dir", folder, "--data.path", data]
         summary = train(build_config(args), StopAfter(stop) if stop else (lambda: False))
         losses[key] = (summary.losses, summary.resumed_from.name if summary.resumed_from else None)
         parallel_state.destroy_model_parallel()
@@ -61,22 +61,22 @@ def _run(world, runs):
 
 
 @pytest.fixture(scope="module")
-def resharded(tmp_path_factory):
+def resharded(tmp_path_factory, prepared_corpus):
     """Every pair's losses (A then B) and final weights, plus the uninterrupted reference.
 
     Runs go in the order their checkpoints need, grouped by world size: 1 (the reference and the
     one-process A), 2 (every two-rank A, then the two-rank B that resume from them), 1, 4."""
-    root, cache = tmp_path_factory.mktemp("reshard"), str(tmp_path_factory.mktemp("cache"))
+    root, data = tmp_path_factory.mktemp("reshard"), str(prepared_corpus())
     folders = {name: str(root / name.replace(" ", "").replace(">", "")) for name in PAIRS}
 
     def run(name, phase):
         layout = PAIRS[name][phase]
-        return (f"{name}/{phase}", layout, folders[name], cache, 3 if phase == 0 else 0)
+        return (f"{name}/{phase}", layout, folders[name], data, 3 if phase == 0 else 0)
 
     def worlds(phase, world):
         return [run(name, phase) for name in PAIRS if LAYOUTS[PAIRS[name][phase]][0] == world]
 
-    losses = _run(1, [("reference", "single", str(root / "reference"), cache, 0)] + worlds(0, 1))
+    losses = _run(1, [("reference", "single", str(root / "reference"), data, 0)] + worlds(0, 1))
     losses.update(_run(2, worlds(0, 2) + worlds(1, 2)))
     losses.update(_run(1, worlds(1, 1)))
     losses.update(_run(4, worlds(1, 4)))

@@ -3,7 +3,8 @@ which ``.ci/run`` starts). Each test submits the sbatch script that ``memdlm-lau
 compares the run's losses with one process training the same global batch.
 
 Faults injected: USR1 to the batch shell (preemption), SIGTERM to one worker, the loss of one node's
-torchrun agent and worker in an elastic run. Skipped, with the reason, where no Slurm cluster answers.
+torchrun agent and worker in an elastic run. Skipped, with the reason, where no Slurm cluster answers, unless
+``MEMDLM_REQUIRE_SLURM=1`` (CI sets it): then a cluster that is not up fails every test.
 """
 
 import json
@@ -17,13 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import tiny_options
+
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
-TINY = ["--model.vocab_size", "512", "--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_heads",
-        "2", "--model.ffn_hidden_size", "64", "--model.seq_len", "32", "--train.global_batch_size", "4",
-        "--train.micro_batch_size", "2", "--data.num_workers", "0", "--logging.progress_bar", "false",
-        "--logging.wandb", "false", "--memory.layer_fraction", "0.5", "--eval.every", "0", "--train.device", "cpu",
-        "--train.num_threads", "1"]
+TINY = tiny_options({"memory.layer_fraction": 0.5, "eval.every": 0, "train.device": "cpu"})
 
 
 def _slurm_up() -> str | None:
@@ -43,8 +42,15 @@ def _slurm_up() -> str | None:
 @pytest.fixture(scope="module", autouse=True)
 def cluster():
     reason = _slurm_up()
+    if reason and os.environ.get("MEMDLM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"MEMDLM_REQUIRE_SLURM=1 but {reason}")
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture
+def data(prepared_corpus):
+    return prepared_corpus()
 
 
 def _both_idle() -> bool:
@@ -52,9 +58,9 @@ def _both_idle() -> bool:
     return states.split().count("idle") >= 2
 
 
-def _submit(out: Path, cache: Path, steps: int, *launch: str, extra=()) -> tuple[str, list[str]]:
+def _submit(out: Path, data: Path, steps: int, *launch: str, extra=()) -> tuple[str, list[str]]:
     _wait_for(_both_idle, 60, "both nodes to be idle (an elastic job takes what is free)")
-    args = [*TINY, "--train.steps", str(steps), "--train.out_dir", str(out), "--data.cache_dir", str(cache), *extra]
+    args = [*TINY, "--train.steps", str(steps), "--train.out_dir", str(out), "--data.path", str(data), *extra]
     result = subprocess.run([sys.executable, "-m", "launch.launch_cli", "slurm", "--nodes", "2", "--cpus-per-task",
                              "1", *launch, "--submit", "--", *args], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -140,20 +146,20 @@ def _steps_logged(out: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def test_submit_trains_across_two_nodes_like_one_process(tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    job, _ = _submit(out, cache, 6)
+def test_submit_trains_across_two_nodes_like_one_process(tmp_path, data):
+    out = tmp_path / "run"
+    job, _ = _submit(out, data, 6)
     assert _finished(job, out) == 0
     assert "2 ranks = tensor 1 x pipeline 1 x data 2" in _logs(out, tail=10**7)
     assert (out / "DONE").is_file()
-    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.cache_dir", str(cache)]))
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.path", str(data)]))
 
 
 @pytest.mark.parametrize("fault", ["usr1-to-batch-shell", "sigterm-to-one-worker"])
-def test_preemption_saves_requeues_and_the_run_equals_an_uninterrupted_one(tmp_path, fault):
-    out, cache = tmp_path / "run", tmp_path / "cache"
+def test_preemption_saves_requeues_and_the_run_equals_an_uninterrupted_one(tmp_path, fault, data):
+    out = tmp_path / "run"
     steps = 80  # long enough that the signal arrives mid-run on a fast machine too
-    job, _ = _submit(out, cache, steps)
+    job, _ = _submit(out, data, steps)
     _wait_for(lambda: _steps_logged(out) >= 3, 180, "the first steps")
     if fault == "usr1-to-batch-shell":
         subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True, timeout=30)
@@ -166,14 +172,13 @@ def test_preemption_saves_requeues_and_the_run_equals_an_uninterrupted_one(tmp_p
     assert restarts == 1 and "requeueing" in logs, logs
     assert "stop requested: saving a checkpoint" in logs and "resumed from" in logs
     assert (out / "DONE").is_file() and not (out / "REQUEUE").exists()
-    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.cache_dir",
-                                                      str(cache)]))
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.path", str(data)]))
 
 
-def test_elastic_run_loses_a_node_and_finishes_on_the_other(tmp_path):
-    out, cache = tmp_path / "run", tmp_path / "cache"
+def test_elastic_run_loses_a_node_and_finishes_on_the_other(tmp_path, data):
+    out = tmp_path / "run"
     steps = 40
-    job, _ = _submit(out, cache, steps, "--min-nodes", "1", "--max-restarts", "2",
+    job, _ = _submit(out, data, steps, "--min-nodes", "1", "--max-restarts", "2",
                      extra=("--checkpoint.every", "2"))
     _wait_for(lambda: _steps_logged(out) >= 4, 180, "the first steps")
     agents = [pid for pid, command in _workers(out) if "torch.distributed.run" in command]
@@ -189,16 +194,16 @@ def test_elastic_run_loses_a_node_and_finishes_on_the_other(tmp_path):
     assert "1 ranks = tensor 1 x pipeline 1 x data 1" in logs and "resumed from" in logs, logs
     assert (out / "DONE").is_file()
     losses = _losses(out)
-    reference = _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.cache_dir", str(cache),
+    reference = _reference(tmp_path, [*TINY, "--train.steps", str(steps), "--data.path", str(data),
                                       "--checkpoint.every", "2"])
     _assert_same(losses, reference)
     assert lost_at < steps
 
 
-def test_srun_python_one_task_per_rank(tmp_path):
+def test_srun_python_one_task_per_rank(tmp_path, data):
     """``srun python -m launch.pretrain_cli``: rank and world from SLURM_*, no torchrun."""
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    args = [*TINY, "--train.steps", "6", "--train.out_dir", str(out), "--data.cache_dir", str(cache)]
+    out = tmp_path / "run"
+    args = [*TINY, "--train.steps", "6", "--train.out_dir", str(out), "--data.path", str(data)]
     _wait_for(_both_idle, 60, "both nodes to be idle")
     out.mkdir(parents=True)
     command = " ".join([sys.executable, "-m", "launch.pretrain_cli", *args])
@@ -211,4 +216,4 @@ def test_srun_python_one_task_per_rank(tmp_path):
     _finished(job, out)
     log = next(out.glob("slurm-*.log")).read_text()
     assert "2 ranks = tensor 1 x pipeline 1 x data 2" in log, log[-3000:]
-    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.cache_dir", str(cache)]))
+    _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.path", str(data)]))

@@ -6,11 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.masking import build_masked_batch
-from pretrain.bilevel import BilevelStep
-from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
-from pretrain.fast_weights import build_fast_weight_plan, clip_per_sequence
-from pretrain.model import DiffusionTransformer
 from parallel.collectives import LossNormalizer
+from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
+from pretrain.memdlm.bilevel import BilevelStep
+from pretrain.model.fast_weights import build_fast_weight_plan, clip_per_sequence
+from pretrain.model.transformer import DiffusionTransformer
+
+pytestmark = pytest.mark.fast  # in-process: part of the edit loop's tier (-m fast)
 
 CFG = ModelConfig(vocab_size=64, hidden_size=64, num_layers=4, num_heads=4, ffn_hidden_size=96, seq_len=24)
 MASK_ID = 63
@@ -166,7 +168,7 @@ def test_bf16_autocast_step_tracks_fp32(topology):
 def test_gpu_row_padding_changes_nothing_but_rounding(topology, monkeypatch):
     """On GPUs the gathered rows are padded to a multiple of 128 with zero-scale rows (sizes known on the
     host); the loss and gradients are those of the exact gather."""
-    from pretrain import objective
+    from pretrain.model import rows as objective
 
     model = make_model()
     batch = make_batch(b=4)
@@ -201,14 +203,14 @@ def test_bf16_training_keeps_fp32_masters_state_and_fast_weights(topology, fast_
     """--train.precision bf16: bf16 compute (CPU autocast here), fp32 weights, gradients and AdamW state;
     fast weights fp32 unless --memory.dtype bf16; the loss tracks fp32's."""
     from pretrain.config import RunConfig, TrainConfig
-    from pretrain.factory import build_training
+    from pretrain.train.factory import build_training
 
     losses, fast = {}, {}
     for precision in ("fp32", "bf16"):
         cfg = RunConfig(model=CFG, memory=MemoryConfig(layer_fraction=0.25, dtype=fast_dtype),
                         train=TrainConfig(global_batch_size=8, micro_batch_size=8, precision=precision))
         parts = build_training(cfg, topology, MASK_ID, allow_cpu_bf16=True)
-        step = parts.step
+        step = parts.bilevel
 
         def recording(batch, normalizer, index, _step=step):
             result = _step(batch, normalizer, index, record_fast_weights=True)

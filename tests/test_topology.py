@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.errors import UsageError
+from common.errors import UsageError
 from data_pipeline.masking import MaskedBatch, build_masked_batch
 from parallel.layout import LayoutError, stage_layers
-from tests.dist_utils import run_ranks
+from tests.helpers.ranks import run_ranks
 
 
 def _batch(seed: int, b: int = 2, l: int = 8, states: int = 2, padded: bool = False) -> MaskedBatch:
@@ -35,6 +35,7 @@ def assert_same_batch(a: MaskedBatch, b: MaskedBatch) -> None:
     assert a.num_skipped == b.num_skipped
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("padded", [False, True])
 def test_packed_batch_round_trips_exactly(padded):
     batch = _batch(1, padded=padded)
@@ -43,6 +44,7 @@ def test_packed_batch_round_trips_exactly(padded):
     assert_same_batch(MaskedBatch.unpack(ints, floats), batch)
 
 
+@pytest.mark.fast
 def test_stage_layers_split_evenly():
     assert [stage_layers(8, 4, r) for r in range(4)] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     assert stage_layers(6, 1, 0) == range(6)
@@ -53,6 +55,7 @@ BASE = ["--model.vocab_size", "256", "--model.hidden_size", "32", "--model.num_l
         "--train.micro_batch_size", "2"]
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("world, args, message", [
     (2, ["--parallel.tensor_parallel_size", "3"],
      "--parallel.tensor_parallel_size 3 x --parallel.pipeline_parallel_size 1 = 3 does not divide the world size 2; "
@@ -72,13 +75,14 @@ BASE = ["--model.vocab_size", "256", "--model.hidden_size", "32", "--model.num_l
 ])
 def test_bad_layouts_are_refused_with_sizes_that_work(world, args, message):
     from launch.config_cli import build_config
-    from pretrain.factory import check_run_layout
+    from pretrain.train.factory import check_run_layout
 
     with pytest.raises(LayoutError) as refused:
         check_run_layout(build_config(BASE + args), world)
     assert message in str(refused.value)
 
 
+@pytest.mark.fast
 def test_the_launcher_refuses_a_bad_layout_before_starting_ranks(capsys):
     from launch.pretrain_cli import main
 
@@ -86,6 +90,7 @@ def test_the_launcher_refuses_a_bad_layout_before_starting_ranks(capsys):
     assert "does not divide the world size 2" in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_zero_with_pipeline_stages_is_refused_at_parse_time():
     from launch.config_cli import build_config
 
@@ -93,6 +98,7 @@ def test_zero_with_pipeline_stages_is_refused_at_parse_time():
         build_config(["--parallel.zero_stage", "1", "--parallel.pipeline_parallel_size", "2"])
 
 
+@pytest.mark.fast
 def test_world_of_one(topology):
     assert (topology.world_size, topology.rank, topology.data_parallel_size) == (1, 0, 1)
     assert topology.reads_data and topology.is_main and topology.data_source_rank == 0

@@ -1,0 +1,225 @@
+"""Fast weights: MemDLM's transient parametric memory.
+
+Each adapted projection ("site") carries a per-sequence low-rank pair (A, B) or a dense
+delta. Every tensor has a leading batch dimension: sequence i has its own memory, written
+only by its own inner loss, so the result of a step does not depend on how the global
+batch is cut into micro-batches or data-parallel ranks. Fast weights are plain tensors,
+never parameters: no optimizer, hook or data-parallel collective ever sees them.
+
+Tensor parallelism follows the base layer (docs/DESIGN.md section 5):
+- column-parallel ``W[out/tp, in]``: ``A[r, in]`` replicated, ``B[out/tp, r]`` sharded;
+- row-parallel ``W[out, in/tp]``: ``A[r, in/tp]`` sharded, ``B[out, r]`` replicated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallel.megatron import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
+
+MODULE_PARALLELISM = {"qkv": "column", "gate": "column", "up": "column", "out": "row", "down": "row"}
+# Sub-block of a layer that holds each module: 0 = attention, 1 = MLP.
+MODULE_SUBBLOCK = {"qkv": 0, "out": 0, "gate": 1, "up": 1, "down": 1}
+
+
+@dataclass(frozen=True)
+class FastWeightSite:
+    """One adapted projection and how its fast weights are partitioned."""
+
+    layer: int
+    module: str
+    in_features: int  # logical (unpartitioned) sizes
+    out_features: int
+    tensor_parallel_size: int
+    tensor_parallel_rank: int
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.layer}.{self.module}"
+
+    @property
+    def parallel(self) -> str:
+        return MODULE_PARALLELISM[self.module]
+
+    @property
+    def block(self) -> int:
+        """Index of the sub-block (2 per layer) that holds this site."""
+        return 2 * self.layer + MODULE_SUBBLOCK[self.module]
+
+
+def adapted_layers(num_layers: int, layer_fraction: float) -> range:
+    """Layers ``[floor(L * (1 - f)), L)``, at least the last one."""
+    start = min(int(math.floor(num_layers * (1.0 - layer_fraction) + 1e-9)), num_layers - 1)
+    return range(start, num_layers)
+
+
+class FastWeights:
+    """The fast-weight tensors of one micro-batch, keyed by site name.
+
+    Per site: ``(A [b, r, in_local], B [b, out_local, r])`` for LoRA, ``(delta [b, out_local, in_local],)``
+    for the dense form.
+    """
+
+    def __init__(self, tensors: dict[str, tuple[torch.Tensor, ...]]):
+        self.tensors = tensors
+
+    def get(self, name: str):
+        return self.tensors.get(name)
+
+    def leaves(self) -> list[torch.Tensor]:
+        return [t for site in self.tensors.values() for t in site]
+
+    def with_leaves(self, leaves: list[torch.Tensor]) -> "FastWeights":
+        it = iter(leaves)
+        return FastWeights({name: tuple(next(it) for _ in site) for name, site in self.tensors.items()})
+
+    def detach(self) -> "FastWeights":
+        return self.with_leaves([t.detach() for t in self.leaves()])
+
+    def clone_values(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {name: tuple(t.detach().clone() for t in site) for name, site in self.tensors.items()}
+
+
+class FastWeightPlan:
+    """Where fast weights go and what shape they have (the sites, the form, the LoRA rank and scaling), how
+    to reset them, and the SGD update the inner loop applies. The inner loop's settings (learning rate,
+    clipping, loss weights) are the step's ``memory`` (``pretrain.memdlm.bilevel.BilevelStep``), not here."""
+
+    def __init__(self, sites: list[FastWeightSite], adapter: str = "lora", lora_rank: int = 32,
+                 lora_alpha: float = 64.0, tensor_parallel_group=None):
+        self.sites = sites
+        self.adapter = adapter  # "lora" (A, B) or "full" (a dense delta)
+        self.lora_rank = lora_rank
+        self.scaling = lora_alpha / lora_rank if adapter == "lora" else 1.0  # the update is scaled by this
+        self.tensor_parallel_group = tensor_parallel_group
+        # The tail starts at the first sub-block that holds a fast weight; everything
+        # before it (the prefix) sees the same input in the last inner step and the outer pass.
+        self.boundary_block = min(site.block for site in sites)
+
+    # -- reset ---------------------------------------------------------------------------
+    def initial(self, batch_size: int, seed: int, step: int, device, dtype) -> FastWeights:
+        """phi_0 for one step: ``A ~ kaiming_uniform(a=sqrt(5))``, ``B = 0`` (or a zero delta).
+
+        ``A_0`` is drawn from ``(seed, step, site)`` on the full logical tensor and then sliced,
+        so every rank, layout and micro-batch of a step starts from the same ``A_0``.
+        """
+        tensors = {}
+        for index, site in enumerate(self.sites):
+            in_local, out_local = self._local_shape(site)
+            if self.adapter == "full":
+                delta = torch.zeros(batch_size, out_local, in_local, device=device, dtype=dtype)
+                tensors[site.name] = (delta.requires_grad_(),)
+                continue
+            rank = self.lora_rank
+            generator = torch.Generator().manual_seed(_mix(seed, step, index))
+            bound = 1.0 / math.sqrt(site.in_features)
+            a_full = torch.empty(rank, site.in_features, dtype=torch.float64)
+            a_full.uniform_(-bound, bound, generator=generator)
+            if site.parallel == "row":
+                a_full = a_full.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
+            a_full = a_full.to(dtype)
+            if torch.device(device).type == "cuda":  # from pinned memory: the copy does not block the host
+                a_full = a_full.pin_memory()
+            a = a_full.to(device, non_blocking=True).expand(batch_size, rank, in_local).clone()
+            b_out = out_local if site.parallel == "column" else site.out_features
+            b = torch.zeros(batch_size, b_out, rank, device=device, dtype=dtype)
+            tensors[site.name] = (a.requires_grad_(), b.requires_grad_())
+        return FastWeights(tensors)
+
+    def _local_shape(self, site: FastWeightSite) -> tuple[int, int]:
+        if site.parallel == "column":
+            return site.in_features, site.out_features // site.tensor_parallel_size
+        return site.in_features // site.tensor_parallel_size, site.out_features
+
+    def leaf_is_sharded(self) -> list[bool]:
+        """For each leaf (in ``FastWeights.leaves`` order): is it split across tensor-parallel ranks?"""
+        flags = []
+        for site in self.sites:
+            if self.adapter == "full":
+                flags.append(site.tensor_parallel_size > 1)
+            elif site.parallel == "column":
+                flags.extend([False, site.tensor_parallel_size > 1])  # A replicated, B sharded
+            else:
+                flags.extend([site.tensor_parallel_size > 1, False])  # A sharded, B replicated
+        return flags
+
+    # -- inner SGD step --------------------------------------------------------------------
+    @torch.no_grad()
+    def sgd_step(self, fast: FastWeights, grads: list[torch.Tensor], lr: float, clip: float) -> FastWeights:
+        """``phi - lr * clip(grad)`` with each tensor of each sequence clipped to norm ``clip`` on its own
+        (0: no clipping)."""
+        new_leaves = []
+        for leaf, grad, sharded in zip(fast.leaves(), grads, self.leaf_is_sharded()):
+            if clip > 0:
+                grad = clip_per_sequence(grad, clip, self.tensor_parallel_group if sharded else None)
+            new_leaves.append((leaf - lr * grad).requires_grad_())
+        return fast.with_leaves(new_leaves)
+
+
+def clip_per_sequence(grad: torch.Tensor, clip: float, tensor_parallel_group=None) -> torch.Tensor:
+    """Scale each sequence's gradient ``grad[i]`` to norm ``clip`` if its norm exceeds it.
+
+    For a tensor sharded over tensor-parallel ranks the norm is that of the whole logical
+    tensor (sum of squares all-reduced over ``tensor_parallel_group``).
+    """
+    squares = grad.flatten(1).pow(2).sum(dim=1)  # [b]
+    if tensor_parallel_group is not None and dist.get_world_size(tensor_parallel_group) > 1:
+        dist.all_reduce(squares, group=tensor_parallel_group)
+    norm = squares.sqrt()
+    scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
+    return grad * scale.view(-1, *([1] * (grad.dim() - 1)))
+
+
+def apply_fast_weight(
+    x: torch.Tensor, base_out: torch.Tensor, site: FastWeightSite, tensors, scaling: float, tensor_parallel_group,
+) -> torch.Tensor:
+    """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]``.
+
+    Fast weights stored in another dtype than ``x`` (``--memory.dtype bf16`` in an fp32 run) are cast
+    to it; under autocast the matmuls run in its dtype anyway."""
+    if tensors[0].dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        tensors = tuple(t.to(x.dtype) for t in tensors)
+    if len(tensors) == 1:  # dense delta
+        (delta,) = tensors
+        if site.parallel == "column":
+            return torch.baddbmm(base_out, x, delta.transpose(1, 2))
+        update = torch.bmm(x, delta.transpose(1, 2))
+        update = reduce_from_tensor_model_parallel_region(update, group=tensor_parallel_group)
+        return base_out + update
+    a, b = tensors
+    low_rank = torch.bmm(x, a.transpose(1, 2))  # [b, l, r]
+    if site.parallel == "column":
+        # Every rank holds the full x A^T; its gradient is the sum of the ranks' partial B-shard terms.
+        low_rank = copy_to_tensor_model_parallel_region(low_rank, group=tensor_parallel_group)
+    else:
+        low_rank = reduce_from_tensor_model_parallel_region(low_rank, group=tensor_parallel_group)
+    return torch.baddbmm(base_out, low_rank, b.transpose(1, 2), alpha=scaling)
+
+
+def _mix(seed: int, step: int, index: int) -> int:
+    """A 63-bit seed from (seed, step, site index) that differs for every step and site."""
+    value = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    value ^= value >> 31
+    value = (value * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    return value >> 1
+
+
+def build_fast_weight_plan(model_cfg, memory_cfg, tensor_parallel_size: int = 1,
+                           tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
+    """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
+    h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
+    shapes = {"qkv": (h, model_cfg.qkv_size), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+    sites = [
+        FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank)
+        for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
+        for module in ("qkv", "out", "gate", "up", "down")
+        if module in memory_cfg.target_module_list
+    ]
+    return FastWeightPlan(sites, memory_cfg.adapter, memory_cfg.lora_rank, memory_cfg.lora_alpha, tensor_parallel_group)

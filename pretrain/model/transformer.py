@@ -1,0 +1,236 @@
+"""A bidirectional LLaDA/Llama-style transformer for masked diffusion.
+
+The network is a chain of sub-blocks (attention, then MLP, per layer) between the token
+embedding and the head (final norm + LM head). The bi-level step cuts that chain in two:
+a prefix that ends before the first sub-block with fast weights, and a tail. The head runs
+only on the rows a loss needs (``rows``), because every loss here is zero elsewhere.
+
+The model never decides how it is parallelised. Its communication is tensor-parallel only: the
+megatron-core layers' own, the fused head's vocab-parallel cross entropy (all-reduces of the
+row maxima, predicted logits and sums over the tensor-parallel group) and the fast weights'
+reductions (``pretrain.model.fast_weights``); which ranks they talk to comes from ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from parallel.megatron import (
+    ColumnParallelLinear,
+    ModelParallelConfig,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    parallel_state,
+    set_tensor_model_parallel_attributes,
+)
+from pretrain.config import ModelConfig
+from pretrain.model.fast_weights import FastWeightPlan, FastWeights
+from pretrain.model.fused_head import VocabParallelHead
+from pretrain.model.layers import BlockEntry, RMSNorm, TransformerLayer, rotary_tables
+from pretrain.model.rows import Rows
+
+
+class DiffusionTransformer(nn.Module):
+    """The whole model, or the part of it one pipeline stage holds (``layers``: a range of layer
+    indices; the embedding comes with layer 0 and the head with the last layer)."""
+
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 layers: range | None = None):
+        super().__init__()
+        self.cfg = cfg
+        tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+        sizes = (cfg.num_heads, cfg.key_value_heads, cfg.ffn_hidden_size, cfg.vocab_size)
+        if any(size % tensor_parallel_size for size in sizes):
+            raise ValueError(
+                f"tensor-parallel size {tensor_parallel_size} must divide model.num_heads ({cfg.num_heads}), "
+                f"the key/value heads ({cfg.key_value_heads}), "
+                f"model.ffn_hidden_size ({cfg.ffn_hidden_size}) and model.vocab_size ({cfg.vocab_size})"
+            )
+        self.layer_range = layers if layers is not None else range(cfg.num_layers)
+        mp_config = ModelParallelConfig(
+            tensor_model_parallel_size=tensor_parallel_size,
+            params_dtype=dtype,
+            use_cpu_initialization=True,
+            perform_initialization=False,  # initialize_parameters draws every weight from (seed, name)
+        )
+        unused = _normal_init(cfg.init_std)
+        self.has_embedding = self.layer_range.start == 0
+        self.has_head = self.layer_range.stop == cfg.num_layers
+        if self.has_embedding:
+            self.embedding = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, init_method=unused,
+                                                    config=mp_config)
+        # A dict keyed by the global layer index keeps parameter names ("layers.7.mlp...") the
+        # same whichever stage holds the layer.
+        self.layers = nn.ModuleDict({
+            str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size) for i in self.layer_range
+        })
+        if self.has_head:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+            self.lm_head = VocabParallelHead(
+                cfg.hidden_size, cfg.vocab_size, config=mp_config, init_method=unused, bias=False,
+                gather_output=False,
+            )
+        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, dtype)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.num_blocks = 2 * cfg.num_layers
+        initialize_parameters(self, cfg, seed)
+
+    def layer(self, index: int) -> TransformerLayer:
+        return self.layers[str(index)]
+
+    # -- fast weights ----------------------------------------------------------------------
+    def attach_fast_weights(self, plan: FastWeightPlan) -> None:
+        """Tell each projection which fast-weight site (if any) sits on it."""
+        for site in plan.sites:
+            if str(site.layer) not in self.layers:
+                continue  # held by another pipeline stage
+            layer = self.layer(site.layer)
+            holder = layer.attention if site.module in ("qkv", "out") else layer.mlp
+            holder.sites[site.module] = site
+            holder.fast_scaling = plan.scaling
+
+    # -- the chain ---------------------------------------------------------------------------
+    def rope(self, seq_len: int, positions: torch.Tensor | None = None):
+        """cos/sin ``[l, d]`` for positions ``0..l-1``, or ``[b, l, d]`` for given ``positions [b, l]``."""
+        if seq_len > self.rope_cos.shape[0]:
+            raise ValueError(
+                f"sequence length {seq_len} exceeds model.seq_len {self.rope_cos.shape[0]}; "
+                "train a model with a larger model.seq_len or cut the input"
+            )
+        if positions is not None:
+            return self.rope_cos[positions], self.rope_sin[positions]
+        return self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        start: int,
+        end: int,
+        attention_mask: torch.Tensor | None = None,
+        fast: FastWeights | None = None,
+        frozen: bool = False,
+        entry: BlockEntry | None = None,
+        recompute: str = "none",
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sub-blocks ``[start, end)`` on ``h [b, l, hidden]``; ``entry`` (from ``block_entry``)
+        replaces the fast-weight-free start of sub-block ``start``.
+
+        ``recompute``: keep only each sub-block's input for the backward and run it again there:
+        every sub-block (``full``) or the attention ones (``selective``); ``none`` keeps everything.
+        It only matters when a graph is being built. ``positions [b, l]``: RoPE positions other than
+        ``0..l-1`` (left-padded generation)."""
+        rope = self.rope(h.shape[1], positions)
+        for block in range(start, end):
+            layer, sub = divmod(block, 2)
+            args = (sub, h, rope, attention_mask, fast, frozen, entry if block == start else None)
+            run = self.layer(layer).run_subblock
+            if torch.is_grad_enabled() and (recompute == "full" or (recompute == "selective" and sub == 0)):
+                h = checkpoint(run, *args, use_reentrant=False)
+            else:
+                h = run(*args)
+        return h
+
+    def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
+        """Sub-block ``block``'s normed input and entry projections on ``h``, with grad."""
+        layer, sub = divmod(block, 2)
+        return self.layer(layer).subblock_entry(sub, h)
+
+    def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None,
+               recompute: str = "none") -> torch.Tensor:
+        """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]``."""
+        h = self.embedding(input_ids)
+        return self.run_blocks(h, 0, boundary, attention_mask, recompute=recompute)
+
+    def head(self, h: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        """Final norm and LM head: ``[..., hidden]`` -> vocab-parallel logits ``[..., vocab/tp]``."""
+        return self.lm_head(self.final_norm(h, frozen), frozen=frozen)
+
+    def tail_loss(
+        self,
+        h: torch.Tensor,
+        boundary: int,
+        rows: Rows,
+        attention_mask=None,
+        fast: FastWeights | None = None,
+        frozen: bool = False,
+        entry: BlockEntry | None = None,
+    ) -> torch.Tensor:
+        """Sub-blocks ``[boundary, end)``, then ``sum(rows.scale * CE(logits, rows.targets))`` over the
+        gathered ``rows`` of ``h [b, l, hidden]``. The head runs on those rows only."""
+        h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
+        return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None,
+                positions: torch.Tensor | None = None):
+        """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).
+        ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask;
+        ``positions``: ``[b, l]`` RoPE positions (default ``0..l-1``)."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = attention_mask.bool()[:, None, None, :]
+        h = self.embedding(input_ids)
+        h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast, positions=positions)
+        return self.head(h)
+
+
+def _normal_init(std: float):
+    def init(weight: torch.Tensor) -> None:
+        nn.init.normal_(weight, mean=0.0, std=std)
+
+    return init
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Draw every weight from ``(seed, parameter name)`` at its full, unpartitioned size, then keep
+    this rank's tensor-parallel shard: any layout (TP, PP, one process) starts from the same model.
+
+    Normal(0, init_std) for matrices, smaller for the residual-branch outputs (attention out, MLP
+    down) so the residual stream does not grow with depth; ones for norms.
+    """
+    tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
+    tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
+    # megatron marks partitioned weights only when it initialises them itself; mark them here.
+    for module in model.modules():
+        if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
+            set_tensor_model_parallel_attributes(module.weight, True, 0, 1)
+        elif isinstance(module, RowParallelLinear):
+            set_tensor_model_parallel_attributes(module.weight, True, 1, 1)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        std = cfg.init_std
+        if name.endswith(("attention.out.weight", "mlp.down.weight")):
+            std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        sharded = getattr(param, "tensor_model_parallel", False) and tensor_parallel_size > 1
+        dim = getattr(param, "partition_dim", 0)
+        shape = list(param.shape)
+        if sharded:
+            shape[dim] *= tensor_parallel_size
+        generator = torch.Generator().manual_seed(_name_seed(seed, name))
+        full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        if sharded:
+            full = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
+        param.copy_(full.to(param.dtype))
+
+
+def full_parameter_count(cfg: ModelConfig) -> int:
+    """Parameters of the whole model, whatever part of it one rank holds."""
+    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    return 2 * cfg.vocab_size * h + cfg.num_layers * (h * cfg.qkv_size + h * h + 3 * h * f + 2 * h) + h
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,199 @@
+"""FLOPs of a step, counted for a bidirectional model, and model FLOP utilisation (MFU).
+
+Conventions (a matmul of ``[m, k] x [k, n]`` is ``2 m k n``; elementwise work is not counted):
+
+- Attention sees the whole ``l x l`` matrix (no causal halving): per token and layer, the scores
+  ``Q K^T`` and the weighted sum ``P V`` are ``2 l h`` each, ``4 l h`` forward; a backward is twice
+  its forward (input and weight gradients; for attention dQ, dK, dV and dP).
+- **Model FLOPs** (``model_flops_per_token``): the plain MDLM step as other trainers count theirs,
+  forward + backward with the head on every token:
+  ``6 (L (h qkv + h^2 + 3 h f) + h V) + 12 L l h`` per token (``qkv = (heads + 2 kv heads) d``; the
+  embedding lookup is no matmul). ``mfu_model`` = model FLOPs / (step time x peak x ranks): the number to
+  compare with autoregressive trainers.
+- **Executed FLOPs** (``executed_flops``): what the step runs, the inner loop included: every pass of
+  the bi-level step (pre-anchor prefix and tail, the inner backward that reaches the fast weights only,
+  the shared anchor prefix and entry projections, the outer tail and the full backward), the head on
+  the masked rows only, LoRA or dense fast-weight matmuls, and the forward passes that activation
+  recomputation repeats. ``mfu_total`` uses it. It equals ``torch.utils.flop_counter``'s count of a step
+  (tested), given the masked row counts the loader reports.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from pretrain.config import MemoryConfig, ModelConfig
+from pretrain.model.fast_weights import adapted_layers
+
+# Dense bf16 tensor-core peak per GPU, in FLOP/s (NVIDIA data sheets; SXM parts).
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def model_flops_per_token(cfg: ModelConfig) -> float:
+    h, layers = cfg.hidden_size, cfg.num_layers
+    matmul = layers * (h * cfg.qkv_size + h * h + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
+    return 6.0 * matmul + 12.0 * layers * cfg.seq_len * h
+
+
+class _Layout:
+    """Per-token forward FLOPs of each sub-block's pieces, and where the fast weights sit."""
+
+    def __init__(self, cfg: ModelConfig, memory: MemoryConfig, seq_len: int):
+        h, f = cfg.hidden_size, cfg.ffn_hidden_size
+        self.shapes = {"qkv": (h, cfg.qkv_size), "out": (h, h), "gate": (h, f), "up": (h, f), "down": (f, h)}
+        self.core = 4.0 * seq_len * h  # attention scores and weighted sum, per token, forward
+        self.num_blocks = 2 * cfg.num_layers
+        self.sites = set()
+        if memory.enabled:
+            for layer in adapted_layers(cfg.num_layers, memory.layer_fraction):
+                for module in memory.target_module_list:
+                    self.sites.add((2 * layer + (0 if module in ("qkv", "out") else 1), module))
+        self.boundary = min((b for b, _ in self.sites), default=self.num_blocks)
+        self.memory = memory
+
+    @staticmethod
+    def projections(block: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(entry projections that read the normed input, the rest) of a sub-block."""
+        return (("qkv",), ("out",)) if block % 2 == 0 else (("gate", "up"), ("down",))
+
+    def base(self, name: str) -> float:
+        i, o = self.shapes[name]
+        return 2.0 * i * o
+
+    def fast(self, name: str) -> float:
+        """Forward FLOPs of the fast weights on one projection, per token."""
+        i, o = self.shapes[name]
+        if self.memory.adapter == "full":
+            return 2.0 * i * o
+        return 2.0 * self.memory.lora_rank * (i + o)
+
+    def fast_grads(self, name: str) -> float:
+        """The fast weights' own gradients: LoRA ``dB``, ``d(x A^T)`` and ``dA``; a dense delta's ``d delta``."""
+        i, o = self.shapes[name]
+        if self.memory.adapter == "full":
+            return 2.0 * i * o
+        return 2.0 * self.memory.lora_rank * (2 * o + i)
+
+    def fast_input_grad(self, name: str) -> float:
+        """What the fast-weight path adds to an input gradient in the inner backward (``d(x A^T) A``)."""
+        i, o = self.shapes[name]
+        return 2.0 * i * o if self.memory.adapter == "full" else 2.0 * self.memory.lora_rank * i
+
+    def fast_outer(self, name: str) -> float:
+        """The fast-weight path in the outer backward (the fast weights are constants there)."""
+        return self.fast(name)
+
+    def forward(self, blocks, with_fast: bool, skip_entry_of: int | None = None) -> float:
+        total = 0.0
+        for block in blocks:
+            entry, rest = self.projections(block)
+            for name in entry + rest:
+                if not (block == skip_entry_of and name in entry):
+                    total += self.base(name)
+                if with_fast and (block, name) in self.sites:
+                    total += self.fast(name)
+            if block % 2 == 0:
+                total += self.core
+        return total
+
+    def entry(self, block: int) -> float:
+        return sum(self.base(name) for name in self.projections(block)[0])
+
+    def inner_backward(self, blocks) -> float:
+        """``autograd.grad`` of an inner loss w.r.t. the fast weights only (the tail's input carries no
+        graph): fast-weight gradients everywhere, input gradients only where an earlier site needs them."""
+        total, blocks = 0.0, list(blocks)
+        for position, block in enumerate(blocks):
+            below = any(b in blocks[:position] for b, _ in self.sites)  # a site in an earlier tail block
+            entry, rest = self.projections(block)
+            inner_sites = [n for n in entry if (block, n) in self.sites]
+            # The projection(s) after the entry: their input gradient is needed for entry sites or below.
+            need_rest_input = bool(inner_sites) or below
+            for name in rest:
+                if (block, name) in self.sites:
+                    total += self.fast_grads(name)
+                    if need_rest_input:
+                        total += self.fast_input_grad(name)
+                if need_rest_input:
+                    total += self.base(name)
+            if block % 2 == 0 and need_rest_input:
+                total += 2.0 * self.core
+            for name in entry:
+                if (block, name) in self.sites:
+                    total += self.fast_grads(name)
+                    if below:
+                        total += self.fast_input_grad(name)
+                if below:
+                    total += self.base(name)
+        return total
+
+    def outer_backward(self, blocks) -> float:
+        """The full backward through ``blocks`` with the fast weights constant."""
+        total = 0.0
+        for block in blocks:
+            entry, rest = self.projections(block)
+            for name in entry + rest:
+                total += 2.0 * self.base(name)
+                if (block, name) in self.sites:
+                    total += self.fast_outer(name)
+            if block % 2 == 0:
+                total += 2.0 * self.core
+        return total
+
+
+def executed_flops(cfg: ModelConfig, memory: MemoryConfig, batch_size: int, row_counts: tuple[int, ...],
+                   recompute: str = "none", seq_len: int | None = None) -> float:
+    """FLOPs one micro-batch's step runs (forward and backward), given its masked row counts
+    (pre-anchor states, then the anchor)."""
+    seq_len = seq_len or cfg.seq_len
+    tokens = batch_size * seq_len
+    layout = _Layout(cfg, memory, seq_len)
+    head = 2.0 * cfg.hidden_size * cfg.vocab_size  # one head matmul, per row
+    prefix, tail = range(layout.boundary), range(layout.boundary, layout.num_blocks)
+    anchor_rows = row_counts[-1]
+    recomputed = {"none": 0.0, "full": layout.forward(prefix, False),
+                  "selective": layout.forward([b for b in prefix if b % 2 == 0], False)}[recompute]
+    if not layout.sites:  # plain MDLM: forward and full backward of everything, head on the masked rows
+        return tokens * (3.0 * layout.forward(range(layout.num_blocks), False) + recomputed) + 3.0 * head * anchor_rows
+    total = 0.0
+    for rows in row_counts[:-1]:  # pre-anchor states: prefix without grad, inner step on the tail
+        total += tokens * (layout.forward(prefix, False) + layout.forward(tail, True) + layout.inner_backward(tail))
+        total += 2.0 * head * rows  # logits and their input gradient (the head is frozen)
+    shared = memory.share_anchor_prefix
+    boundary = layout.boundary if shared else None
+    # The anchor: prefix once with grad (its entry projections shared), then the last inner step...
+    total += tokens * (layout.forward(prefix, False) + (layout.entry(layout.boundary) if shared else 0.0))
+    if not shared:  # ...which without sharing recomputes the prefix without grad
+        total += tokens * layout.forward(prefix, False)
+    total += tokens * (layout.forward(tail, True, skip_entry_of=boundary) + layout.inner_backward(tail))
+    total += 2.0 * head * anchor_rows
+    # ...and the outer tail with phi_K, then the full backward.
+    total += tokens * (layout.forward(tail, True, skip_entry_of=boundary)
+                       + layout.outer_backward(tail) + 2.0 * layout.forward(prefix, False) + recomputed)
+    total += 3.0 * head * anchor_rows
+    return total
+
+
+def peak_flops(device: torch.device, bf16: bool) -> tuple[float, str]:
+    """The device's peak FLOP/s for the step's matmuls, and where the figure comes from: a data-sheet
+    figure for known GPUs in bf16, else the rate of a 2048^3 matmul measured here."""
+    if device.type == "cuda" and bf16:
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_BF16.items():
+            if key in name:
+                return value, f"{key} bf16 dense peak"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    rates = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rates.append(2 * 2048**3 / (time.perf_counter() - start))
+    return statistics.median(rates[1:]), f"measured {str(dtype).split('.')[-1]} 2048^3 matmul"

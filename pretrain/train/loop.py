@@ -1,0 +1,210 @@
+"""The optimizer steps of one run: data -> step -> judge -> log -> evaluate -> checkpoint, each one call.
+
+The loop owns no state of its own that outlives it: the trainer's position is a ``TrainState`` and the
+data's a ``DataFeed``, both registered with the checkpointer; the engine holds the weights and the
+optimizer. A rejected update (the step guard's verdict, in the step's statistics) leaves the weights and
+the learning-rate schedule as they were; too many in a row roll back to the newest good checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint.checkpointer import Checkpointer
+from parallel.topology import Topology
+from pretrain.config import RunConfig
+from pretrain.eval.heldout import bits
+from pretrain.train.data_feed import DataFeed, Validation
+from pretrain.train.flops import executed_flops, model_flops_per_token, peak_flops
+from pretrain.train.optim import learning_rate
+from pretrain.train.resilience import DONE, REQUEUE, BadSteps, TrainingStopped, Watchdog, clear_markers, write_marker
+from pretrain.train.state import TrainState
+
+
+class TrainingLoop:
+    """The steps from ``state.step`` to ``--train.steps``, with their logging, evaluation and checkpoints."""
+
+    def __init__(self, cfg: RunConfig, topology: Topology, engine, feed: DataFeed, checkpointer: Checkpointer,
+                 logger, state: TrainState, checkpoint: Path | None, data_root: Path, manifest: dict):
+        self.cfg, self.topology, self.engine, self.feed = cfg, topology, engine, feed
+        self.data_root, self.manifest, self.validation = data_root, manifest, None
+        self.checkpointer, self.logger = checkpointer, logger
+        self.state = state
+        self.start_step = state.step
+        self.saved = checkpoint
+        self.stopped_early = False
+        self.bad_steps = BadSteps(cfg.guard.max_bad_steps_in_row, cfg.guard.max_bad_steps, state)
+        self.watchdog = Watchdog(cfg.guard.step_timeout_s)
+        self.eval_every = cfg.eval.every if manifest.get("validation") else 0
+        if cfg.eval.every and not self.eval_every:
+            logger.write(f"held-out evaluation is off: {data_root} has no validation split (prepare the data with "
+                         "memdlm-prepare-data --val-fraction F, or set --data.val_fraction for raw input)")
+        self.losses, self.step_seconds, self.skipped_samples = [], [], 0
+        self.pending, self.flushed_at = [], time.perf_counter()
+        self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
+        self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        self.model_flops = self.tokens_per_step * model_flops_per_token(cfg.model)
+        if cfg.logging.peak_tflops > 0:
+            self.peak, source = cfg.logging.peak_tflops * 1e12, "--logging.peak_tflops"
+        else:
+            self.peak, source = peak_flops(topology.device, cfg.train.precision == "bf16")
+        logger.write(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s per rank ({source})")
+
+    @property
+    def completed(self) -> int:
+        return self.state.step
+
+    def run(self, stop_requested: Callable[[], bool]) -> None:
+        cfg, checkpointer, out_dir = self.cfg, self.checkpointer, Path(self.cfg.train.out_dir)
+        if self.topology.is_main:
+            clear_markers(out_dir)
+        self.watchdog.progress()
+        try:
+            for step in range(self.start_step, cfg.train.steps):
+                stop = self.run_step(step, stop_requested)
+                self.watchdog.progress()
+                if cfg.checkpoint.asynchronous:
+                    self.saved = checkpointer.poll() or self.saved
+                if cfg.checkpoint.every and self.completed % cfg.checkpoint.every == 0:
+                    self.save()
+                    self.watchdog.progress()
+                if stop and self.completed < cfg.train.steps:
+                    self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
+                    self.stopped_early = True
+                    break
+            self.flush()
+            self.save_if_new()
+            self.watchdog.stop()
+            if self.topology.is_main:
+                if self.stopped_early:
+                    write_marker(out_dir, REQUEUE, self.completed)
+                else:
+                    write_marker(out_dir, DONE, self.completed, checkpoint=self.saved.name if self.saved else None)
+        except KeyboardInterrupt:
+            self.flush()
+            # Nothing lost: keep what the completed steps trained (single process; with several
+            # ranks the others may be gone, so only a signal-driven stop saves collectively).
+            if self.topology.world_size == 1 and self.completed > self.start_step:
+                self.save_if_new()
+                self.logger.write(f"interrupted: saved a checkpoint at step {self.completed} in {self.saved}")
+            raise
+
+    def run_step(self, step: int, stop_requested: Callable[[], bool]) -> bool:
+        """One optimizer step; its statistics stay on the device until the next ``flush``. Returns whether
+        any rank was asked to stop."""
+        cfg = self.cfg
+        micro_batches = [self.feed.next() for _ in range(self.accumulation)]
+        if self.completed + 1 < cfg.train.steps:
+            self.feed.prefetch()  # the next step's first micro-batch travels while this step runs
+        lr = learning_rate(self.state.updates, cfg.train.steps, cfg.optim)
+        stats = self.engine.train_step(micro_batches, step, lr)
+        self.state.step = step + 1
+        self.skipped_samples += sum(mb.num_skipped for mb in micro_batches)
+        # Executed FLOPs from the masked row counts the loader reported (each replica once).
+        flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
+                                   cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
+        stop, flops = _control(stop_requested(), flops, self.topology)
+        extra = self.judge(stats.verdict)
+        if self.eval_every and (self.completed % self.eval_every == 0 or self.completed == cfg.train.steps):
+            extra.update(self.evaluate())
+        self.pending.append((self.completed, stats, lr, self.skipped_samples, flops, extra))
+        if len(self.pending) >= self.cfg.logging.every:
+            self.flush()
+        return stop
+
+    def flush(self) -> None:
+        """Read the pending steps' statistics (one host synchronisation) and log a line for each."""
+        if not self.pending:
+            return
+        now = time.perf_counter()
+        seconds = (now - self.flushed_at) / len(self.pending)
+        self.flushed_at = now
+        for completed, stats, lr, skipped, flops, extra in self.pending:
+            values = stats.host()
+            capacity = seconds * self.peak * self.topology.world_size
+            record = {"step": completed, "loss": values.loss, "inner_losses": values.inner_losses,
+                      "lr": lr, "grad_norm": values.grad_norm,
+                      "tokens_per_s": self.tokens_per_step / seconds, "step_seconds": seconds,
+                      "flops": flops, "mfu_total": flops / capacity, "mfu_model": self.model_flops / capacity}
+            if self.cfg.data.format == "webdataset":
+                record["skipped_samples"] = skipped
+            record.update(extra)
+            self.logger.log(record)
+            self.losses.append(values.loss)
+            self.step_seconds.append(seconds)
+        self.pending = []
+
+    def judge(self, verdict) -> dict:
+        """Count an applied update, or a skipped one (and roll back after too many in a row)."""
+        if verdict is None or verdict.accepted:
+            self.state.updates += 1
+            self.bad_steps.accepted()
+            return {}
+        self.logger.write(f"step {self.completed}: update skipped on every rank ({verdict.reason}); weights, "
+                          "optimizer state and learning-rate schedule unchanged")
+        roll_back = self.bad_steps.rejected(self.completed, verdict.reason)
+        record = {"skipped_update": verdict.reason, "bad_steps": self.bad_steps.total}
+        if roll_back:
+            record["rolled_back_to"] = self.roll_back()
+        return record
+
+    def roll_back(self) -> str:
+        """Weights, optimizer state and schedule position of the newest good checkpoint; the data, the step
+        count and the bad-step count go on."""
+        self.saved = self.checkpointer.wait() or self.saved
+        folder = self.checkpointer.newest_good()
+        if folder is None:
+            raise TrainingStopped(
+                f"step {self.completed}: {self.bad_steps.in_row} updates in a row were skipped and there is no "
+                "checkpoint to return to; save more often (--checkpoint.every) or lower the learning rate")
+        saved = self.checkpointer.load(folder, self.engine, restore_registered=False)
+        self.state.updates = TrainState.from_dict(saved.parts["train"]).updates
+        self.bad_steps.accepted()
+        self.logger.write(f"step {self.completed}: {self.cfg.guard.max_bad_steps_in_row} skipped updates in a row: "
+                          f"rolled back to {folder.name}; training goes on with the next data")
+        return folder.name
+
+    def evaluate(self) -> dict:
+        """The held-out losses (``eval_*`` keys), with the evaluation's time kept out of the step time."""
+        started = time.perf_counter()
+        if self.validation is None:
+            self.validation = Validation(self.cfg, self.topology, self.data_root, self.manifest)
+        values = self.engine.evaluate(self.validation.batches, self.validation.prompts).tolist()
+        self.flushed_at += time.perf_counter() - started
+        record = {"eval_loss": values[0], "eval_bits_per_token": bits(values[0])}
+        if self.validation.prompts is not None:
+            record.update(eval_adapted_loss=values[1], eval_adapted_bits_per_token=bits(values[1]))
+        return record
+
+    def save(self) -> None:
+        self.flush()
+        report = self.checkpointer.save(self.completed, self.engine)
+        if report.pending:
+            self.logger.write(f"checkpoint at step {self.completed}: state copied in {report.seconds:.2f} s, "
+                              "writing in the background")
+        elif report.folder is not None:
+            self.logger.write(f"checkpoint {report.folder.name} saved in {report.seconds:.2f} s")
+            self.saved = report.folder
+
+    def save_if_new(self) -> None:
+        """Finish a pending save; save the last completed step unless that is what was saved."""
+        self.saved = self.checkpointer.wait() or self.saved
+        if self.saved is None or self.saved.name != f"step_{self.completed:06d}":
+            self.save()
+            self.saved = self.checkpointer.wait() or self.saved
+
+
+def _control(stop: bool, flops: float, topology: Topology) -> tuple[bool, float]:
+    """The step's one control message: whether any rank was asked to stop (a signal may reach only some
+    ranks), and the executed FLOPs summed over the replicas. A small all-reduce on the CPU (gloo)
+    control group, so it never waits on a GPU."""
+    if topology.world_size == 1:
+        return stop, flops
+    values = torch.tensor([1.0 if stop else 0.0, flops], dtype=torch.float64)
+    dist.all_reduce(values, group=topology.control_group)
+    return bool(values[0] > 0), float(values[1])
