@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,13 @@ class ReaderOptions:
     verify_hashes: bool = True
     max_skipped_samples: int = 0
     pin_memory: bool = False
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """A loader worker's start: ignore SIGINT. A terminal's Ctrl-C reaches the whole process group; the
+    trainer turns it into a stop that still reads the batches of the step in flight and saves, so its
+    workers must not die of it first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class MaskedStreamingDataLoader(StreamingDataLoader):
@@ -83,7 +91,7 @@ class MDSBatches:
         self.loader = MaskedStreamingDataLoader(
             self.dataset, batch_size=micro_batch_size, num_workers=options.num_workers, collate_fn=collate,
             pin_memory=options.pin_memory, drop_last=True,
-            prefetch_factor=4 if options.num_workers > 0 else None,
+            prefetch_factor=4 if options.num_workers > 0 else None, worker_init_fn=ignore_interrupts,
         )
         if state is not None:
             self.loader.load_state_dict(state["loader"])
@@ -123,7 +131,7 @@ class WebDatasetBatches:
         )
         self.loader = DataLoader(
             stream, batch_size=None, num_workers=options.num_workers, pin_memory=options.pin_memory,
-            prefetch_factor=4 if options.num_workers > 0 else None,
+            prefetch_factor=4 if options.num_workers > 0 else None, worker_init_fn=ignore_interrupts,
         )
 
     def __iter__(self):

@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import shutil
-from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
@@ -20,51 +19,18 @@ from typing import Iterator
 import numpy as np
 from tqdm import tqdm
 
+from common.errors import UsageError
+from common.output_folders import check_replaceable
 from data_pipeline.documents import Document, input_files, iter_documents, iter_training_text
 from data_pipeline.errors import DataError
 from data_pipeline.packing import Packer
-from data_pipeline.shards import FORMAT_DIRS, MANIFEST, MDSSink, WebDatasetSink, token_dtype
+from data_pipeline.prepare_options import FORMAT_DIRS, PrepareOptions
+from data_pipeline.shards import MANIFEST, MDSSink, WebDatasetSink, token_dtype
 from data_pipeline.tokenizer import describe, limit_bytes, load_tokenizer, train_bpe
 from data_pipeline.validation import ValidationSink, held_out
 
 FORMAT_VERSION = 1
 _DOCS_PER_TASK = 256
-
-
-@dataclass
-class PrepareOptions:
-    input: str
-    output: str
-    formats: list[str] = field(default_factory=lambda: ["mds"])
-    seq_len: int = 128
-    vocab_size: int = 4096
-    tokenizer: str = ""  # empty: train a byte-level BPE on the input
-    tokenizer_sample_mb: int = 1024
-    num_workers: int = max(1, min(4, (os.cpu_count() or 2) - 1))
-    samples_per_shard: int = 4096
-    overwrite: bool = False
-    progress: bool = True
-    val_fraction: float = 0.0  # documents held out for validation (chosen by a hash of their index)
-    val_input: str = ""  # or: separate validation text/JSONL
-    val_optional: bool = False  # an empty split is left out (input prepared on first use) instead of an error
-
-    def check(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMAT_DIRS]
-        if unknown or not self.formats:
-            raise DataError(f"--format: unknown format(s) {unknown}; choose mds, webdataset or both")
-        if self.seq_len < 2:
-            raise DataError(f"--seq-len: a sequence needs at least 2 tokens, got {self.seq_len}")
-        if self.vocab_size < 300 and not self.tokenizer:  # only a BPE trained here needs the byte alphabet
-            raise DataError(f"--vocab-size: {self.vocab_size} is below the 256 bytes + special tokens a byte-level "
-                            "BPE needs")
-        if self.samples_per_shard < 1:
-            raise DataError("--samples-per-shard must be positive")
-        if self.num_workers < 0:
-            raise DataError("--num-workers must be >= 0")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
-        if self.val_fraction and self.val_input:
-            raise DataError("--val-fraction and --val-input exclude each other; give one")
 
 
 # -- tokenization workers ----------------------------------------------------------------------
@@ -129,8 +95,10 @@ def prepare_dataset(options: PrepareOptions) -> dict:
     options.check()
     files = input_files(options.input)
     output = Path(options.output)
-    if (output / MANIFEST).exists() and not options.overwrite:
-        raise DataError(f"--output: {output} already holds a prepared dataset; pass --overwrite to replace it")
+    try:  # only an earlier prepared dataset may be replaced, and only with --overwrite
+        check_replaceable(output, "memdlm-prepare-data", options.overwrite, own_kind="dataset")
+    except UsageError as err:
+        raise DataError(f"--output: {err}") from None
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

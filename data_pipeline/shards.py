@@ -20,9 +20,9 @@ from streaming import MDSWriter
 
 from data_pipeline.errors import DataError
 from data_pipeline.packing import PackedSample, encode_layout
+from data_pipeline.prepare_options import FORMAT_DIRS
 
 MANIFEST = "manifest.json"
-FORMAT_DIRS = {"mds": "mds", "webdataset": "webdataset"}
 
 
 def token_dtype(vocab_size: int):
@@ -121,6 +121,8 @@ def check_shards(root: str | Path, manifest: dict, data_format: str, verify_hash
             f"run memdlm-prepare-data --format {data_format} or pick one of those"
         )
     folder = Path(root) / entry["dir"]
+    if data_format == "mds":
+        check_mds_columns(folder)
     for shard in entry["shards"]:
         path = folder / shard["file"]
         if not path.is_file():
@@ -137,6 +139,29 @@ def check_shards(root: str | Path, manifest: dict, data_format: str, verify_hash
                 "the dataset again (--data.verify_hashes false skips this check)"
             )
     return folder
+
+
+MDS_COLUMNS = ("layout", "tokens")  # what MDSSink writes: integer arrays only
+
+
+def check_mds_columns(folder: Path) -> None:
+    """Refuse an MDS index whose shards declare other columns or encodings than ``MDSSink`` writes:
+    mosaicml-streaming decodes a ``pkl`` (or ``json``, ``jpeg``, ...) column with that codec, and unpickling
+    a column of a dataset from elsewhere would run its code."""
+    index_file = folder / "index.json"
+    try:
+        shards = json.loads(index_file.read_text())["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{index_file} cannot be read ({type(err).__name__}: {err}); prepare the dataset again") \
+            from None
+    for shard in shards:
+        names, encodings = shard.get("column_names"), shard.get("column_encodings")
+        if (shard.get("format") != "mds" or names is None or encodings is None or tuple(sorted(names)) != MDS_COLUMNS
+                or not all(isinstance(e, str) and e.startswith("ndarray:") for e in encodings)):
+            raise DataError(
+                f"{index_file} declares columns {names} with encodings {encodings}; only the integer-array columns "
+                f"{list(MDS_COLUMNS)} that memdlm-prepare-data writes are read (another codec, such as pkl, could "
+                "run code when decoded); prepare the dataset with memdlm-prepare-data")
 
 
 def decode_webdataset_sample(raw: dict) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 from data_pipeline.corpus import BUNDLED_CORPUS, check_text_file, default_cache_dir
 from data_pipeline.documents import input_files
@@ -44,14 +45,18 @@ def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, 
 
 
 def resolve_dataset(path: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str,
-                    prepare: bool = True, prepare_workers: int = 1, val_fraction: float = 0.0) -> tuple[Path, dict]:
+                    prepare: bool = True, prepare_workers: int = 1, val_fraction: float = 0.0,
+                    announce: Callable[[str], None] | None = None) -> tuple[Path, dict]:
     """The prepared dataset folder and its manifest; raw input is prepared when ``prepare`` (holding out
-    ``val_fraction`` of its documents for validation)."""
+    ``val_fraction`` of its documents for validation), saying so through ``announce``."""
     if is_prepared(path):
         root = Path(path)
     else:
         source, root = auto_prepared_dir(path, tokenizer, seq_len, vocab_size, cache_dir, val_fraction)
         if prepare and not (root / MANIFEST).is_file():
+            if announce is not None:
+                announce(f"preparing {source} for training (first use): tokenizing and packing into {root}; later "
+                         "runs with the same input and settings reuse it")
             prepare_dataset(PrepareOptions(
                 input=str(source), output=str(root), formats=["mds", "webdataset"], seq_len=seq_len,
                 vocab_size=vocab_size, tokenizer=tokenizer, num_workers=prepare_workers,

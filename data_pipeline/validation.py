@@ -63,7 +63,7 @@ def read_validation(root: Path, manifest: dict) -> tuple[np.ndarray, list[np.nda
     path = Path(root) / entry["file"]
     if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
         raise DataError(f"{path} is missing or does not match its sha256 in the manifest")
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         tokens, layouts, offsets = data["tokens"], data["layouts"], data["offsets"]
     return tokens, [layouts[offsets[i]:offsets[i + 1]] for i in range(len(tokens))]
 

@@ -8,12 +8,30 @@ import json
 import sys
 
 from common.errors import UsageError
-from launch.generate_cli import add_generation_options, generation_config
+from launch.generate_cli import add_checkpoint_options, add_generation_options, generation_config
 from launch.messages import fail
 
 
-def _csv_ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+def _lengths(text: str) -> list[int]:
+    """``--lengths``: positive context lengths in tokens, comma-separated."""
+    try:
+        lengths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--lengths {text!r}: expected comma-separated token counts, e.g. 128,256") from None
+    if not lengths or min(lengths) < 1:
+        raise UsageError(f"--lengths {text!r}: expected positive token counts, e.g. 128,256")
+    return lengths
+
+
+def _kinds(text: str) -> list[str]:
+    """``--kinds``: needle kinds, comma-separated."""
+    from pretrain.eval.niah import KINDS
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise UsageError(f"--kinds {text!r}: unknown kind(s) {unknown}; choose from {', '.join(KINDS)}")
+    return kinds
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -22,20 +40,23 @@ def eval_main(argv: list[str] | None = None) -> int:
         "MDLM loss, nats and bits per token, on a prepared dataset's validation split, with and without "
         "inference-time adaptation), loglik (log p(continuation | prompt) by Monte Carlo over masks), niah "
         "(exact-match accuracy on the synthetic needle-in-a-haystack suite by kind and context length).")
-    parser.add_argument("checkpoint", help="a checkpoint folder or a run directory (its newest checkpoint)")
-    parser.add_argument("--task", required=True, choices=["heldout", "loglik", "niah"])
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--data", help="heldout: a prepared dataset with a validation split")
+    add_checkpoint_options(parser)
+    parser.add_argument("--task", required=True, choices=["heldout", "loglik", "niah"],
+                        help="what to evaluate (see above)")
+    parser.add_argument("--data", help="heldout: a prepared dataset with a validation split (required there)")
     parser.add_argument("--num-samples", type=int, default=64, help="heldout: validation samples (default 64)")
     parser.add_argument("--prompt", help="loglik: the prompt")
     parser.add_argument("--continuation", help="loglik: the continuation whose log-likelihood is estimated")
     parser.add_argument("--mc-samples", type=int, default=32, help="loglik: Monte Carlo draws (default 32)")
-    parser.add_argument("--kinds", default="single,multi,vartrack", help="niah: kinds (default all)")
-    parser.add_argument("--lengths", default="128,256,512,1024", help="niah: context lengths in tokens")
+    parser.add_argument("--kinds", default="single,multi,vartrack",
+                        help="niah: comma-separated kinds: single, multi, vartrack (default all three)")
+    parser.add_argument("--lengths", default="128,256,512,1024",
+                        help="niah: comma-separated context lengths in tokens (default 128,256,512,1024)")
     parser.add_argument("--per-cell", type=int, default=8, help="niah: examples per kind and length (default 8)")
-    parser.add_argument("--batch-size", type=int, default=8, help="niah: prompts generated together")
+    parser.add_argument("--batch-size", type=int, default=8, help="niah: prompts generated together (default 8)")
     parser.add_argument("--adaptation", default="false", choices=["true", "false", "both"],
-                        help="with inference-time adaptation on the prompt (both: report with and without)")
+                        help="with inference-time adaptation on the prompt (both: report with and without; "
+                        "default false)")
     add_generation_options(parser)
     args = parser.parse_args(argv)
     try:
@@ -49,7 +70,8 @@ def eval_main(argv: list[str] | None = None) -> int:
 def _evaluate(args) -> dict:
     from pretrain.eval.inference import load_for_inference
 
-    model = load_for_inference(args.checkpoint, args.device, seed=args.seed)
+    kinds, lengths = (_kinds(args.kinds), _lengths(args.lengths)) if args.task == "niah" else (None, None)
+    model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify)
     modes = {"true": [True], "false": [False], "both": [False, True]}[args.adaptation]
     if args.task == "loglik":
         from pretrain.eval.likelihood import conditional_log_likelihood
@@ -65,7 +87,7 @@ def _evaluate(args) -> dict:
 
         generation = generation_config(args)
         generation.check()
-        examples = make_suite(model.encode, args.kinds.split(","), _csv_ints(args.lengths), args.per_cell, args.seed)
+        examples = make_suite(model.encode, kinds, lengths, args.per_cell, args.seed)
         limit = model.model.rope_cos.shape[0]
         too_long = [e for e in examples if e.context_tokens + generation.length > limit]
         if too_long:
@@ -118,24 +140,26 @@ def niah_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or a directory with one) that lengths "
                                                            "are counted in")
     parser.add_argument("--output", required=True, help="the JSON Lines file to write")
-    parser.add_argument("--kinds", default="single,multi,vartrack")
-    parser.add_argument("--lengths", default="128,256,512,1024", help="context lengths in tokens")
+    parser.add_argument("--kinds", default="single,multi,vartrack",
+                        help="comma-separated kinds: single, multi, vartrack (default all three)")
+    parser.add_argument("--lengths", default="128,256,512,1024",
+                        help="comma-separated context lengths in tokens (default 128,256,512,1024)")
     parser.add_argument("--per-cell", type=int, default=64, help="examples per kind and length (default 64)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the needles and haystacks (default 0)")
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from data_pipeline.errors import DataError
-    from data_pipeline.tokenizer import load_tokenizer
-    from pretrain.eval.niah import make_suite, write_jsonl
-
     try:
+        kinds, lengths = _kinds(args.kinds), _lengths(args.lengths)
+        from data_pipeline.tokenizer import load_tokenizer
+        from pretrain.eval.niah import make_suite, write_jsonl
+
         tokenizer = load_tokenizer(args.tokenizer).tokenizer
-    except DataError as err:
+        examples = make_suite(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, kinds, lengths,
+                              args.per_cell, args.seed)
+        write_jsonl(examples, Path(args.output))
+    except UsageError as err:
         return fail("memdlm-niah", str(err))
-    examples = make_suite(lambda text: tokenizer.encode(text, add_special_tokens=False).ids, args.kinds.split(","),
-                          _csv_ints(args.lengths), args.per_cell, args.seed)
-    write_jsonl(examples, Path(args.output))
     print(f"wrote {len(examples)} examples to {args.output}")
     return 0
 

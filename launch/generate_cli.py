@@ -14,24 +14,26 @@ PROG = "memdlm-generate"
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    from pretrain.eval.sampling import GenerationConfig
+    from pretrain.eval.generation_config import GenerationConfig
 
     d = GenerationConfig()
     group = parser.add_argument_group("generation")
     group.add_argument("--gen.length", dest="length", type=int, default=d.length,
-                       help=f"tokens to generate ({d.length})")
+                       help=f"tokens to generate (default {d.length})")
     group.add_argument("--gen.steps", dest="steps", type=int, default=d.steps,
-                       help=f"denoising steps in all, a multiple of the number of blocks ({d.steps})")
+                       help=f"denoising steps in all, a multiple of the number of blocks (default {d.steps})")
     group.add_argument("--gen.block_length", dest="block_length", type=int, default=d.block_length,
                        help="semi-autoregressive block size; 0 = one block (default)")
     group.add_argument("--gen.temperature", dest="temperature", type=float, default=d.temperature,
                        help="sampling temperature; 0 = greedy (default)")
     group.add_argument("--gen.top_k", dest="top_k", type=int, default=d.top_k, help="top-k filtering; 0 = off")
-    group.add_argument("--gen.top_p", dest="top_p", type=float, default=d.top_p, help="nucleus filtering; 1 = off")
+    group.add_argument("--gen.top_p", dest="top_p", type=float, default=d.top_p,
+                       help="nucleus filtering; 1 = off (default)")
     group.add_argument("--gen.remasking", dest="remasking", default=d.remasking, choices=["low_confidence", "random"],
                        help="which predictions are kept at each step (default: the most confident)")
     group.add_argument("--gen.padding_side", dest="padding_side", default=d.padding_side, choices=["right", "left"],
-                       help="how a batch of prompts of different lengths is padded (never attended either way)")
+                       help="how a batch of prompts of different lengths is padded, never attended either way "
+                       "(default right)")
     group.add_argument("--gen.stop_at_eot", dest="stop_at_eot", default="true", choices=["true", "false"],
                        help="cut each answer at its first end-of-document token (default true)")
     group.add_argument("--gen.seed", dest="seed", type=int, default=d.seed,
@@ -40,8 +42,17 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
                        help="inference-time adaptation: run the inner loop on each prompt first (default false)")
 
 
+def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a checkpoint folder or a run directory (its newest checkpoint)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the model runs (default: cuda when available, else cpu)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="check only the sizes of the checkpoint's files, not their sha256 against the manifest "
+                        "(faster for huge checkpoints; the default checks both)")
+
+
 def generation_config(args):
-    from pretrain.eval.sampling import GenerationConfig
+    from pretrain.eval.generation_config import GenerationConfig
 
     return GenerationConfig(length=args.length, steps=args.steps, block_length=args.block_length,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -71,12 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         prog=PROG, description="Generate text from a checkpoint (any parallel layout; it loads into one process) "
         "with the MDLM / LLaDA sampler: the prompt plus --gen.length mask tokens, unmasked over --gen.steps steps, "
         "most confident first, optionally in semi-autoregressive blocks. Prints one JSON line per prompt.")
-    parser.add_argument("checkpoint", help="a checkpoint folder or a run directory (its newest checkpoint)")
+    add_checkpoint_options(parser)
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     parser.add_argument("--prompts", help="JSON Lines with a \"prompt\" field per line")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts generated together (default 8)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--output", help="write the JSON lines here instead of standard output")
+    parser.add_argument("--output", help="write the JSON lines here instead of standard output (default)")
     add_generation_options(parser)
     args = parser.parse_args(argv)
     try:
@@ -86,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         from pretrain.eval.inference import load_for_inference
         from pretrain.eval.sampling import generate
 
-        model = load_for_inference(args.checkpoint, args.device, seed=args.seed)
+        model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify)
         if model.tokenizer is None:
             raise UsageError(f"{args.checkpoint} has no tokenizer.json to encode prompts with")
         lines = []

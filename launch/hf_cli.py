@@ -9,6 +9,9 @@ import sys
 from common.errors import UsageError
 from launch.messages import fail
 
+OVERWRITE_HELP = ("replace OUT_DIR if it is an earlier output of this command (a run, a dataset or any other "
+                  "folder is never replaced)")
+
 
 def parse_size(text: str) -> int:
     """``5GB``, ``500MB``, ``1.5GiB`` or a byte count."""
@@ -38,7 +41,7 @@ def export_main(argv: list[str] | None = None) -> int:
                         help="largest safetensors file before an index and more files are written (default 5GB)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking the checkpoint files' sha256 against its manifest (sizes are checked)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     from pretrain.hf.exporter import export_checkpoint
 
@@ -63,7 +66,7 @@ def import_main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="the directory to create")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
                         help="largest safetensors file before an index and more files are written (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
     from pretrain.hf.importer import import_hf
 

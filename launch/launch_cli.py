@@ -39,16 +39,16 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--nproc-per-node", type=int, default=0,
                        help="ranks per node (default: one per GPU, or 1 without GPUs)")
     slurm.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (all its ranks)")
-    slurm.add_argument("--partition", default="", help="Slurm partition")
-    slurm.add_argument("--account", default="", help="Slurm account")
-    slurm.add_argument("--time", default="", help="time limit, e.g. 24:00:00")
+    slurm.add_argument("--partition", default="", help="Slurm partition (default: the cluster's default)")
+    slurm.add_argument("--account", default="", help="Slurm account (default: yours)")
+    slurm.add_argument("--time", default="", help="time limit, e.g. 24:00:00 (default: the partition's)")
     slurm.add_argument("--job-name", default="memdlm", help="job name (default memdlm)")
     slurm.add_argument("--grace", type=int, default=120,
                        help="seconds before the time limit at which the run is told to save and requeue (default 120)")
     slurm.add_argument("--python", default=sys.executable, help="the Python that runs torchrun on the nodes "
                                                                 "(default: this one)")
     slurm.add_argument("--sbatch-option", action="append", default=[],
-                       help="an extra #SBATCH line, e.g. --sbatch-option=--exclusive (repeatable)")
+                       help="an extra #SBATCH line, e.g. --sbatch-option=--exclusive (repeatable; default: none)")
     mode = slurm.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="write and print the script only (the default)")
     mode.add_argument("--submit", action="store_true", help="also submit it with sbatch and print the job id")

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import PrepareOptions, prepare_dataset
+from data_pipeline.prepare_options import PrepareOptions
 
 PROG = "memdlm-prepare-data"
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="BPE vocabulary size to train, and the limit a loaded tokenizer must fit "
                         f"(default {defaults.vocab_size})")
     parser.add_argument("--tokenizer", default="",
-                        help="a tokenizer.json or Hugging Face tokenizer directory; omit to train a byte-level BPE")
+                        help="a tokenizer.json or Hugging Face tokenizer directory (default: train a byte-level BPE)")
     parser.add_argument("--tokenizer-sample-mb", type=int, default=defaults.tokenizer_sample_mb,
                         help="train the BPE on the first N MB of text, 0 for all "
                         f"(default {defaults.tokenizer_sample_mb})")
@@ -45,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hold out this share of the documents (chosen by a hash of their position) as a "
                              "validation split, DIR/val.npz (default 0: none)")
     parser.add_argument("--val-input", default="",
-                        help="a separate text/JSONL file or directory for the validation split")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --output")
+                        help="a separate text/JSONL file or directory for the validation split (default: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a prepared dataset at --output (a run or any other folder is never replaced)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     return parser
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=args.val_fraction, val_input=args.val_input,
     )
     try:
+        from data_pipeline.prepare import prepare_dataset
+
         manifest = prepare_dataset(options)
     except DataError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

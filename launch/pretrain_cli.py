@@ -10,6 +10,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 
 from common.errors import UsageError
 from launch.config_cli import build_config, format_help
@@ -30,11 +32,6 @@ LAUNCH_OPTIONS = [
     ("--nproc-per-node N", "start N ranks on this machine through torchrun (same as `torchrun "
                            "--nproc-per-node N -m launch.pretrain_cli ...`)"),
 ]
-
-
-def _fail(message: str) -> int:
-    """Only rank 0 reports: every rank of a launch checks the same options."""
-    return fail(PROG, message) if _is_main_rank() else 2
 
 
 def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
@@ -58,17 +55,68 @@ def _launch_with_torchrun(nproc: int, argv: list[str], out_dir: str) -> int:
     """One process per rank on this machine, through torchrun (restarts resume from checkpoints).
 
     The agent gets SIGTERM if this process dies (it then stops its ranks), and each rank dies with the
-    agent (``launch.process_guard``), so no rank outlives the command that started it."""
+    agent (``launch.process_guard``), so no rank outlives the command that started it. The agent's standard
+    error passes through this process: once rank 0 has recorded a usage error in ``MEMDLM_ERROR_FILE``, the
+    rest (torchrun's report of the failed ranks) is dropped and this process prints the error as one line and
+    exits 2, as for a usage error found before the ranks start."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "launch.pretrain_cli", *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    agent = subprocess.Popen(command, env=env, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
-    try:
-        code = agent.wait()
-    except KeyboardInterrupt:  # the agent got the same Ctrl-C; let it stop its ranks
-        code = agent.wait()
+    # Time for the ranks to finish their step and save after a signal, before torchrun kills them.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    with tempfile.TemporaryDirectory(prefix="memdlm-launch-") as scratch:
+        error_file = os.path.join(scratch, "usage_error")
+        env[ERROR_FILE_VARIABLE] = error_file
+        agent = subprocess.Popen(command, env=env, stderr=subprocess.PIPE,
+                                 preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+        relay = threading.Thread(target=_relay, args=(agent.stderr, error_file), daemon=True)
+        relay.start()
+        interrupted = False
+        while True:
+            try:
+                code = agent.wait()
+                break
+            except KeyboardInterrupt:  # the agent got the same Ctrl-C and stops its ranks; wait for it
+                interrupted = True
+        relay.join(timeout=10)
+        if os.path.exists(error_file):
+            with open(error_file) as handle:
+                return fail(PROG, handle.read())
+    if interrupted:
+        print(f"{PROG}: interrupted; {_newest_checkpoint_text(out_dir)}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     return _requeue_code(code, out_dir)
+
+
+ERROR_FILE_VARIABLE = "MEMDLM_ERROR_FILE"
+
+
+def _relay(stream, error_file: str) -> None:
+    """Copy the agent's standard error to ours as it comes, until a rank has recorded a usage error."""
+    out = sys.stderr.buffer
+    for chunk in iter(lambda: os.read(stream.fileno(), 1 << 16), b""):
+        if os.path.exists(error_file):
+            continue  # torchrun's report of the ranks that stopped: the one line said it all
+        out.write(chunk)
+        out.flush()
+
+
+def _fail(message: str) -> int:
+    """Only rank 0 reports: every rank of a launch checks the same options. Under our launcher the message is
+    also recorded, so that the launcher exits 2 without torchrun's report."""
+    if not _is_main_rank():
+        return 2
+    error_file = os.environ.get(ERROR_FILE_VARIABLE)
+    if not error_file:
+        return fail(PROG, message)
+    with open(error_file + ".tmp", "w") as handle:  # the launcher prints it
+        handle.write(message)
+    os.replace(error_file + ".tmp", error_file)
+    return 2
+
+
+SHUTDOWN_TIMEOUT_S = 600
 
 
 def _requeue_code(code: int, out_dir: str) -> int:
@@ -94,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         return _fail(str(err))
     if nproc is not None and "RANK" not in os.environ:
-        from pretrain.train.factory import check_run_layout
+        from pretrain.train.preflight import preflight
 
         try:
-            check_run_layout(cfg, nproc)
+            preflight(cfg, nproc)  # what would stop every rank at its start, said before any starts
         except UsageError as err:
             return _fail(str(err))
         return _launch_with_torchrun(nproc, argv, cfg.train.out_dir)
@@ -112,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     from pretrain.train.resilience import REQUEUE_EXIT_CODE, TrainingStopped
     from pretrain.train.trainer import train
 
+    under_torchrun = started_by_torchrun()
     try:
-        with stop_on_signals() as stop_flag:
+        with stop_on_signals(announce=_is_main_rank() and not under_torchrun,
+                             second_interrupt_aborts=not under_torchrun) as stop_flag:
             summary = train(cfg, stop_flag)
     except UsageError as err:
         return _fail(str(err))
@@ -123,28 +173,54 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if _is_main_rank():
-            print(f"{PROG}: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
-        return 130
+            print(f"{PROG}: interrupted; {_newest_checkpoint_text(cfg.train.out_dir)}", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     finally:
         shutdown_topology()
     if _is_main_rank():
         print(_summary_text(summary, cfg))
-    if summary.stopped_early and not started_by_torchrun():
-        return REQUEUE_EXIT_CODE  # a checkpoint is saved: run the same command again to resume
+    if summary.stopped_early and not under_torchrun:
+        # A checkpoint is saved: run the same command again to resume.
+        return INTERRUPTED_EXIT_CODE if stop_flag.interrupted else REQUEUE_EXIT_CODE
     return 0
 
 
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
+
+
+def _newest_checkpoint_text(out_dir: str) -> str:
+    """Where a rerun of the same command resumes, or that nothing was saved."""
+    latest = os.path.join(out_dir, "checkpoints", "latest")
+    if os.path.isfile(latest):
+        with open(latest) as handle:
+            name = handle.read().strip()
+        return (f"the newest checkpoint is {os.path.join(out_dir, 'checkpoints', name)}: rerun the same command to "
+                "resume from it")
+    return f"no checkpoint was saved in {out_dir}: a rerun starts from the beginning"
+
+
 def _summary_text(summary, cfg) -> str:
-    stopped = " (stopped early on a signal; rerun the same command to resume)" if summary.stopped_early else ""
     method = "MemDLM bi-level step" if cfg.memory.enabled else "plain MDLM (memory off)"
     wandb_line = f" The wandb run is in {summary.wandb_dir} (`wandb sync` uploads it)." if summary.wandb_dir else ""
+    steps = f"{summary.steps_this_attempt} steps"
+    if summary.start_step:
+        steps += f" (steps {summary.start_step + 1}-{summary.steps_done}, resumed from {summary.resumed_from})"
+    stopped = ""
+    if summary.stopped_early:
+        stopped = (f", stopped early at step {summary.steps_done} of {cfg.train.steps} (a checkpoint is saved: rerun "
+                   "the same command to resume)")
+    held_out = ""
+    if summary.last_eval:
+        from pretrain.train.metrics import held_out_line
+
+        held_out = f" Held-out at {held_out_line(summary.last_eval)}."
     return (
         f"\nSummary: trained a {summary.num_parameters / 1e6:.2f}M-parameter diffusion LM with the {method} for "
-        f"{summary.steps_done} steps{stopped} in {summary.seconds / 60:.1f} min. The MDLM loss went from "
+        f"{steps}{stopped} in {summary.seconds / 60:.1f} min. The MDLM loss went from "
         f"{summary.first_loss:.3f} (mean of the first 10 steps {summary.first_losses_mean:.3f}) to "
         f"{summary.last_loss:.3f} (mean of the last 10 steps {summary.last_losses_mean:.3f}), at "
-        f"{summary.tokens_per_s:.0f} tokens/s. Metrics are in {summary.metrics_file}, the final checkpoint in "
-        f"{summary.checkpoint}.{wandb_line}"
+        f"{summary.tokens_per_s:.0f} tokens/s.{held_out} Metrics are in {summary.metrics_file}, the final "
+        f"checkpoint in {summary.checkpoint}.{wandb_line}"
     )
 
 

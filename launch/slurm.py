@@ -18,7 +18,6 @@ alone leaves a REQUEUE marker, which also requeues. Each attempt logs to
 
 from __future__ import annotations
 
-import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +66,16 @@ def sbatch_script(job: SlurmJob) -> str:
         directives.append(f"--chdir={job.workdir}")
     directives.extend(job.extra_sbatch)
     nnodes = f"{job.min_nodes}:{job.nodes}" if job.min_nodes else str(job.nodes)
-    threads = max(1, (job.cpus_per_task or os.cpu_count() or 1) // job.ranks_per_node)
     torchrun = [job.python, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
                 f"--nproc-per-node={job.ranks_per_node}", "--rdzv-backend=c10d", '--rdzv-endpoint="$HEAD:$PORT"',
                 '--rdzv-id="$SLURM_JOB_ID"', f"--rdzv-conf={RENDEZVOUS_CONF}", f"--max-restarts={job.max_restarts}",
                 "--signals-to-handle=SIGTERM,SIGUSR1,SIGINT", "-m", "launch.pretrain_cli",
                 *(shlex.quote(a) for a in job.train_args)]
+    # srun does not inherit --cpus-per-task from sbatch (Slurm 22.05+): without it every rank of a node may share
+    # one CPU. A fixed-size run ends when one node's task fails; an elastic run lets the others go on.
+    srun = ["srun", f"--kill-on-bad-exit={0 if job.min_nodes else 1}", "--ntasks-per-node=1"]
+    if job.cpus_per_task:
+        srun.append(f"--cpus-per-task={job.cpus_per_task}")
     lines = ["#!/bin/bash", "# written by memdlm-launch slurm; submit with sbatch (or memdlm-launch --submit)"]
     lines += [f"#SBATCH {d}" for d in directives]
     lines += [
@@ -84,7 +87,12 @@ def sbatch_script(job: SlurmJob) -> str:
         'if [ -f "$OUT/DONE" ]; then echo "$OUT/DONE exists: the run is finished, nothing to do"; exit 0; fi',
         'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
         'PORT=$(( 29500 + SLURM_JOB_ID % 20000 ))',
-        f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{threads}}} WANDB_MODE=${{WANDB_MODE:-offline}}",
+        # Each rank's share of its task's CPUs (Slurm's count on the node, not the submitting machine's).
+        f"CPUS=${{SLURM_CPUS_PER_TASK:-${{SLURM_CPUS_ON_NODE:-1}}}}; THREADS=$(( CPUS / {job.ranks_per_node} ))",
+        '[ "$THREADS" -ge 1 ] || THREADS=1',
+        "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS} WANDB_MODE=${WANDB_MODE:-offline}",
+        # The time torchrun's agents give their ranks to save after a signal before killing them.
+        f"export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-{max(30, job.grace_s - 10)}}}",
         'echo "attempt $ATTEMPT of job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, rendezvous $HEAD:$PORT, log $LOG"',
         "SIGNALLED=0",
         "SRUN=",
@@ -92,7 +100,7 @@ def sbatch_script(job: SlurmJob) -> str:
         '[ -n "$SRUN" ] && kill -s "$1" "$SRUN" 2>/dev/null; }',
         "trap 'forward USR1' USR1",
         "trap 'forward TERM' TERM",
-        "srun --kill-on-bad-exit=0 --ntasks-per-node=1 " + " ".join(torchrun) + ' >> "$LOG" 2>&1 &',
+        " ".join(srun) + " " + " ".join(torchrun) + ' >> "$LOG" 2>&1 &',
         "SRUN=$!",
         "# wait returns early when a trapped signal arrives: wait again until srun has exited",
         'while :; do wait "$SRUN"; CODE=$?; kill -0 "$SRUN" 2>/dev/null || break; done',

@@ -6,6 +6,8 @@ Everything here takes plain sizes, so it can be checked before any rank starts (
 
 from __future__ import annotations
 
+from typing import Callable
+
 from common.errors import UsageError
 
 
@@ -17,14 +19,19 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def check_world(world_size: int, tensor: int, pipeline: int, num_layers: int) -> None:
-    """The ranks must split into tensor x pipeline x data, and the layers into equal stages."""
+def check_world(world_size: int, tensor: int, pipeline: int, num_layers: int,
+                fits: Callable[[int, int], bool] | None = None) -> None:
+    """The ranks must split into tensor x pipeline x data, and the layers into equal stages. ``fits(tensor,
+    pipeline)``: whether a split suits the model and batch too (only those are suggested)."""
     if world_size % (tensor * pipeline):
-        options = ", ".join(f"{t}x{p}" for t in divisors(world_size) for p in divisors(world_size // t))
+        splits = [(t, p) for t in divisors(world_size) for p in divisors(world_size // t)
+                  if fits is None or fits(t, p)]
+        options = (f"possible tensor x pipeline sizes: {', '.join(f'{t}x{p}' for t, p in splits)}" if splits else
+                   "no tensor x pipeline split of that many ranks suits this model and batch; use another number of "
+                   "ranks")
         raise LayoutError(
             f"--parallel.tensor_parallel_size {tensor} x --parallel.pipeline_parallel_size {pipeline} = "
-            f"{tensor * pipeline} does not divide the world size {world_size}; possible tensor x pipeline sizes: "
-            f"{options}"
+            f"{tensor * pipeline} does not divide the world size {world_size}; {options}"
         )
     if num_layers % pipeline:
         raise LayoutError(

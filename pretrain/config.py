@@ -229,7 +229,11 @@ class TrainConfig:
         "graph): none, full (every sub-block), selective (attention sub-blocks only)", ("none", "full", "selective"))
     device: str = param("auto", "cpu, cuda, or auto (cuda when available)", ("auto", "cpu", "cuda"))
     num_threads: int = param(0, "torch CPU threads (0 keeps torch's default)")
-    resume: bool = param(True, "continue from the newest intact checkpoint in out_dir when there is one")
+    resume: bool = param(True, "continue from the newest intact checkpoint in out_dir when there is one; false "
+                         "starts a new run, refused on a directory that holds one unless --train.overwrite")
+    overwrite: bool = param(
+        False, "with --train.resume false on a directory that holds a run: move that run (checkpoints, metrics, "
+        "wandb) aside into OUT_DIR.replaced-<time> and start fresh; nothing is deleted")
 
     def __post_init__(self):
         _check_choices(self, "train")

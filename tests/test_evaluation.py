@@ -116,7 +116,7 @@ def test_niah_suite_is_deterministic_and_the_needles_are_where_the_metadata_says
 def test_niah_answers_are_in_the_trained_vocabulary(trained):
     run, _ = trained
     model = load_for_inference(run, "cpu")
-    for example in make_suite(model.encode, lengths=(128,), per_cell=2, seed=0):
+    for example in make_suite(model.encode, lengths=(256,), per_cell=2, seed=0):
         answer = model.encode(example.answer)
         assert model.decode(answer) == example.answer  # byte-level BPE: every answer is spelled exactly
         assert model.decode(model.encode(example.prompt)) == example.prompt

@@ -148,6 +148,6 @@ def test_cli_prepares_and_refuses_to_overwrite(corpus, tmp_path, capsys):
     assert main(command) == 0
     assert "prepared" in capsys.readouterr().out and (out / "webdataset" / "shard-000000.tar").is_file()
     assert main(command) == 2
-    assert "already holds a prepared dataset; pass --overwrite" in capsys.readouterr().err
+    assert "holds an earlier output of memdlm-prepare-data; pass --overwrite" in capsys.readouterr().err
     assert main(["--input", "/nonexistent/x.txt"] + command[2:]) == 2
     assert "does not exist" in capsys.readouterr().err

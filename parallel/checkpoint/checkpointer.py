@@ -45,6 +45,7 @@ from parallel.checkpoint.manifest import (
     step_folders,
 )
 from parallel.checkpoint.rng import load_rng_states, save_rng_states
+from parallel.checkpoint.safe_reader import SafeFileSystemReader
 from parallel.checkpoint.sharded_state import all_finite, checkpoint_dict, partition_dim
 
 TRAIN_STATE = "train_state.json"
@@ -286,7 +287,8 @@ class Checkpointer:
         ``restore_registered`` is false) every registered object's state; returns what the checkpoint
         records besides the tensors."""
         states, state_dict = self._state_dict(engine, values=False)
-        dcp.load(state_dict, checkpoint_id=str(folder), process_group=self.group)
+        SafeFileSystemReader(str(folder)).read_metadata()  # a refusal as a one-line error, not inside DCP's report
+        dcp.load(state_dict, storage_reader=SafeFileSystemReader(str(folder)), process_group=self.group)
         engine.load_parameter_states(states)
         saved = read_saved_state(folder)
         if restore_registered:

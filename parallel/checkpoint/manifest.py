@@ -82,14 +82,23 @@ def step_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
 
 
-def resolve_checkpoint(path: str | Path, verify_hashes: bool = False) -> Path:
-    """A checkpoint folder, or a run directory's newest complete checkpoint; refused if it is not usable."""
+def resolve_checkpoint(path: str | Path, verify_hashes: bool = True) -> Path:
+    """A checkpoint folder, or a run directory's newest complete checkpoint, checked against its manifest
+    (every file's size, and its sha256 unless ``verify_hashes`` is false); anything else is refused with
+    what it is."""
     path = Path(path)
-    if (path / "checkpoints" / LATEST).is_file():
-        path = path / "checkpoints" / (path / "checkpoints" / LATEST).read_text().strip()
-    if not path.is_dir():
-        raise UsageError(f"{path} is neither a checkpoint folder nor a run directory with checkpoints/latest")
+    if not path.exists():
+        raise UsageError(f"{path} does not exist; pass a run directory or one of its checkpoints/step_NNNNNN")
+    if (path / "checkpoints").is_dir():
+        pointer = path / "checkpoints" / LATEST
+        if not pointer.is_file():
+            raise UsageError(f"{path} is a run directory without a complete checkpoint (no checkpoints/{LATEST}); "
+                             "let the run save one (it saves at the end or on a stop signal)")
+        path = path / "checkpoints" / pointer.read_text().strip()
+    elif not path.is_dir() or not (path / MANIFEST).is_file():
+        raise UsageError(f"{path} is neither a run directory (no checkpoints/) nor a checkpoint folder (no "
+                         f"{MANIFEST}); pass a run directory or one of its checkpoints/step_NNNNNN")
     problem = check_checkpoint(path, verify_hashes=verify_hashes)
     if problem is not None:
-        raise UsageError(f"{path} is not a usable checkpoint: {problem}")
+        raise CheckpointError(f"{path} is not a usable checkpoint: {problem}")
     return path

@@ -1,5 +1,6 @@
 """A checkpoint's weights in one process, at full size, whatever layout saved them (no process group, no
-model): what export, inference and the tests read."""
+model): what export, inference and the tests read. Metadata is read without unpickling code
+(``parallel.checkpoint.safe_reader``)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+
+from parallel.checkpoint.safe_reader import SafeFileSystemReader
 
 
 def read_tensors(folder: Path, names: list[str] | None = None, prefix: str = "model."):
     """Yield ``(name, full tensor)`` of a checkpoint's entries under ``prefix``, one at a time."""
-    metadata = FileSystemReader(str(folder)).read_metadata()
+    metadata = SafeFileSystemReader(str(folder)).read_metadata()
     keys = [k for k in metadata.state_dict_metadata if k.startswith(prefix)]
     if names is not None:
         wanted = {prefix + n for n in names}
@@ -23,7 +25,7 @@ def read_tensors(folder: Path, names: list[str] | None = None, prefix: str = "mo
         tensor = torch.empty(meta.size, dtype=meta.properties.dtype)
         with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({key: tensor}, checkpoint_id=str(folder), no_dist=True)
+            dcp.load({key: tensor}, storage_reader=SafeFileSystemReader(str(folder)), no_dist=True)
         yield key[len(prefix):], tensor
 
 

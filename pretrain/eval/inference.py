@@ -80,11 +80,12 @@ def adaptation_step(model: DiffusionTransformer, model_cfg: ModelConfig, memory:
     return bilevel.for_adaptation(seed)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", seed: int = 0) -> InferenceModel:
-    """One process, tensor-parallel size 1 (a world-size-1 process group is created if there is none)."""
+def load_for_inference(path: str | Path, device: str = "auto", seed: int = 0, verify: bool = True) -> InferenceModel:
+    """One process, tensor-parallel size 1 (a world-size-1 process group is created if there is none). The
+    checkpoint's files are checked against its manifest first (sha256 too unless ``verify`` is false)."""
     from parallel.topology import initialize_topology
 
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(path, verify_hashes=verify)
     record = json.loads((folder / "config.json").read_text())
     model_cfg = ModelConfig(**record["model"])
     topology = initialize_topology(device)

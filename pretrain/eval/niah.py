@@ -22,6 +22,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import UsageError
 from data_pipeline.corpus import BUNDLED_CORPUS
 
 KINDS = ("single", "multi", "vartrack")
@@ -68,7 +69,7 @@ def make_example(kind: str, context_tokens: int, encode, rng: random.Random, sen
                  num_needles: int = 4, chain: int = 3) -> NeedleExample:
     """One example of about ``context_tokens`` tokens (``encode``: text -> token ids)."""
     if kind not in KINDS:
-        raise ValueError(f"unknown needle kind {kind!r}; choose from {', '.join(KINDS)}")
+        raise UsageError(f"--kinds: unknown needle kind {kind!r}; choose from {', '.join(KINDS)}")
     count = 1 if kind == "single" else (num_needles if kind == "multi" else chain)
     if kind == "vartrack":
         names = ["".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ") for _ in range(2)) for _ in range(count)]
@@ -82,6 +83,9 @@ def make_example(kind: str, context_tokens: int, encode, rng: random.Random, sen
         target, value = needles[rng.randrange(count)]
     needle_sentences, question = _question(kind, needles, target)
     budget = context_tokens - len(encode(question)) - sum(len(encode(" " + s)) for s in needle_sentences)
+    if budget < 0:
+        raise UsageError(f"--lengths {context_tokens}: a {kind} example needs at least {context_tokens - budget} "
+                         "tokens for its needles and question alone; use longer --lengths")
     start = rng.randrange(len(sentences))
     haystack, used = [], 0
     while True:
@@ -120,9 +124,12 @@ def make_suite(encode, kinds=KINDS, lengths=(128, 256, 512, 1024), per_cell: int
 
 
 def write_jsonl(examples: list[NeedleExample], path: Path) -> None:
-    with open(path, "w") as handle:
-        for example in examples:
-            handle.write(json.dumps(example.to_json()) + "\n")
+    try:
+        with open(path, "w") as handle:
+            for example in examples:
+                handle.write(json.dumps(example.to_json()) + "\n")
+    except OSError as err:
+        raise UsageError(f"--output {path} cannot be written ({err.strerror})") from None
 
 
 def exact_match(generated: str, answer: str) -> bool:

@@ -16,11 +16,11 @@ from typing import Callable
 
 import torch
 from tokenizers import Tokenizer
-from torch.distributed.checkpoint import FileSystemReader
 
 from common.errors import UsageError
-from parallel.checkpoint.manifest import check_checkpoint
+from parallel.checkpoint.manifest import resolve_checkpoint
 from parallel.checkpoint.reading import read_tensors
+from parallel.checkpoint.safe_reader import SafeFileSystemReader
 from pretrain.config import ModelConfig
 from pretrain.hf.files import (
     DEFAULT_SHARD_BYTES,
@@ -48,22 +48,15 @@ def _order(name: str) -> tuple:
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, verify: bool = True, overwrite: bool = False,
                       progress: Callable[[str], None] = print) -> Path:
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if (checkpoint / "checkpoints").is_dir():  # a run directory: take its newest checkpoint
-        pointer = checkpoint / "checkpoints" / "latest"
-        if not pointer.is_file():
-            raise UsageError(f"{checkpoint} holds no complete checkpoint (no checkpoints/latest)")
-        checkpoint = checkpoint / "checkpoints" / pointer.read_text().strip()
-    problem = check_checkpoint(checkpoint, verify_hashes=verify) if checkpoint.is_dir() else "it is not a directory"
-    if problem is not None:
-        raise UsageError(f"{checkpoint} is not a usable checkpoint: {problem}")
+    checkpoint = resolve_checkpoint(checkpoint, verify_hashes=verify)  # a run directory: its newest checkpoint
+    out_dir = Path(out_dir)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     record = json.loads((checkpoint / "config.json").read_text())
     cfg = ModelConfig(**record["model"])
     tokens = record.get("tokens", {})
     target = DTYPES[dtype]
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    metadata = SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
     names = sorted((key[len("model."):] for key in metadata if key.startswith("model.")), key=_order)
 
     def group(name: str) -> TensorGroup:
@@ -76,7 +69,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
 
         return TensorGroup(nbytes, produce)
 
-    with StagedDirectory(out_dir, overwrite) as folder:
+    with StagedDirectory(out_dir, "memdlm-export-hf", overwrite) as folder:
         index = write_safetensors(folder, [group(n) for n in names], max_shard_bytes, progress)
         config = hf_config(cfg, tokens, record.get("memory", {}), dtype)
         write_json(folder, "config.json", config)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from common.errors import UsageError
+from common.output_folders import check_replaceable, write_marker
 from pretrain.hf.format import REMOTE_CODE_FILES
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
@@ -84,17 +84,18 @@ def write_json(folder: Path, name: str, value: dict) -> None:
 
 
 class StagedDirectory:
-    """``with StagedDirectory(out) as folder:`` writes into ``out.staging`` and renames it to ``out`` at the
-    end (an existing ``out`` is replaced only if ``overwrite``); a failure leaves ``out`` untouched."""
+    """``with StagedDirectory(out, tool) as folder:`` writes into ``out.staging`` and renames it to ``out`` at the
+    end, marked as ``tool``'s output; a failure leaves ``out`` untouched. An existing ``out`` is replaced only
+    if it is ``tool``'s own earlier output and ``overwrite`` is set (``common.output_folders``)."""
 
-    def __init__(self, out_dir: Path, overwrite: bool = False):
+    def __init__(self, out_dir: Path, tool: str, overwrite: bool = False):
         self.out_dir = Path(out_dir)
         self.staging = self.out_dir.with_name(self.out_dir.name + ".staging")
+        self.tool = tool
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
-        if self.out_dir.exists() and not self.overwrite:
-            raise UsageError(f"{self.out_dir} exists; pass --overwrite to replace it, or choose another directory")
+        check_replaceable(self.out_dir, self.tool, self.overwrite)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
         return self.staging
@@ -103,5 +104,6 @@ class StagedDirectory:
         if kind is not None:
             shutil.rmtree(self.staging, ignore_errors=True)
             return
+        write_marker(self.staging, self.tool)
         shutil.rmtree(self.out_dir, ignore_errors=True)
         self.staging.rename(self.out_dir)

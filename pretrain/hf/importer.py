@@ -91,7 +91,16 @@ def read_hf_config(folder: Path, option: str = "--model.init_from") -> dict:
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise ConfigError(f"{option}: {folder} has no config.json; pass a Hugging Face model directory")
-    return json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{option}: {file} is not valid JSON ({err})") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        hint = (" (it is a checkpoint of this trainer: export it with memdlm-export-hf first, or resume the run with "
+                "its --train.out_dir)" if isinstance(config, dict) and "model" in config and "memory" in config
+                else "")
+        raise ConfigError(f"{option}: {file} has no model_type: it is not a Hugging Face model config{hint}")
+    return config
 
 
 def _head_name(config: dict, tensors: HuggingFaceTensors) -> str:
@@ -147,7 +156,7 @@ def import_hf(hf_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_
                                     "seq_len": int(config.get("max_position_embeddings", 2048))})
     tokens = {"mask_token_id": mask_id, "eot_token_id": info.eot_id, "pad_token_id": info.pad_id}
     dtype = str(config.get("torch_dtype", "float32"))
-    with StagedDirectory(out_dir, overwrite) as folder:
+    with StagedDirectory(out_dir, "memdlm-import-hf", overwrite) as folder:
         write_safetensors(folder, groups, max_shard_bytes, progress)
         write_json(folder, "config.json", hf_config(model, tokens, {}, dtype) | {"imported_from": str(hf_dir)})
         write_tokenizer(folder, tokenizer, mask_id, info.eot_id, info.pad_id, model.seq_len)

@@ -185,7 +185,8 @@ def _streaming_world(topology: Topology) -> dict[str, str]:
 def prepare_data(cfg: RunConfig, topology: Topology):
     """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
     args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
-    options = {"prepare_workers": cfg.data.prepare_workers, "val_fraction": cfg.data.val_fraction}
+    options = {"prepare_workers": cfg.data.prepare_workers, "val_fraction": cfg.data.val_fraction,
+               "announce": (lambda message: print(message, flush=True)) if topology.is_main else None}
     if topology.world_size > 1:
         failure = None
         if topology.is_main:

@@ -40,6 +40,20 @@ class TrainingParts:
 def check_run_layout(cfg: RunConfig, world_size: int) -> None:
     """Refuse, with the sizes that would work, what a world size cannot run; callable before any rank starts."""
     tensor, pipeline = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+
+    def fits(t: int, p: int) -> bool:
+        try:
+            _check_split(cfg, world_size, t, p)
+            return True
+        except LayoutError:
+            return False
+
+    check_world(world_size, tensor, pipeline, cfg.model.num_layers, fits)
+    _check_split(cfg, world_size, tensor, pipeline)
+
+
+def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) -> None:
+    """The model and batch on ``tensor`` x ``pipeline`` (dividing ``world_size``)."""
     model = cfg.model
     check_world(world_size, tensor, pipeline, model.num_layers)
     sizes = {"model.num_heads": model.num_heads, "model.ffn_hidden_size": model.ffn_hidden_size,

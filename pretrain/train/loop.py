@@ -45,6 +45,7 @@ class TrainingLoop:
             logger.write(f"held-out evaluation is off: {data_root} has no validation split (prepare the data with "
                          "memdlm-prepare-data --val-fraction F, or set --data.val_fraction for raw input)")
         self.losses, self.step_seconds, self.skipped_samples = [], [], 0
+        self.last_eval: dict = {}  # the newest held-out record (``eval_*`` keys and its step)
         self.pending, self.flushed_at = [], time.perf_counter()
         self.accumulation = cfg.train.global_batch_size // (cfg.train.micro_batch_size * topology.data_parallel_size)
         self.tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
@@ -74,8 +75,8 @@ class TrainingLoop:
                     self.save()
                     self.watchdog.progress()
                 if stop and self.completed < cfg.train.steps:
-                    self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
                     self.stopped_early = True
+                    self.logger.write(f"stop requested: saving a checkpoint at step {self.completed} and exiting")
                     break
             self.flush()
             self.save_if_new()
@@ -87,9 +88,11 @@ class TrainingLoop:
                     write_marker(out_dir, DONE, self.completed, checkpoint=self.saved.name if self.saved else None)
         except KeyboardInterrupt:
             self.flush()
-            # Nothing lost: keep what the completed steps trained (single process; with several
-            # ranks the others may be gone, so only a signal-driven stop saves collectively).
-            if self.topology.world_size == 1 and self.completed > self.start_step:
+            # A KeyboardInterrupt while stopping is a second Ctrl-C: stop at once (a save it cut short stays
+            # in its staging folder). One without a stop request (``train`` called without the CLI's signal
+            # handling) keeps what the completed steps trained; with several ranks the others may be gone,
+            # so only a signal-driven stop saves collectively.
+            if not self.stopped_early and self.topology.world_size == 1 and self.completed > self.start_step:
                 self.save_if_new()
                 self.logger.write(f"interrupted: saved a checkpoint at step {self.completed} in {self.saved}")
             raise
@@ -179,6 +182,7 @@ class TrainingLoop:
         record = {"eval_loss": values[0], "eval_bits_per_token": bits(values[0])}
         if self.validation.prompts is not None:
             record.update(eval_adapted_loss=values[1], eval_adapted_bits_per_token=bits(values[1]))
+        self.last_eval = {"step": self.completed, **record}
         return record
 
     def save(self) -> None:

@@ -87,6 +87,8 @@ class MetricsLogger:
             self.run.log(flat, step=record["step"])
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if "eval_loss" in record:
+            self.write(held_out_line(record))
 
     def write(self, message: str) -> None:
         """Print a line without breaking the progress bar."""
@@ -102,6 +104,15 @@ class MetricsLogger:
         if self.run is not None:
             self.run.finish()
         self.file = self.run = self.bar = None
+
+
+def held_out_line(record: dict) -> str:
+    """``step N: held-out loss X nats/token (Y bits), with inference-time adaptation Z``."""
+    line = (f"step {record['step']}: held-out loss {record['eval_loss']:.4f} nats/token "
+            f"({record['eval_bits_per_token']:.4f} bits)")
+    if "eval_adapted_loss" in record:
+        line += f", with inference-time adaptation {record['eval_adapted_loss']:.4f}"
+    return line
 
 
 def _step_of(line: str) -> int | None:

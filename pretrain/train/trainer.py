@@ -14,13 +14,14 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 
+from common.errors import UsageError
 from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.topology import Topology, initialize_topology, launched_world_size
 from pretrain.config import ConfigError, RunConfig
@@ -31,7 +32,8 @@ from pretrain.train.data_feed import STREAMING_WORLD, DataFeed, prepare_data, re
 from pretrain.train.factory import build_model, build_training, check_run_layout
 from pretrain.train.loop import TrainingLoop
 from pretrain.train.metrics import MetricsLogger, NullLogger
-from pretrain.train.run_lock import RunDirectoryBusy, RunLock
+from pretrain.train.run_directory import start_over
+from pretrain.train.run_lock import RunLock
 from pretrain.train.state import TrainState
 
 
@@ -50,8 +52,14 @@ class TrainSummary:
     metrics_file: Path
     wandb_dir: str | None
     stopped_early: bool
-    losses: list[float]
+    losses: list[float]  # this attempt's steps only
     resumed_from: Path | None = None
+    start_step: int = 0  # the step this attempt started from (0, or the checkpoint's)
+    last_eval: dict = field(default_factory=dict)  # the newest held-out losses (``eval_*`` and ``step``)
+
+    @property
+    def steps_this_attempt(self) -> int:
+        return self.steps_done - self.start_step
 
 
 def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) -> TrainSummary:
@@ -66,25 +74,39 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     )
     lock = _lock_run_directory(Path(cfg.train.out_dir), topology)
     try:
+        if not cfg.train.resume:
+            _on_main(topology, lambda: _start_over(Path(cfg.train.out_dir), cfg.train.overwrite))
         with restored_environment(STREAMING_WORLD):
             return _train(cfg, topology, stop_requested)
     finally:
         lock.release()
 
 
-def _lock_run_directory(out_dir: Path, topology: Topology) -> RunLock:
-    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
-    lock, failure = RunLock(out_dir), [None]
+def _on_main(topology: Topology, action) -> None:
+    """Run ``action`` on rank 0; a usage error it raises is raised on every rank (no rank waits forever)."""
+    failure = [None]
     if topology.is_main:
         try:
-            lock.acquire()
-        except RunDirectoryBusy as err:
+            action()
+        except UsageError as err:
             failure = [err]
     if topology.world_size > 1:
         dist.broadcast_object_list(failure, src=0)
     if failure[0] is not None:
         raise failure[0]
+
+
+def _lock_run_directory(out_dir: Path, topology: Topology) -> RunLock:
+    """Rank 0 takes the run directory's lock; every rank learns whether it got it."""
+    lock = RunLock(out_dir)
+    _on_main(topology, lock.acquire)
     return lock
+
+
+def _start_over(out_dir: Path, overwrite: bool) -> None:
+    aside = start_over(out_dir, overwrite)
+    if aside is not None:
+        print(f"--train.overwrite: the run that was in {out_dir} is now in {aside}", flush=True)
 
 
 def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool]) -> TrainSummary:
@@ -160,6 +182,7 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
         tokens_per_s=loop.tokens_per_step * len(timed) / sum(timed), seconds=time.perf_counter() - started,
         num_parameters=full_parameter_count(cfg.model), checkpoint=loop.saved, metrics_file=out_dir / "metrics.jsonl",
         wandb_dir=logger.wandb_dir, stopped_early=loop.stopped_early, losses=loop.losses, resumed_from=checkpoint,
+        start_step=loop.start_step, last_eval=loop.last_eval,
     )
 
 
