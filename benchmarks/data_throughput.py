@@ -41,7 +41,7 @@ def main() -> None:
     keep_freed_memory()
     cache = args.cache_dir or tempfile.mkdtemp(prefix="memdlm-bench-")
     root, manifest = resolve_dataset("", "", cfg.model.seq_len, cfg.model.vocab_size, cache, prepare_workers=2)
-    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
+    spec = MaskingSpec(cfg.train.seed, cfg.memory.trajectory, cfg.diffusion.eps,
                        cfg.model.seq_len, cfg.model.vocab_size)
     micro = cfg.train.micro_batch_size
     tokens_per_batch = micro * cfg.model.seq_len

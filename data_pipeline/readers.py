@@ -28,17 +28,22 @@ from data_pipeline.errors import DataError
 from data_pipeline.masking import MaskedBatch, build_masked_batch
 from data_pipeline.packing import decode_layout, sample_masks
 from data_pipeline.shards import decode_webdataset_sample
+from data_pipeline.trajectory import TrajectorySpec
 
 
 @dataclass(frozen=True)
 class MaskingSpec:
     seed: int
-    num_inner_steps: int
-    pre_anchor_scale: float
+    trajectory: TrajectorySpec  # the inner loop's states and loss masks
     eps: float
     seq_len: int
     vocab_size: int
     mask_ratio: float | None = None  # a fixed share masked (inference-time adaptation), else t ~ U[eps, 1]
+    # Held-out evaluation split into a context and its continuation (``context_fraction`` of each sample's real
+    # tokens, rounded up): ``continuation`` masks and scores the continuation only, the context visible;
+    # ``context`` keeps the context alone (the rest is padding, never attended): what adaptation sees.
+    context_fraction: float = 0.0
+    context_role: str | None = None
 
 
 class MaskingCollate:
@@ -63,9 +68,16 @@ class MaskingCollate:
             )
         lengths, doc_starts, prompt_spans = zip(*(decode_layout(np.asarray(s["layout"])) for s in samples))
         real, maskable, segments = sample_masks(np.array(lengths), list(doc_starts), list(prompt_spans), spec.seq_len)
+        if spec.context_role is not None:
+            context_length = np.ceil(spec.context_fraction * np.array(lengths)).astype(np.int64)
+            context = np.arange(spec.seq_len)[None, :] < context_length[:, None]
+            if spec.context_role == "continuation":
+                maskable = maskable & ~context
+            else:
+                real, maskable = real & context, maskable & context
+                segments = np.where(real, segments, -1).astype(np.int32)
         batch = build_masked_batch(
-            tokens, index, seed=spec.seed, epoch=epoch, num_inner_steps=spec.num_inner_steps,
-            pre_anchor_scale=spec.pre_anchor_scale, eps=spec.eps, maskable=maskable,
+            tokens, index, seed=spec.seed, epoch=epoch, trajectory=spec.trajectory, eps=spec.eps, maskable=maskable,
             key_padding_mask=None if real.all() else real, mask_ratio=spec.mask_ratio,
         )
         batch.segment_ids = torch.from_numpy(segments)

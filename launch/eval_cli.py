@@ -45,6 +45,10 @@ def eval_main(argv: list[str] | None = None) -> int:
                         help="what to evaluate (see above)")
     parser.add_argument("--data", help="heldout: a prepared dataset with a validation split (required there)")
     parser.add_argument("--num-samples", type=int, default=64, help="heldout: validation samples (default 64)")
+    parser.add_argument("--context-fraction", type=float, default=0.5,
+                        help="heldout: each sample's first share of tokens is a visible context, the rest is scored; "
+                        "adaptation sees the context only (0: the whole sample; default 0.5, as "
+                        "--eval.context_fraction)")
     parser.add_argument("--prompt", help="loglik: the prompt")
     parser.add_argument("--continuation", help="loglik: the continuation whose log-likelihood is estimated")
     parser.add_argument("--mc-samples", type=int, default=32, help="loglik: Monte Carlo draws (default 32)")
@@ -115,8 +119,10 @@ def _heldout(model, args) -> dict:
     cfg = model.model.cfg
     adapt = args.adaptation != "false"
     total = min(args.num_samples, manifest.get("validation", {}).get("num_samples", args.num_samples))
+    if not 0 <= args.context_fraction < 1:
+        raise UsageError(f"--context-fraction must lie in [0, 1), got {args.context_fraction}")
     collates = evaluation_collates(args.seed, model.adaptation.memory, model.adaptation.diffusion.eps, cfg.seq_len,
-                                   cfg.vocab_size, adapt)
+                                   cfg.vocab_size, adapt, args.context_fraction)
     batches, *prompts = validation_batches(root, manifest, collates, list(range(total)), 16)
     prompts = prompts[0] if adapt else [None] * len(batches)
     device = model.device

@@ -20,11 +20,12 @@ def group_size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def broadcast_batch(batch: MaskedBatch | None, shape: tuple[int, int, int], src: int, group,
+def broadcast_batch(batch: MaskedBatch | None, shape: tuple, src: int, group,
                     device: torch.device) -> MaskedBatch:
     """The source rank's micro-batch on every rank of ``group`` (two broadcasts of its packed form).
 
-    ``shape`` = (sequences, sequence length, pre-anchor states), known to every rank from the config.
+    ``shape`` = (sequences, sequence length, inner states, whether the batch carries separate inner masks),
+    known to every rank from the config.
     """
     if group_size(group) == 1:
         return batch
@@ -36,7 +37,7 @@ def broadcast_batch(batch: MaskedBatch | None, shape: tuple[int, int, int], src:
         floats = torch.empty(float_shape, dtype=torch.float64, device=device)
     dist.broadcast(ints, src=src, group=group)
     dist.broadcast(floats, src=src, group=group)
-    return batch if batch is not None else MaskedBatch.unpack(ints, floats)
+    return batch if batch is not None else MaskedBatch.unpack(ints, floats, num_states=shape[2])
 
 
 @dataclass
@@ -102,3 +103,26 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype)  # exactly 1 under the clip
         torch._foreach_mul_(grads, scale)
     return norm
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather along the last dimension; the backward keeps this rank's slice (megatron's own gather
+    allocates on a CUDA device, so it cannot run on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.rank, ctx.width = group, dist.get_rank(group), x.shape[-1]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None
+
+
+def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
+    """``x`` split over ``group`` along its last dimension, whole on every rank (with its gradient's slice)."""
+    if group_size(group) == 1:
+        return x
+    return _GatherLastDim.apply(x, group)

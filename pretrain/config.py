@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from common.errors import UsageError
+from data_pipeline.trajectory import STRATEGY_ALIASES, TrajectorySpec
 
 SPIKE_MIN_HISTORY = 20  # accepted steps the spike test needs before it judges (--guard.spike_window >= this)
 
@@ -159,6 +160,43 @@ class MemoryConfig:
     share_anchor_prefix: bool = param(
         True, "compute the anchor state's prefix once for the last inner step and the outer loss"
     )
+    masking_strategy: str = param(
+        "pmc", "the inner loop's states (the reference's variants): pmc = pre-anchor states then the anchor (the "
+        "paper's); pre_only = one step on the pre-anchor state; no_progressive = one step on the anchor; "
+        "progressive_memory = K states independent of the anchor, 80% masked down to prompt_mask_ratio",
+        ("pmc", "progressive_memory_consistent", "pre_only", "no_progressive", "progressive_memory"))
+    inner_loss: str = param(
+        "ce", "inner loss: cross entropy with the clean tokens (ce), KL(teacher||student) (distill), "
+        "KL(student||teacher) (distill_reverse) or a hidden-state distance (distill_hidden); the teacher is the "
+        "model with the current fast weights on the next state (the clean sequence after the last)",
+        ("ce", "distill", "distill_reverse", "distill_hidden"))
+    distill_temperature: float = param(1.0, "temperature of the distill losses' softmaxes (no T^2 factor)")
+    distill_hidden_type: str = param("mse", "distill_hidden's distance: mse or cosine", ("mse", "cosine"))
+    inner_loss_mask: str = param(
+        "student_masked", "which positions an inner loss scores: every masked one (student_masked) or those the "
+        "next state reveals (newly_revealed; a step without a next state scores all)",
+        ("student_masked", "newly_revealed"))
+    inner_epochs: int = param(1, "replay the inner trajectory this many times, the fast weights carried over")
+    inner_dropout: float = param(
+        0.0, "dropout on the fast weights' input in training passes, its masks drawn from (seed, step, pass, "
+        "site, sample) so every layout drops the same elements")
+    pad_unmask: str = param(
+        "both", "padding: never masked nor attended (both); a token like any other (none, the reference's "
+        "default); a token to the outer loss but left out of the inner loop's states and losses (inner)",
+        ("both", "inner", "none"))
+    leak_free: bool = param(
+        False, "leave the positions the outer loss scores out of every inner loss (an inner step with nothing "
+        "left to score, pmc's anchor step, is dropped): the outer loss never scores a target the inner loop "
+        "trained on")
+    probability: float = param(
+        1.0, "the share of optimizer steps that use memory; the others are plain MDLM steps (decided per step "
+        "from the seed, the same on every rank)")
+    base_weight: float = param(
+        0.0, "add this times the MDLM loss of the anchor without fast weights to the outer loss (the base model "
+        "keeps learning to predict on its own)")
+    reference_compat: bool = param(
+        False, "reproduce the reference code's behaviour where it is a bug (distill_hidden compares the "
+        "student's pre-norm with the teacher's post-norm states; inner weights 1/(float32 t + 1e-6))")
 
     def __post_init__(self):
         _check_choices(self, "memory")
@@ -174,6 +212,20 @@ class MemoryConfig:
         _check(0 < self.layer_fraction <= 1, "memory.layer_fraction", f"must lie in (0, 1], got {self.layer_fraction}")
         _check(self.lora_rank > 0, "memory.lora_rank", "must be positive")
         _check(0 < self.prompt_mask_ratio <= 1, "memory.prompt_mask_ratio", "must lie in (0, 1]")
+        strategy = STRATEGY_ALIASES.get(self.masking_strategy, self.masking_strategy)
+        _check(strategy not in ("pre_only", "no_progressive") or self.num_inner_steps == 1,
+               "memory.num_inner_steps",
+               f"--memory.masking_strategy {strategy} takes exactly one inner step, got {self.num_inner_steps}; "
+               "pass --memory.num_inner_steps 1")
+        _check(self.inner_epochs >= 1, "memory.inner_epochs", "must be >= 1")
+        _check(0 <= self.inner_dropout < 1, "memory.inner_dropout", "must lie in [0, 1)")
+        _check(self.distill_temperature > 0, "memory.distill_temperature", "must be positive")
+        _check(0 < self.probability <= 1, "memory.probability", f"must lie in (0, 1], got {self.probability}")
+        _check(self.base_weight >= 0, "memory.base_weight", "must be >= 0")
+        _check(not (self.leak_free and strategy == "no_progressive"), "memory.leak_free",
+               "no_progressive's one inner step scores exactly the outer loss's positions, so leak-free it would "
+               "have no inner step; use pmc or pre_only with --memory.leak_free true")
+
         known = {"qkv", "out", "gate", "up", "down"}
         modules = self.target_module_list
         unknown = [m for m in modules if m not in known]
@@ -182,6 +234,19 @@ class MemoryConfig:
             "memory.target_modules",
             f"unknown module(s) {unknown or modules}; choose from {', '.join(sorted(known))}",
         )
+
+    @property
+    def trajectory(self) -> TrajectorySpec:
+        """The inner loop's states and loss masks (``data_pipeline.trajectory``)."""
+        return TrajectorySpec(strategy=STRATEGY_ALIASES.get(self.masking_strategy, self.masking_strategy),
+                              num_inner_steps=self.num_inner_steps, pre_anchor_scale=self.pre_anchor_scale,
+                              prompt_mask_ratio=self.prompt_mask_ratio, loss_mask=self.inner_loss_mask,
+                              leak_free=self.leak_free, pad_mode=self.pad_unmask)
+
+    @property
+    def inner_steps_per_step(self) -> int:
+        """Inner SGD steps one optimizer step takes (the statistics it reports), epochs unrolled."""
+        return len(self.trajectory.steps()) * self.inner_epochs
 
     @property
     def target_module_list(self) -> tuple[str, ...]:
@@ -348,10 +413,15 @@ class EvalConfig:
     seed: int = param(0, "seed of the evaluation's masks (fixed: two runs are compared point by point)")
     adaptation: bool = param(
         True, "also report the loss with inference-time adaptation on each sample (its own memory, written "
-        "by the inner loop on the sample masked at --memory.prompt_mask_ratio)")
+        "by the inner loop on the sample's context masked at --memory.prompt_mask_ratio)")
+    context_fraction: float = param(
+        0.5, "split each validation sample: its first share of tokens is a context (visible, never scored), the "
+        "rest is masked and scored; adaptation runs on the context alone, so it never trains on a scored target "
+        "(0: score and adapt on the whole sample, where adaptation sees some of the targets it is scored on)")
 
     def __post_init__(self):
         _check(self.every >= 0, "eval.every", "must be >= 0")
+        _check(0 <= self.context_fraction < 1, "eval.context_fraction", "must lie in [0, 1)")
         _check(self.num_samples >= 1, "eval.num_samples", "must be positive")
         _check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be positive")
 

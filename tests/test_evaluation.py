@@ -209,3 +209,31 @@ def test_lm_eval_runs_a_local_two_question_task(trained, tmp_path):
     scores = json.loads(next((tmp_path / "out").rglob("results*.json")).read_text())["results"]["memdlm_local_qa"]
     assert scores["acc,none"] in (0.0, 0.5, 1.0)
     assert "memdlm_local_qa" in result.stdout
+
+
+@pytest.mark.fast
+def test_held_out_adaptation_never_sees_a_scored_position(prepared_corpus):
+    """With a context split the adaptation's states lie in the context, which it sees alone, and the scored
+    masks lie in the continuation; without it they overlap (the leak the split removes)."""
+    from data_pipeline.shards import read_manifest
+    from data_pipeline.validation import validation_batches
+    from pretrain.config import MemoryConfig
+    from pretrain.eval.heldout import evaluation_collates
+
+    root = prepared_corpus()
+    manifest = read_manifest(root)
+    memory = MemoryConfig()
+
+    def batches(fraction):
+        collates = evaluation_collates(0, memory, 1e-3, 32, 512, True, fraction)
+        (scored,), (prompt,) = validation_batches(root, manifest, collates, list(range(16)), 16)
+        return scored, prompt
+
+    scored, prompt = batches(0.5)
+    adapted = prompt.inner_masks.any(0) | prompt.anchor_mask
+    assert adapted.any() and scored.anchor_mask.any()
+    assert not (adapted & scored.maskable).any(), "adaptation trains on no position the evaluation scores"
+    assert prompt.key_padding_mask is not None and not (prompt.key_padding_mask & scored.maskable).any(), \
+        "the continuation is not even visible to the adaptation"
+    leaky_scored, leaky_prompt = batches(0.0)
+    assert ((leaky_prompt.inner_masks.any(0) | leaky_prompt.anchor_mask) & leaky_scored.anchor_mask).any()

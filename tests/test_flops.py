@@ -49,3 +49,40 @@ def test_executed_flops_equal_torchs_flop_counter(topology, case, recompute):
     counted = count_flops(lambda: step(batch, normalizer, 0).loss.backward())
     rows = batch.row_counts if memory.enabled else batch.row_counts[-1:]
     assert executed_flops(TINY, memory, 4, rows, recompute) == counted
+
+
+VARIANTS = {
+    "progressive-k3": dict(masking_strategy="progressive_memory", num_inner_steps=3),
+    "pre-only-newly-revealed": dict(masking_strategy="pre_only", num_inner_steps=1, inner_loss_mask="newly_revealed"),
+    "no-progressive": dict(masking_strategy="no_progressive", num_inner_steps=1),
+    "distill": dict(inner_loss="distill"),
+    "distill-hidden": dict(inner_loss="distill_hidden", masking_strategy="progressive_memory"),
+    "epochs-2": dict(inner_epochs=2),
+    "leak-free": dict(leak_free=True, num_inner_steps=3),
+    "base-weight": dict(base_weight=0.5),
+    "base-weight-leak-free": dict(base_weight=0.5, leak_free=True),
+    "base-weight-unshared": dict(base_weight=0.5, share_anchor_prefix=False),
+    "pad-inner": dict(pad_unmask="inner"),
+    "probability-off": dict(probability=0.5),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_executed_flops_of_every_variant_equal_torchs_flop_counter(topology, variant):
+    from pretrain.memdlm.bilevel import uses_memory_at
+    from pretrain.train.factory import build_bilevel_step, build_model
+
+    memory = MemoryConfig(**{"layer_fraction": 0.5, **VARIANTS[variant]})
+    cfg = RunConfig(model=TINY, memory=memory)
+    step = build_bilevel_step(cfg, build_model(cfg, topology), topology, 63)
+    ids = np.random.default_rng(0).integers(0, 63, size=(4, 16))
+    padding = np.ones((4, 16), dtype=bool)
+    padding[1, 12:] = False
+    batch = build_masked_batch(ids, np.arange(4), seed=0, epoch=0, key_padding_mask=padding,
+                               trajectory=memory.trajectory)
+    normalizer = LossNormalizer.of([batch.maskable])
+    step_number = 1 if variant == "probability-off" else 0  # with probability 0.5 and seed 0, step 1 has none
+    memory_step = uses_memory_at(memory, 0, step_number)
+    assert memory_step == (variant != "probability-off")
+    counted = count_flops(lambda: step(batch, normalizer, step_number).loss.backward())
+    assert executed_flops(TINY, memory, 4, batch.row_counts, uses_memory=memory_step) == counted

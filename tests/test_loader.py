@@ -14,10 +14,11 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
 from data_pipeline.readers import MaskingSpec
 from data_pipeline.shards import read_manifest
+from data_pipeline.trajectory import TrajectorySpec
 from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
 from tests.helpers.ranks import run_ranks
 
-SPEC = MaskingSpec(seed=7, num_inner_steps=3, pre_anchor_scale=1.5, eps=1e-3, seq_len=SEQ_LEN, vocab_size=VOCAB)
+SPEC = MaskingSpec(seed=7, trajectory=TrajectorySpec(num_inner_steps=3), eps=1e-3, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def sample_records(batch):
     records = []
     for i in range(batch.num_sequences):
         digest = hashlib.sha1()
-        for tensor in (batch.t[i], batch.anchor_mask[i], batch.pre_anchor_masks[:, i], batch.maskable[i]):
+        for tensor in (batch.t[i], batch.anchor_mask[i], batch.inner_masks[:, i], batch.maskable[i]):
             digest.update(tensor.numpy().tobytes())
         records.append((int(batch.sample_index[i]), int(batch.epoch[i]), digest.hexdigest()[:16]))
     return records
@@ -160,7 +161,7 @@ def test_hash_mismatch_is_named(damaged):
 
 @pytest.mark.fast
 def test_token_outside_the_vocabulary_is_named(dataset):
-    small = MaskingSpec(7, 3, 1.5, 1e-3, SEQ_LEN, vocab_size=100)
+    small = MaskingSpec(7, TrajectorySpec(num_inner_steps=3), 1e-3, SEQ_LEN, vocab_size=100)
     with pytest.raises(DataError, match=r"sample \d+ holds token id \d+ outside the vocabulary \[0, 100\)"):
         take(dataset, "mds", 4, 1, spec=small, workers=0)
 

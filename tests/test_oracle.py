@@ -108,3 +108,97 @@ def test_reference_detects_a_wrong_inner_step(topology):
     _, _, ref_grads = reference_step(weights, TINY, wrong, batch, MASK_ID, phi0, normalizer.num_maskable)
     worst = max(relative_error(p.grad, ref_grads[n]) for n, p in model.named_parameters())
     assert worst > 1e-4
+
+
+VARIANTS = {  # the reference code's variants (and ours) against the oracle
+    "pmc-newly-revealed-k3": {"num_inner_steps": 3, "inner_loss_mask": "newly_revealed"},
+    "pmc-k1": {"num_inner_steps": 1},
+    "pre-only": {"masking_strategy": "pre_only", "num_inner_steps": 1},
+    "pre-only-newly-revealed": {"masking_strategy": "pre_only", "num_inner_steps": 1,
+                                "inner_loss_mask": "newly_revealed"},
+    "no-progressive": {"masking_strategy": "no_progressive", "num_inner_steps": 1},
+    "progressive": {"masking_strategy": "progressive_memory"},
+    "progressive-k3-newly-revealed": {"masking_strategy": "progressive_memory", "num_inner_steps": 3,
+                                      "inner_loss_mask": "newly_revealed"},
+    "distill-t2": {"inner_loss": "distill", "distill_temperature": 2.0},
+    "distill-reverse-progressive": {"inner_loss": "distill_reverse", "masking_strategy": "progressive_memory"},
+    "distill-hidden-mse": {"inner_loss": "distill_hidden"},
+    "distill-hidden-cosine-compat": {"inner_loss": "distill_hidden", "distill_hidden_type": "cosine",
+                                     "reference_compat": True},
+    "epochs-2": {"inner_epochs": 2},
+    "leak-free-k3": {"num_inner_steps": 3, "leak_free": True},
+    "base-weight": {"base_weight": 0.7},
+    "compat-weights": {"reference_compat": True},
+    "pad-none": {"pad_unmask": "none", "padded": True},
+    "pad-inner": {"pad_unmask": "inner", "padded": True},
+    "dropout": {"inner_dropout": 0.2},
+    "probability-on": {"probability": 0.5, "step": 1},
+    "probability-off": {"probability": 0.5, "step": 2},
+    "everything": {"masking_strategy": "progressive_memory", "num_inner_steps": 3, "inner_loss": "distill",
+                   "inner_loss_mask": "newly_revealed", "inner_epochs": 2, "base_weight": 0.5, "leak_free": True,
+                   "inner_dropout": 0.1, "padded": True, "pad_unmask": "inner"},
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_memory_variant_matches_the_oracle(topology, variant):
+    from pretrain.memdlm.bilevel import OUTER_PASS, uses_memory_at
+
+    memory_kwargs = dict(VARIANTS[variant])
+    padded = memory_kwargs.pop("padded", False)
+    step_number = memory_kwargs.pop("step", 5)
+    memory = MemoryConfig(**memory_kwargs)
+    torch.manual_seed(0)
+    model = DiffusionTransformer(TINY, dtype=torch.float64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    plan = build_fast_weight_plan(TINY, memory)
+    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, MASK_ID, size=(4, TINY.seq_len))
+    maskable = np.ones_like(ids, dtype=bool)
+    maskable[1, :5] = False
+    padding = None
+    if padded:
+        padding = np.ones_like(ids, dtype=bool)
+        padding[2, 11:] = False
+        padding[3, 7:] = False
+    batch = build_masked_batch(ids, np.arange(4) + 10, seed=3, epoch=0, maskable=maskable, key_padding_mask=padding,
+                               trajectory=memory.trajectory)
+    batch.t = batch.t.to(torch.float64)
+    normalizer = LossNormalizer.of([batch.maskable])
+    memory_step = uses_memory_at(memory, 11, step_number)
+    if "probability" in memory_kwargs:
+        assert memory_step == (variant == "probability-on"), "the fixture needs a step with and one without"
+
+    result = step(batch, normalizer, step=step_number, record_fast_weights=True)
+    result.loss.backward()
+
+    initial = plan.initial(4, seed=11, step=step_number, device="cpu", dtype=torch.float64)
+    dropout = {}
+    if memory.inner_dropout > 0:
+        initial.dropout = (memory.inner_dropout, 11, step_number, batch.sample_index)
+        for pass_id in [*range(2 * memory.inner_steps_per_step), OUTER_PASS]:
+            at = initial.for_pass(pass_id)
+            dropout[pass_id] = {site.name: at.dropout_mask(site, (4, TINY.seq_len, site.in_features), "cpu",
+                                                           torch.float64) for site in plan.sites}
+    phi0 = initial.clone_values()
+    weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    ref_loss, ref_history, ref_grads = reference_step(weights, TINY, memory, batch, MASK_ID, phi0,
+                                                      normalizer.num_maskable, memory_step=memory_step,
+                                                      dropout=dropout)
+    expected_steps = memory.inner_steps_per_step if memory_step else 0
+    assert len(result.fast_weight_history) == expected_steps == len(ref_history), variant
+    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
+        for name in theirs:
+            for mine, ref in zip(ours[name], theirs[name]):
+                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
+    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+    if memory_step and expected_steps:
+        moved = [not torch.equal(r, r0) for name in phi0 for r, r0 in zip(ref_history[-1][name], phi0[name])]
+        assert any(moved), "the inner loop must move the fast weights for the comparison to mean anything"

@@ -58,3 +58,33 @@ def test_tp2_pp2_trains_the_single_process_model(reference, data, tmp_path):
 @pytest.mark.slow
 def test_tp2_pp2_dp2_on_eight_ranks(reference, data, tmp_path):
     _check_group(["tp2-pp2-dp2"], reference, data, tmp_path)
+
+
+# Memory variants under the layouts: the trajectory's states come from the loader workers, teachers and inner
+# steps from the last pipeline stage, dropout masks from (seed, step, pass, site, sample), the probability draw
+# from (seed, step): every layout must still train the single-process model.
+VARIANTS = {
+    "progressive-distill": ["--memory.masking_strategy", "progressive_memory", "--memory.num_inner_steps", "3",
+                            "--memory.inner_loss", "distill", "--memory.inner_loss_mask", "newly_revealed",
+                            "--memory.inner_epochs", "2", "--memory.base_weight", "0.5",
+                            "--memory.inner_dropout", "0.1", "--memory.probability", "0.7"],
+    "leak-free-hidden": ["--memory.masking_strategy", "pre_only", "--memory.num_inner_steps", "1",
+                         "--memory.inner_loss", "distill_hidden", "--memory.leak_free", "true",
+                         "--memory.pad_unmask", "none", "--memory.reference_compat", "true"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_memory_variants_train_the_single_process_model_at_every_layout(variant, data, tmp_path):
+    reference = run_layouts(["single"], tmp_path / "single", data, VARIANTS[variant])["single"]
+    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3"], reference, data, tmp_path, VARIANTS[variant])
+
+
+def _check_group_with(names, reference, data, root, extra):
+    results = run_layouts(names, root, data, extra)
+    for name in names:
+        try:
+            assert_same_training(results[name], reference)
+        except AssertionError as err:
+            raise AssertionError(f"layout {name}: {err}") from err

@@ -11,6 +11,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import open_streaming_dataset
 from data_pipeline.readers import MaskingCollate, MaskingSpec
 from data_pipeline.shards import decode_webdataset_sample
+from data_pipeline.trajectory import TrajectorySpec
 from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
 
 
@@ -81,7 +82,7 @@ def test_round_trip_both_formats(corpus, prepared):
     tokens, real, maskable, starts = reference_packing(corpus, root / "tokenizer.json", manifest)
     assert manifest["num_samples"] == len(tokens)
     assert manifest["num_tokens"] == int(real.sum())
-    collate = MaskingCollate(MaskingSpec(0, 2, 1.5, 1e-3, SEQ_LEN, VOCAB))
+    collate = MaskingCollate(MaskingSpec(0, TrajectorySpec(), 1e-3, SEQ_LEN, VOCAB))
     for name, samples in (("mds", read_mds(root)), ("webdataset", read_webdataset(root, manifest))):
         assert [s["sample_index"] for s in samples] == list(range(len(tokens))), name
         got = np.stack([np.asarray(s["tokens"]) for s in samples])

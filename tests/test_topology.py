@@ -25,14 +25,17 @@ def _batch(seed: int, b: int = 2, l: int = 8, states: int = 2, padded: bool = Fa
 
 
 def assert_same_batch(a: MaskedBatch, b: MaskedBatch) -> None:
-    for name in ("input_ids", "maskable", "t", "anchor_mask", "pre_anchor_masks", "sample_index", "segment_ids",
+    for name in ("input_ids", "maskable", "t", "anchor_mask", "inner_masks", "sample_index", "segment_ids",
                  "epoch"):
         x, y = getattr(a, name), getattr(b, name)
         assert x.dtype == y.dtype and torch.equal(x, y), name
     assert (a.key_padding_mask is None) == (b.key_padding_mask is None)
     if a.key_padding_mask is not None:
         assert torch.equal(a.key_padding_mask, b.key_padding_mask)
-    assert a.num_skipped == b.num_skipped
+    assert a.num_skipped == b.num_skipped and a.row_counts == b.row_counts
+    for name in ("inner_maskable", "inner_anchor_mask"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None) and (x is None or torch.equal(x, y)), name
 
 
 @pytest.mark.fast
@@ -41,7 +44,23 @@ def test_packed_batch_round_trips_exactly(padded):
     batch = _batch(1, padded=padded)
     ints, floats = batch.pack()
     assert (tuple(ints.shape), tuple(floats.shape)) == MaskedBatch.packed_shapes(2, 8, 2)
-    assert_same_batch(MaskedBatch.unpack(ints, floats), batch)
+    assert_same_batch(MaskedBatch.unpack(ints, floats, num_states=2), batch)
+
+
+@pytest.mark.fast
+def test_a_batch_with_separate_inner_masks_round_trips_exactly():
+    from data_pipeline.trajectory import TrajectorySpec
+
+    ids = np.random.default_rng(0).integers(0, 50, size=(2, 8))
+    padding = np.ones((2, 8), dtype=bool)
+    padding[0, 5:] = False
+    batch = build_masked_batch(ids, np.arange(2), seed=1, epoch=0, key_padding_mask=padding,
+                               trajectory=TrajectorySpec(num_inner_steps=3, pad_mode="inner"))
+    batch.segment_ids = torch.zeros(2, 8, dtype=torch.int32)
+    batch.epoch = torch.zeros(2, dtype=torch.int64)
+    ints, floats = batch.pack()
+    assert (tuple(ints.shape), tuple(floats.shape)) == MaskedBatch.packed_shapes(2, 8, 2, separate_inner=True)
+    assert_same_batch(MaskedBatch.unpack(ints, floats, num_states=2), batch)
 
 
 @pytest.mark.fast

@@ -80,6 +80,7 @@ class EngineBase:
 
 def add_output(sums: torch.Tensor, output: StepOutput) -> None:
     """Add one micro-batch's loss and inner loss sums into ``sums``."""
-    sums[0] += output.loss.detach().double()
+    logged = getattr(output, "logged_loss", None)
+    sums[0] += (logged if logged is not None else output.loss).detach().double()
     if output.inner_loss_sums:
         sums[1:1 + len(output.inner_loss_sums)] += torch.stack(output.inner_loss_sums).double()

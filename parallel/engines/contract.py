@@ -35,8 +35,9 @@ from parallel.engines.step_guard import Verdict
 
 # -- what engines are given -------------------------------------------------------------------
 class StepOutput(Protocol):
-    loss: torch.Tensor  # the micro-batch's share of the global-batch loss, attached to the base weights
+    loss: torch.Tensor  # the micro-batch's share of the global objective, attached: what is back-propagated
     inner_loss_sums: list[torch.Tensor]  # per inner step: sum over sequences of their inner loss (detached)
+    logged_loss: torch.Tensor | None  # the share of the loss to report, when it is not ``loss`` itself
 
 
 class EvalFunction(Protocol):

@@ -2,10 +2,11 @@
 
 Per optimizer step, with M micro-batches per data-parallel rank (docs/DESIGN.md section 5):
 
-1. Pre-anchor sweep (forward only): for each micro-batch and each pre-anchor state, the first
-   stage takes the noisier ids, every stage runs its layers under ``no_grad`` and sends the
-   activations on; the last stage, which holds every fast-weight layer, takes the inner SGD
-   step locally. The result is kept in one fast-weight slot per micro-batch.
+1. Inner sweeps (forward only): for each micro-batch, each state the inner loop steps on before the
+   anchor (pmc's pre-anchor states; a distillation teacher's input before its step), the first stage takes
+   the ids, every stage runs its layers under ``no_grad`` and sends the activations on; the last stage,
+   which holds every fast-weight layer, takes the inner SGD step (or keeps the teacher's outputs)
+   locally. The result is kept in one slot per micro-batch.
 2. Anchor pass: a 1F1B (or GPipe) schedule over the anchor states. The last stage's forward
    takes the last inner step (its ``torch.autograd.grad`` stays inside that forward) and
    returns the micro-batch's share of the global MDLM loss.
@@ -38,36 +39,51 @@ from parallel.engines.step_guard import StepGuard
 
 
 class StageStep(Protocol):
-    """One pipeline stage's part of the bi-level step."""
+    """One pipeline stage's part of the bi-level step. The engine knows a step's inner loop only as a list of
+    forward-only sweeps (opaque items) whose last-stage work updates an opaque per-micro-batch state."""
 
     is_first: bool
     is_last: bool
-    num_inner_steps: int  # 0 with memory off; the last inner step runs in the anchor pass
+    num_inner_steps: int  # inner steps a step reports (0 with memory off)
     activation_dtype: torch.dtype
 
-    def input_ids(self, batch: MaskedBatch, state: int | None) -> torch.Tensor:
-        """First stage: the noised ids of pre-anchor state ``state``, or of the anchor (``None``)."""
+    def sweeps(self, step: int) -> list:
+        """The forward-only sweeps of optimizer step ``step`` before the anchor pass, in order ([] without
+        memory); the same on every stage."""
+
+    def sweep_input_ids(self, batch: MaskedBatch, sweep) -> torch.Tensor:
+        """First stage: the ids a sweep starts from."""
+
+    def anchor_input_ids(self, batch: MaskedBatch) -> torch.Tensor:
+        """First stage: the noised ids of the anchor state."""
 
     def forward(self, x: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
         """Every stage but the last: this stage's layers on ``x`` (ids on the first stage) -> activations."""
 
-    def initial_fast_weights(self, batch: MaskedBatch, step: int) -> Any:
-        """Last stage: the micro-batch's fast weights phi_0 (``None`` with memory off; opaque to the engine)."""
+    def initial_state(self, batch: MaskedBatch, step: int) -> Any:
+        """Last stage: the micro-batch's inner-loop state before the sweeps (fast weights phi_0, or ``None``)."""
 
-    def pre_anchor_update(self, x, batch: MaskedBatch, state: int, fast) -> tuple[Any, torch.Tensor]:
-        """Last stage: the inner step on pre-anchor state ``state`` -> (new fast weights, inner loss sum)."""
+    def sweep_update(self, x, batch: MaskedBatch, sweep, state) -> tuple[int, torch.Tensor] | None:
+        """Last stage: a sweep's work on ``state`` -> (statistics slot, inner loss sum) of an inner step."""
 
-    def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, fast):
-        """Last stage: (outer loss share, last inner loss sum or ``None``), the loss attached."""
+    def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, state):
+        """Last stage: (objective share, attached; its logged loss; last inner loss sum or ``None``)."""
 
-    def adaptation_initial_fast_weights(self, batch: MaskedBatch) -> Any:
-        """Last stage, evaluation: phi_0 of inference-time adaptation (the evaluation's seed)."""
+    def adaptation_sweeps(self) -> list:
+        """Evaluation: the sweeps of inference-time adaptation on a prompt."""
 
-    def adaptation_update(self, x, batch: MaskedBatch, state: int | None, fast) -> Any:
-        """Last stage, evaluation: one step of inference-time adaptation on ``state`` (``None``: the anchor)."""
+    def adaptation_input_ids(self, batch: MaskedBatch, sweep) -> torch.Tensor:
+        """First stage, evaluation: the ids an adaptation sweep starts from."""
 
-    def eval_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, fast) -> torch.Tensor:
-        """Last stage, evaluation: the anchor's loss share with ``fast`` held constant (``None``: none)."""
+    def adaptation_state(self, batch: MaskedBatch) -> Any:
+        """Last stage, evaluation: the adaptation's state before its sweeps (the evaluation's seed)."""
+
+    def adaptation_update(self, x, batch: MaskedBatch, sweep, state) -> None:
+        """Last stage, evaluation: an adaptation sweep's work on ``state``."""
+
+    def eval_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, state) -> torch.Tensor:
+        """Last stage, evaluation: the anchor's loss share with the state's fast weights held constant
+        (``None``: none)."""
 
 
 class _ScheduledStage(nn.Module):
@@ -83,11 +99,11 @@ class _ScheduledStage(nn.Module):
         batch = engine.micro_batches[index]
         if not engine.stage.is_last:
             return engine.stage.forward(x, batch)
-        loss, inner_sum = engine.stage.anchor_loss(x, batch, engine.normalizer, engine.slots[index])
-        engine.sums[0] += loss.detach().double()
+        objective, logged, inner_sum = engine.stage.anchor_loss(x, batch, engine.normalizer, engine.slots[index])
+        engine.sums[0] += logged.detach().double()
         if inner_sum is not None:
             engine.sums[engine.stage.num_inner_steps] += inner_sum.detach().double()
-        return loss.reshape(1)
+        return objective.reshape(1)
 
 
 class PipelineEngine(EngineBase):
@@ -111,22 +127,19 @@ class PipelineEngine(EngineBase):
     def forward_backward(self, micro_batches, normalizer, step, sums) -> None:
         self.micro_batches, self.normalizer, self.sums = list(micro_batches), normalizer, sums
         self.slots = [None] * len(micro_batches)
-        if self.stage.num_inner_steps > 1:
-            self._pre_anchor_sweep(step)
-        elif self.stage.is_last:
-            self.slots = [self.stage.initial_fast_weights(mb, step) for mb in micro_batches]
+        self._inner_sweeps(step)
         self._run_schedule()
 
     # -- pre-anchor sweep ---------------------------------------------------------------------
     def _activation_shape(self, num_sequences: int | None = None):
         return (num_sequences or self.options.micro_batch_size, self.options.seq_len, self.options.hidden_size)
 
-    def _sweep(self, batch, state: int | None, last):
-        """A forward-only pass of ``batch``'s state (``None``: the anchor) through the stages; on the last
-        stage, ``last(activations)``'s result (``None`` elsewhere)."""
+    def _sweep(self, batch, ids, last):
+        """A forward-only pass of ``batch`` through the stages, starting from ``ids()`` on the first stage; on
+        the last stage, ``last(activations)``'s result (``None`` elsewhere)."""
         stage = self.stage
         if self.previous is None:
-            x = stage.input_ids(batch, state)
+            x = ids()
         else:
             x = torch.empty(self._activation_shape(batch.num_sequences), dtype=stage.activation_dtype,
                             device=self.topology.device)
@@ -137,32 +150,37 @@ class PipelineEngine(EngineBase):
         return None
 
     @torch.no_grad()
-    def _pre_anchor_sweep(self, step: int) -> None:
-        """Forward-only passes of the pre-anchor states; the last stage keeps phi_{K-1} per micro-batch."""
+    def _inner_sweeps(self, step: int) -> None:
+        """Forward-only sweeps of the inner loop's states (the last stage takes the inner steps); the last
+        stage keeps each micro-batch's state for its anchor pass."""
         stage = self.stage
+        sweeps = stage.sweeps(step)
         for index, batch in enumerate(self.micro_batches):
-            fast = stage.initial_fast_weights(batch, step) if stage.is_last else None
-            for state in range(stage.num_inner_steps - 1):
-                result = self._sweep(batch, state, lambda x: stage.pre_anchor_update(x, batch, state, fast))
+            state = stage.initial_state(batch, step) if stage.is_last else None
+            for sweep in sweeps:
+                result = self._sweep(batch, lambda: stage.sweep_input_ids(batch, sweep),
+                                     lambda x: stage.sweep_update(x, batch, sweep, state))
                 if result is not None:
-                    fast, inner_sum = result
-                    self.sums[1 + state] += inner_sum.detach().double()
-            self.slots[index] = fast
+                    slot, inner_sum = result
+                    self.sums[1 + slot] += inner_sum.detach().double()
+            self.slots[index] = state
 
     @torch.no_grad()
     def evaluate_micro_batch(self, batch, normalizer, prompt) -> torch.Tensor:
-        """Forward-only sweeps: the adaptation's states of ``prompt`` (the last stage updates the fast
+        """Forward-only sweeps: the adaptation's sweeps of ``prompt`` (the last stage updates its fast
         weights), then ``batch``'s anchor twice (without and with them)."""
         stage, sums = self.stage, torch.zeros(2, dtype=torch.float64, device=self.topology.device)
         adapted = None
         if prompt is not None:
-            adapted = stage.adaptation_initial_fast_weights(prompt) if stage.is_last else None
-            for state in [*range(len(prompt.pre_anchor_masks)), None]:
-                adapted = self._sweep(prompt, state, lambda x: stage.adaptation_update(x, prompt, state, adapted))
-        for slot, fast in ((0, None), (1, adapted)):
+            adapted = stage.adaptation_state(prompt) if stage.is_last else None
+            for sweep in stage.adaptation_sweeps():
+                self._sweep(prompt, lambda: stage.adaptation_input_ids(prompt, sweep),
+                            lambda x: stage.adaptation_update(x, prompt, sweep, adapted))
+        for slot, state in ((0, None), (1, adapted)):
             if slot == 1 and prompt is None:
                 break
-            loss = self._sweep(batch, None, lambda x: stage.eval_loss(x, batch, normalizer, fast))
+            loss = self._sweep(batch, lambda: stage.anchor_input_ids(batch),
+                               lambda x: stage.eval_loss(x, batch, normalizer, state))
             if loss is not None:
                 sums[slot] = loss.double()
         return sums
@@ -193,7 +211,7 @@ class PipelineEngine(EngineBase):
         schedule = self._schedule(count)
         indices = [{"index": i} for i in range(count)]
         if self.previous is None:
-            inputs = [(self.stage.input_ids(mb, None),) for mb in self.micro_batches]
+            inputs = [(self.stage.anchor_input_ids(mb),) for mb in self.micro_batches]
             schedule.step(arg_mbs=inputs, kwarg_mbs=indices)
         elif self.next is None:
             schedule.step(kwarg_mbs=indices, target_mbs=[None] * count)

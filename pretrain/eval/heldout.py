@@ -46,13 +46,22 @@ class Evaluator:
 
 
 def evaluation_collates(seed: int, memory, eps: float, seq_len: int, vocab_size: int,
-                        adaptation: bool) -> list[MaskingCollate]:
+                        adaptation: bool, context_fraction: float = 0.0) -> list[MaskingCollate]:
     """How validation samples are masked: the evaluation's anchor masks (from ``seed``) and, for
-    adaptation, the same samples masked at ``memory.prompt_mask_ratio`` (from ``seed + 1``)."""
-    spec = MaskingSpec(seed, memory.num_inner_steps, memory.pre_anchor_scale, eps, seq_len, vocab_size)
+    adaptation, the same samples masked at ``memory.prompt_mask_ratio`` (from ``seed + 1``).
+
+    ``context_fraction`` > 0 splits each sample: the scored masks cover only the continuation (the context
+    visible), and adaptation sees only the context, so no position the adaptation trains on is scored (with
+    0 the adaptation is on the whole sample and trains on some of the very targets then scored)."""
+    spec = MaskingSpec(seed, memory.trajectory, eps, seq_len, vocab_size)
+    if context_fraction > 0:
+        spec = dataclasses.replace(spec, context_fraction=context_fraction, context_role="continuation")
     collates = [MaskingCollate(spec)]
     if adaptation:
-        collates.append(MaskingCollate(dataclasses.replace(spec, seed=seed + 1, mask_ratio=memory.prompt_mask_ratio)))
+        prompt = dataclasses.replace(spec, seed=seed + 1, mask_ratio=memory.prompt_mask_ratio)
+        if context_fraction > 0:
+            prompt = dataclasses.replace(prompt, context_role="context")
+        collates.append(MaskingCollate(prompt))
     return collates
 
 

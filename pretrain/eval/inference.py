@@ -67,9 +67,8 @@ def prompt_adaptation_batch(adaptation: BilevelStep, prompts: list[list[int]], i
         ids[row, :len(prompt)] = prompt
         real[row, :len(prompt)] = True
     indices = list(range(len(prompts))) if indices is None else indices
-    return build_masked_batch(ids, np.asarray(indices), seed=seed, epoch=0, num_inner_steps=memory.num_inner_steps,
-                              pre_anchor_scale=memory.pre_anchor_scale, key_padding_mask=None if real.all() else real,
-                              mask_ratio=memory.prompt_mask_ratio)
+    return build_masked_batch(ids, np.asarray(indices), seed=seed, epoch=0, trajectory=memory.trajectory,
+                              key_padding_mask=None if real.all() else real, mask_ratio=memory.prompt_mask_ratio)
 
 
 def adaptation_step(model: DiffusionTransformer, model_cfg: ModelConfig, memory: MemoryConfig,

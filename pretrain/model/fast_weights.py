@@ -39,6 +39,7 @@ class FastWeightSite:
     out_features: int
     tensor_parallel_size: int
     tensor_parallel_rank: int
+    index: int = 0  # its place in the plan (draws of its initial value and dropout masks)
 
     @property
     def name(self) -> str:
@@ -67,8 +68,13 @@ class FastWeights:
     for the dense form.
     """
 
-    def __init__(self, tensors: dict[str, tuple[torch.Tensor, ...]]):
+    def __init__(self, tensors: dict[str, tuple[torch.Tensor, ...]], dropout: tuple | None = None,
+                 pass_id: int = 0):
         self.tensors = tensors
+        # --memory.inner_dropout in training: (p, seed, step, sample indices [b]); the masks also depend on
+        # the pass (``for_pass``) and the site, so every layout drops the same elements.
+        self.dropout = dropout
+        self.pass_id = pass_id
 
     def get(self, name: str):
         return self.tensors.get(name)
@@ -78,7 +84,27 @@ class FastWeights:
 
     def with_leaves(self, leaves: list[torch.Tensor]) -> "FastWeights":
         it = iter(leaves)
-        return FastWeights({name: tuple(next(it) for _ in site) for name, site in self.tensors.items()})
+        return FastWeights({name: tuple(next(it) for _ in site) for name, site in self.tensors.items()},
+                           self.dropout, self.pass_id)
+
+    def for_pass(self, pass_id: int) -> "FastWeights":
+        """The same tensors, for the forward pass ``pass_id`` of a step (its dropout masks)."""
+        return FastWeights(self.tensors, self.dropout, pass_id)
+
+    def dropout_mask(self, site: "FastWeightSite", shape: torch.Size, device, dtype) -> torch.Tensor | None:
+        """The scaled keep-mask ``[b, l, in_local]`` of ``site``'s input in this pass, or None (no dropout)."""
+        if self.dropout is None:
+            return None
+        p, seed, step, sample_index = self.dropout
+        b, l, in_local = shape
+        masks = []
+        for index in sample_index.tolist():
+            generator = torch.Generator().manual_seed(_mix(_mix(seed, step, self.pass_id), site.index, index))
+            keep = torch.rand(l, site.in_features, generator=generator) >= p
+            if site.parallel == "row" and site.tensor_parallel_size > 1:
+                keep = keep.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
+            masks.append(keep)
+        return (torch.stack(masks).to(device=device, dtype=dtype) / (1.0 - p))[:, :l, :in_local]
 
     def detach(self) -> "FastWeights":
         return self.with_leaves([t.detach() for t in self.leaves()])
@@ -179,13 +205,17 @@ def clip_per_sequence(grad: torch.Tensor, clip: float, tensor_parallel_group=Non
 
 def apply_fast_weight(
     x: torch.Tensor, base_out: torch.Tensor, site: FastWeightSite, tensors, scaling: float, tensor_parallel_group,
+    dropout: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]``.
+    """``base_out`` plus the fast-weight contribution of ``site`` for input ``x [b, l, in_local]`` (its input
+    multiplied by ``dropout``, a scaled keep-mask, when given).
 
     Fast weights stored in another dtype than ``x`` (``--memory.dtype bf16`` in an fp32 run) are cast
     to it; under autocast the matmuls run in its dtype anyway."""
     if tensors[0].dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
         tensors = tuple(t.to(x.dtype) for t in tensors)
+    if dropout is not None:
+        x = x * dropout
     if len(tensors) == 1:  # dense delta
         (delta,) = tensors
         if site.parallel == "column":
@@ -216,10 +246,8 @@ def build_fast_weight_plan(model_cfg, memory_cfg, tensor_parallel_size: int = 1,
     """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
     h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
     shapes = {"qkv": (h, model_cfg.qkv_size), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
-    sites = [
-        FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank)
-        for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
-        for module in ("qkv", "out", "gate", "up", "down")
-        if module in memory_cfg.target_module_list
-    ]
+    places = [(layer, module) for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
+              for module in ("qkv", "out", "gate", "up", "down") if module in memory_cfg.target_module_list]
+    sites = [FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank, index)
+             for index, (layer, module) in enumerate(places)]
     return FastWeightPlan(sites, memory_cfg.adapter, memory_cfg.lora_rank, memory_cfg.lora_alpha, tensor_parallel_group)

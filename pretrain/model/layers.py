@@ -101,7 +101,8 @@ class ProjectionSet(nn.Module):
         if fast is not None and site is not None:
             tensors = fast.get(site.name)
             if tensors is not None:
-                out = apply_fast_weight(x, out, site, tensors, self.fast_scaling, layer.tp_group)
+                dropout = fast.dropout_mask(site, x.shape, x.device, x.dtype)
+                out = apply_fast_weight(x, out, site, tensors, self.fast_scaling, layer.tp_group, dropout)
         return out
 
 

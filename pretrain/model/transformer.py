@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from parallel.collectives import gather_last_dim
 from parallel.megatron import (
     ColumnParallelLinear,
     ModelParallelConfig,
@@ -167,6 +168,30 @@ class DiffusionTransformer(nn.Module):
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
         selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
         return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen)
+
+    def tail_outputs(
+        self,
+        h: torch.Tensor,
+        boundary: int,
+        index: torch.Tensor,
+        attention_mask=None,
+        fast: FastWeights | None = None,
+        frozen: bool = False,
+        entry: BlockEntry | None = None,
+        kind: str = "logits",
+    ) -> torch.Tensor:
+        """Sub-blocks ``[boundary, end)``, then at the rows ``index`` of ``h [b, l, hidden]``: the full-vocabulary
+        logits ``[n, vocab]`` (``logits``, gathered over tensor-parallel ranks), the final-normed hidden states
+        (``normed``) or the last sub-block's output before the final norm (``hidden``)."""
+        h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        if kind == "hidden":
+            return selected
+        normed = self.final_norm(selected, frozen)
+        if kind == "normed":
+            return normed
+        logits = self.lm_head(normed, frozen=frozen)  # vocab-parallel
+        return gather_last_dim(logits, self.lm_head.tp_group)
 
     def forward(self, input_ids: torch.Tensor, attention_mask=None, fast: FastWeights | None = None,
                 positions: torch.Tensor | None = None):

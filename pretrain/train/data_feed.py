@@ -36,7 +36,9 @@ class DataFeed:
         self.cfg, self.topology, self.root, self.manifest = cfg, topology, root, manifest
         self.resume_from: dict | None = None  # this data rank's loader position, from a checkpoint
         self.data = self.stream = None
-        self.shape = (cfg.train.micro_batch_size, cfg.model.seq_len, cfg.memory.num_inner_steps - 1)
+        trajectory = cfg.memory.trajectory
+        self.shape = (cfg.train.micro_batch_size, cfg.model.seq_len, trajectory.num_states,
+                      trajectory.pad_mode == "inner")
         self.ahead, self.state_before_ahead = None, None
 
     def start(self) -> None:
@@ -94,7 +96,7 @@ class Validation:
                             f"{topology.data_parallel_size} data-parallel ranks; evaluate more samples")
         indices = list(range(topology.data_parallel_rank, total, topology.data_parallel_size))
         collates = evaluation_collates(cfg.eval.seed, cfg.memory, cfg.diffusion.eps, cfg.model.seq_len,
-                                       cfg.model.vocab_size, cfg.eval.adaptation)
+                                       cfg.model.vocab_size, cfg.eval.adaptation, cfg.eval.context_fraction)
         masked = [[b.to(topology.device) for b in batches] for batches in
                   validation_batches(root, manifest, collates, indices, cfg.eval.micro_batch_size)]
         self.batches = masked[0]
@@ -116,8 +118,8 @@ def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, st
     streaming_world = _streaming_world(topology)
     if not topology.reads_data:
         return None
-    spec = MaskingSpec(cfg.train.seed, cfg.memory.num_inner_steps, cfg.memory.pre_anchor_scale, cfg.diffusion.eps,
-                       cfg.model.seq_len, cfg.model.vocab_size)
+    spec = MaskingSpec(cfg.train.seed, cfg.memory.trajectory, cfg.diffusion.eps, cfg.model.seq_len,
+                       cfg.model.vocab_size)
     reader = ReaderOptions(
         data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
         num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,

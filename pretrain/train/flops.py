@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from data_pipeline.trajectory import ANCHOR
 from pretrain.config import MemoryConfig, ModelConfig
 from pretrain.model.fast_weights import adapted_layers
 
@@ -130,6 +131,16 @@ class _Layout:
                     total += self.base(name)
         return total
 
+    def outer_backward_without_fast(self, blocks) -> float:
+        """The full backward through ``blocks`` without fast weights."""
+        total = 0.0
+        for block in blocks:
+            entry, rest = self.projections(block)
+            total += sum(2.0 * self.base(name) for name in entry + rest)
+            if block % 2 == 0:
+                total += 2.0 * self.core
+        return total
+
     def outer_backward(self, blocks) -> float:
         """The full backward through ``blocks`` with the fast weights constant."""
         total = 0.0
@@ -145,9 +156,10 @@ class _Layout:
 
 
 def executed_flops(cfg: ModelConfig, memory: MemoryConfig, batch_size: int, row_counts: tuple[int, ...],
-                   recompute: str = "none", seq_len: int | None = None) -> float:
-    """FLOPs one micro-batch's step runs (forward and backward), given its masked row counts
-    (pre-anchor states, then the anchor)."""
+                   recompute: str = "none", seq_len: int | None = None, uses_memory: bool = True) -> float:
+    """FLOPs one micro-batch's step runs (forward and backward), given ``MaskedBatch.row_counts`` (the rows
+    each inner step of one epoch scores, then the anchor's); ``uses_memory``: whether this step runs the
+    inner loop (``--memory.probability``)."""
     seq_len = seq_len or cfg.seq_len
     tokens = batch_size * seq_len
     layout = _Layout(cfg, memory, seq_len)
@@ -156,24 +168,47 @@ def executed_flops(cfg: ModelConfig, memory: MemoryConfig, batch_size: int, row_
     anchor_rows = row_counts[-1]
     recomputed = {"none": 0.0, "full": layout.forward(prefix, False),
                   "selective": layout.forward([b for b in prefix if b % 2 == 0], False)}[recompute]
-    if not layout.sites:  # plain MDLM: forward and full backward of everything, head on the masked rows
+    if not layout.sites or not uses_memory:  # plain MDLM: everything forward and backward, head on the masked rows
         return tokens * (3.0 * layout.forward(range(layout.num_blocks), False) + recomputed) + 3.0 * head * anchor_rows
+    trajectory = memory.trajectory
+    epoch = trajectory.steps()
+    passes = [(i, s) for _ in range(memory.inner_epochs) for i, s in enumerate(epoch)]
+    in_anchor = bool(passes) and passes[-1][1].state == ANCHOR
+    distill = memory.inner_loss != "ce"
+    logits = memory.inner_loss != "distill_hidden"
+    student_head = 2.0 * head if logits else 0.0  # logits and their input gradient (the head is frozen)
+    teacher_head = head if logits else 0.0
     total = 0.0
-    for rows in row_counts[:-1]:  # pre-anchor states: prefix without grad, inner step on the tail
-        total += tokens * (layout.forward(prefix, False) + layout.forward(tail, True) + layout.inner_backward(tail))
-        total += 2.0 * head * rows  # logits and their input gradient (the head is frozen)
-    shared = memory.share_anchor_prefix
-    boundary = layout.boundary if shared else None
-    # The anchor: prefix once with grad (its entry projections shared), then the last inner step...
-    total += tokens * (layout.forward(prefix, False) + (layout.entry(layout.boundary) if shared else 0.0))
-    if not shared:  # ...which without sharing recomputes the prefix without grad
-        total += tokens * layout.forward(prefix, False)
-    total += tokens * (layout.forward(tail, True, skip_entry_of=boundary) + layout.inner_backward(tail))
-    total += 2.0 * head * anchor_rows
-    # ...and the outer tail with phi_K, then the full backward.
-    total += tokens * (layout.forward(tail, True, skip_entry_of=boundary)
-                       + layout.outer_backward(tail) + 2.0 * layout.forward(prefix, False) + recomputed)
+    for number, (index, _) in enumerate(passes):
+        rows = row_counts[index]
+        if distill:  # the teacher: the whole model with the current fast weights, without grad
+            total += tokens * (layout.forward(prefix, False) + layout.forward(tail, True)) + teacher_head * rows
+        if not (in_anchor and number == len(passes) - 1):  # an inner step from its own ids
+            total += tokens * (layout.forward(prefix, False) + layout.forward(tail, True) + layout.inner_backward(tail))
+            total += student_head * rows
+    separate = in_anchor and (not memory.share_anchor_prefix or memory.pad_unmask == "inner")
+    base = memory.base_weight > 0
+    # The anchor: prefix once with grad; the sub-block entry computed apart when shared (by the last inner
+    # step, or by the outer and the base-model tails).
+    entry_shared = (in_anchor and not separate) or (not in_anchor and base)
+    skip = layout.boundary if entry_shared else None
+    total += tokens * (layout.forward(prefix, False) + (layout.entry(layout.boundary) if entry_shared else 0.0))
+    if in_anchor:
+        rows = row_counts[passes[-1][0]]
+        if separate:  # the inner anchor's own prefix, without grad
+            total += tokens * layout.forward(prefix, False)
+        total += tokens * (layout.forward(tail, True, skip_entry_of=skip) + layout.inner_backward(tail))
+        total += student_head * rows
+    # The outer tail with phi_K (and the base model's without fast weights), then the full backward.
+    total += tokens * (layout.forward(tail, True, skip_entry_of=skip) + layout.outer_backward(tail)
+                       + 2.0 * layout.forward(prefix, False) + recomputed)
     total += 3.0 * head * anchor_rows
+    if base:
+        base_backward = layout.outer_backward_without_fast(tail)
+        if skip is not None:  # the shared entry's own backward runs once, for both tails
+            base_backward -= 2.0 * layout.entry(layout.boundary)
+        total += tokens * (layout.forward(tail, False, skip_entry_of=skip) + base_backward)
+        total += 3.0 * head * anchor_rows
     return total
 
 

@@ -19,6 +19,7 @@ from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.topology import Topology
 from pretrain.config import RunConfig
 from pretrain.eval.heldout import bits
+from pretrain.memdlm.bilevel import uses_memory_at
 from pretrain.train.data_feed import DataFeed, Validation
 from pretrain.train.flops import executed_flops, model_flops_per_token, peak_flops
 from pretrain.train.optim import learning_rate
@@ -109,10 +110,14 @@ class TrainingLoop:
         self.state.step = step + 1
         self.skipped_samples += sum(mb.num_skipped for mb in micro_batches)
         # Executed FLOPs from the masked row counts the loader reported (each replica once).
+        memory_step = uses_memory_at(cfg.memory, cfg.train.seed, step)
         flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
-                                   cfg.train.recompute) for mb in micro_batches) if self.topology.reads_data else 0.0
+                                   cfg.train.recompute, uses_memory=memory_step)
+                    for mb in micro_batches) if self.topology.reads_data else 0.0
         stop, flops = _control(stop_requested(), flops, self.topology)
         extra = self.judge(stats.verdict)
+        if cfg.memory.enabled and cfg.memory.probability < 1.0:
+            extra["memory_step"] = memory_step
         if self.eval_every and (self.completed % self.eval_every == 0 or self.completed == cfg.train.steps):
             extra.update(self.evaluate())
         self.pending.append((self.completed, stats, lr, self.skipped_samples, flops, extra))

@@ -62,15 +62,18 @@ def _train_each(rank, world, runs):
     return losses
 
 
-def run_layouts(names, root, data):
+def run_layouts(names, root, data, extra=()):
     """Train the layouts ``names`` (all of one world size) in one spawned group on the prepared dataset
-    ``data``; (losses of each rank, final weights) by name."""
+    ``data`` (with the options ``extra`` added); (losses of each rank, final weights) by name."""
     from parallel.checkpoint.reading import read_weights
 
     worlds = {LAYOUTS[name][0] for name in names}
     assert len(worlds) == 1, names
-    runs = [(name, [*LAYOUT_OPTIONS, *LAYOUTS[name][1], "--train.out_dir", str(root / name), "--data.path",
+    runs = [(name, [*LAYOUT_OPTIONS, *LAYOUTS[name][1], *extra, "--train.out_dir", str(root / name), "--data.path",
                     str(data)]) for name in names]
+    if worlds == {1}:
+        return {name: ([losses] , read_weights(root / name / "checkpoints" / "step_000003"))
+                for name, losses in _train_each(0, 1, runs).items()}
     by_rank = run_ranks(_train_each, worlds.pop(), runs)
     return {name: ([losses[name] for losses in by_rank],
                    read_weights(root / name / "checkpoints" / "step_000003"))
