@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 from data_pipeline.loader import ReaderOptions, open_batches  # noqa: E402
+from data_pipeline.mixture import Source  # noqa: E402
 from data_pipeline.readers import MaskingSpec  # noqa: E402
 from data_pipeline.source import resolve_dataset  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> None:
 
     # 1. The loader alone.
     reader = ReaderOptions(data_format=args.format, num_workers=args.workers)
-    stream = iter(open_batches(root, manifest, spec, micro, reader))
+    stream = iter(open_batches([Source("data", root, manifest)], spec, micro, reader))
     warm = [next(stream) for _ in range(10)]
     start = time.perf_counter()
     for _ in range(args.batches):

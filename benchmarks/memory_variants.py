@@ -65,6 +65,7 @@ def prepare(args) -> Path:
 def flops_per_step(variant_options: list[str], seed: int, steps: int, args) -> list[float]:
     """Executed FLOPs of each of the first ``steps`` optimizer steps of a run (from its masks alone)."""
     from data_pipeline.loader import ReaderOptions, open_batches
+    from data_pipeline.mixture import Source
     from data_pipeline.readers import MaskingSpec
     from data_pipeline.shards import read_manifest
     from launch.config_cli import build_config
@@ -76,7 +77,7 @@ def flops_per_step(variant_options: list[str], seed: int, steps: int, args) -> l
     spec = MaskingSpec(seed, cfg.memory.trajectory, cfg.diffusion.eps, cfg.model.seq_len, cfg.model.vocab_size)
     reader = ReaderOptions(num_workers=0, shuffle=cfg.data.shuffle, num_canonical_nodes=cfg.data.num_canonical_nodes)
     micro, per_step = cfg.train.micro_batch_size, cfg.train.global_batch_size // cfg.train.micro_batch_size
-    batches = iter(open_batches(args.data, manifest, spec, micro, reader))
+    batches = iter(open_batches([Source("data", Path(args.data), manifest)], spec, micro, reader))
     flops = []
     for step in range(steps):
         memory_step = uses_memory_at(cfg.memory, seed, step)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
+from streaming import Stream
 from streaming.base import StreamingDataLoader
 from torch.utils.data import DataLoader
 
 from data_pipeline.errors import DataError
+from data_pipeline.mixture import Source
 from data_pipeline.readers import IndexedStreamingDataset, MaskingCollate, MaskingSpec, WebDatasetStream
 from data_pipeline.shards import check_shards
 
@@ -80,11 +82,15 @@ def open_streaming_dataset(**kwargs) -> "IndexedStreamingDataset":
 
 
 class MDSBatches:
-    def __init__(self, folder: Path, micro_batch_size: int, collate: MaskingCollate, options: ReaderOptions,
-                 seed: int, state: dict | None, barrier_group=None):
+    def __init__(self, folders: list[tuple[Path, float | None]], micro_batch_size: int, collate: MaskingCollate,
+                 options: ReaderOptions, seed: int, state: dict | None, barrier_group=None):
+        if len(folders) == 1 and folders[0][1] is None:
+            where = {"local": str(folders[0][0]), "remote": None}
+        else:  # a mixture: one stream per source, drawn in proportion to its weight (or its size)
+            where = {"streams": [Stream(local=str(folder), proportion=weight) for folder, weight in folders]}
         with _barriers_on(barrier_group):
             self.dataset = open_streaming_dataset(
-                local=str(folder), remote=None, shuffle=options.shuffle, shuffle_seed=seed,
+                **where, shuffle=options.shuffle, shuffle_seed=seed,
                 num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
                 shuffle_block_size=options.shuffle_block_size or None,
             )
@@ -143,9 +149,10 @@ class WebDatasetBatches:
         return {"format": "webdataset", "batches": self.consumed, **self.layout}
 
 
-def open_batches(root: Path, manifest: dict, spec: MaskingSpec, micro_batch_size: int, options: ReaderOptions,
+def open_batches(sources: list[Source], spec: MaskingSpec, micro_batch_size: int, options: ReaderOptions,
                  rank: int = 0, num_ranks: int = 1, state: dict | None = None, barrier_group=None):
-    """Micro-batches of this data-parallel rank from the prepared dataset at ``root``.
+    """Micro-batches of this data-parallel rank from the prepared dataset(s) ``sources`` (a mixture when
+    several; ``data_pipeline.mixture``).
 
     ``barrier_group``: the group of the ranks that read (when not every rank does)."""
     if state is not None and state.get("format") != options.data_format:
@@ -153,9 +160,14 @@ def open_batches(root: Path, manifest: dict, spec: MaskingSpec, micro_batch_size
             f"the checkpoint's data state is for format {state.get('format')!r}, not --data.format "
             f"{options.data_format}; resume with the same format"
         )
-    folder = check_shards(root, manifest, options.data_format, options.verify_hashes)
+    folders = [(check_shards(s.root, s.manifest, options.data_format, options.verify_hashes), s.weight)
+               for s in sources]
     collate = MaskingCollate(spec)
     if options.data_format == "mds":
-        return MDSBatches(folder, micro_batch_size, collate, options, spec.seed, state, barrier_group)
-    shards = manifest["formats"]["webdataset"]["shards"]
-    return WebDatasetBatches(folder, shards, micro_batch_size, collate, options, spec.seed, rank, num_ranks, state)
+        return MDSBatches(folders, micro_batch_size, collate, options, spec.seed, state, barrier_group)
+    if len(sources) > 1:
+        raise DataError("--data.sources reads MDS shards only (mixing webdataset shards by weight, resumably, is "
+                        "not supported); prepare the sources with --format mds (or both) and use --data.format mds")
+    shards = sources[0].manifest["formats"]["webdataset"]["shards"]
+    return WebDatasetBatches(folders[0][0], shards, micro_batch_size, collate, options, spec.seed, rank, num_ranks,
+                             state)

@@ -67,6 +67,9 @@ class MaskedBatch:
     # The positions each inner step of one epoch scores, then the anchor's, counted on the host where the
     # masks are built: the step sizes its row gathers from them without asking the device.
     row_counts: tuple[int, ...] | None = None
+    source_ids: torch.Tensor | None = None  # [b] int64: which source of a mixture each sample came from
+    # Real tokens per source, counted on the host by the reader ((source, tokens) pairs; reading rank only).
+    source_tokens: tuple[tuple[int, int], ...] | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -108,15 +111,15 @@ class MaskedBatch:
     def select(self, rows: slice) -> "MaskedBatch":
         """The sequences ``rows`` of this batch (``inner_masks`` sliced on its batch axis)."""
         part = self._map(lambda name, t: t[:, rows] if name == "inner_masks" else t[rows])
-        part.row_counts = None
+        part.row_counts = part.source_tokens = None
         return part
 
     # -- as two tensors, for sending a micro-batch to the other ranks of a model replica ------------
     @staticmethod
     def packed_shapes(num_sequences: int, seq_len: int, num_states: int, separate_inner: bool = False):
-        """Shapes of ``pack()``'s two tensors: int64 ``[6 + states (+ 2), b, l]`` and float64 ``[4, b]``.
+        """Shapes of ``pack()``'s two tensors: int64 ``[6 + states (+ 2), b, l]`` and float64 ``[5, b]``.
         ``separate_inner``: the batch carries ``inner_maskable`` and ``inner_anchor_mask`` (pad_mode inner)."""
-        return (6 + num_states + (2 if separate_inner else 0), num_sequences, seq_len), (4, num_sequences)
+        return (6 + num_states + (2 if separate_inner else 0), num_sequences, seq_len), (5, num_sequences)
 
     def pack(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every field in two tensors (see ``packed_shapes``); ``unpack`` gives the batch back."""
@@ -134,7 +137,8 @@ class MaskedBatch:
             planes += [self.inner_maskable.long(), self.inner_anchor_mask.long()]
         skipped = torch.zeros_like(self.t, dtype=torch.float64)
         skipped[0] = self.num_skipped
-        floats = torch.stack([self.t.double(), self.sample_index.double(), epoch.double(), skipped])
+        sources = self.source_ids if self.source_ids is not None else torch.zeros_like(self.sample_index)
+        floats = torch.stack([self.t.double(), self.sample_index.double(), epoch.double(), skipped, sources.double()])
         return torch.stack(planes), floats
 
     @staticmethod
@@ -153,6 +157,7 @@ class MaskedBatch:
             inner_maskable=ints[6 + num_states].bool() if separate else None,
             inner_anchor_mask=ints[7 + num_states].bool() if separate else None,
             row_counts=tuple(counts[1:1 + num_counts].tolist()) if num_counts else None,
+            source_ids=floats[4].long(),
         )
 
     def attention_mask(self, within_documents: bool = False) -> torch.Tensor | None:

@@ -1,9 +1,9 @@
 """Streaming readers that hand the trainer masked micro-batches.
 
-- MDS (mosaicml-streaming): ``IndexedStreamingDataset`` adds each sample's global index and
-  epoch; ``StreamingDataLoader`` partitions samples over ranks and workers. The global sample
-  order depends only on the seed and ``num_canonical_nodes``, not on the number of ranks or
-  workers, and its ``state_dict`` resumes mid-epoch exactly, also with another number of ranks.
+- MDS (mosaicml-streaming): ``IndexedStreamingDataset`` adds each sample's global index, epoch and (for a
+  mixture, one ``Stream`` per source) source; ``StreamingDataLoader`` partitions samples over ranks and
+  workers. The global sample order depends only on the seed and ``num_canonical_nodes``, not on the number
+  of ranks or workers, and its ``state_dict`` resumes mid-epoch exactly, also with another number of ranks.
 - webdataset: each (rank, worker) streams its own shards (shard ``i`` of an epoch's shuffled
   shard list goes to slot ``i mod (ranks * workers)``). Resuming needs the same number of ranks,
   workers and micro-batch size. A corrupt shard can be skipped within a budget.
@@ -25,7 +25,7 @@ from streaming import StreamingDataset
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import DataError
-from data_pipeline.masking import MaskedBatch, build_masked_batch
+from data_pipeline.masking import MaskedBatch, build_masked_batch, hashed_uniform
 from data_pipeline.packing import decode_layout, sample_masks
 from data_pipeline.shards import decode_webdataset_sample
 from data_pipeline.trajectory import TrajectorySpec
@@ -44,6 +44,14 @@ class MaskingSpec:
     # ``context`` keeps the context alone (the rest is padding, never attended): what adaptation sees.
     context_fraction: float = 0.0
     context_role: str | None = None
+    # Documents: a token never masked nor scored (the end-of-text token with --data.eot_target false; -1:
+    # none), and the share of samples cut to a random length (the rest padding, ``pad_id``).
+    unscored_token: int = -1
+    random_length_fraction: float = 0.0
+    pad_id: int = 0
+
+
+_STREAM_LENGTH = 12  # the random-length draws (``masking`` uses streams 1-5, ``validation`` 11)
 
 
 class MaskingCollate:
@@ -67,7 +75,12 @@ class MaskingCollate:
                 f"[0, {spec.vocab_size}); the shards do not belong to this tokenizer/model.vocab_size"
             )
         lengths, doc_starts, prompt_spans = zip(*(decode_layout(np.asarray(s["layout"])) for s in samples))
-        real, maskable, segments = sample_masks(np.array(lengths), list(doc_starts), list(prompt_spans), spec.seq_len)
+        lengths = np.array(lengths)
+        if spec.random_length_fraction > 0:
+            lengths = self._cut(tokens, lengths, index, epoch)
+        real, maskable, segments = sample_masks(lengths, list(doc_starts), list(prompt_spans), spec.seq_len)
+        if spec.unscored_token >= 0:
+            maskable = maskable & (tokens != spec.unscored_token)
         if spec.context_role is not None:
             context_length = np.ceil(spec.context_fraction * np.array(lengths)).astype(np.int64)
             context = np.arange(spec.seq_len)[None, :] < context_length[:, None]
@@ -83,7 +96,22 @@ class MaskingCollate:
         batch.segment_ids = torch.from_numpy(segments)
         batch.epoch = torch.from_numpy(epoch)
         batch.num_skipped = sum(s.get("skipped_before", 0) for s in samples)
+        sources = np.array([s.get("source", 0) for s in samples], dtype=np.int64)
+        batch.source_ids = torch.from_numpy(sources)
+        tokens_per_source = np.bincount(sources, weights=real.sum(axis=1))
+        batch.source_tokens = tuple((int(i), int(n)) for i, n in enumerate(tokens_per_source) if n)
         return batch
+
+    def _cut(self, tokens: np.ndarray, lengths: np.ndarray, index: np.ndarray, epoch: np.ndarray) -> np.ndarray:
+        """``random_length_fraction`` of the samples (drawn from their index and epoch) cut to a length drawn
+        uniformly from 1..their length; the tokens after it become padding (in place)."""
+        spec = self.spec
+        draws = hashed_uniform(spec.seed, _STREAM_LENGTH, index, epoch, 2)
+        cut = draws[:, 0] < spec.random_length_fraction
+        shorter = np.minimum(1 + np.floor(draws[:, 1] * lengths).astype(np.int64), lengths)
+        lengths = np.where(cut, shorter, lengths)
+        tokens[np.arange(spec.seq_len)[None, :] >= lengths[:, None]] = spec.pad_id
+        return lengths
 
 
 class IndexedStreamingDataset(StreamingDataset):
@@ -103,6 +131,8 @@ class IndexedStreamingDataset(StreamingDataset):
                             f"could not be read ({type(err).__name__}: {err})") from None
         sample["sample_index"] = int(sample_id)
         sample["epoch"] = int(getattr(self, "_iteration_epoch", 0))
+        if len(self.streams) > 1:
+            sample["source"] = int(self.stream_per_shard[self.spanner[sample_id][0]])
         return sample
 
 
@@ -121,6 +151,8 @@ class WebDatasetStream(IterableDataset):
         self.start_batches = start_batches
         self.max_skipped = max_skipped
         self.shuffle = shuffle
+        # A sample's index: the samples of the shards before its own (in the manifest's order) + its position.
+        self.first_index = np.concatenate([[0], np.cumsum([shard["samples"] for shard in shards])])[:-1].tolist()
 
     def _slot(self) -> tuple[int, int, int]:
         info = get_worker_info()
@@ -132,17 +164,18 @@ class WebDatasetStream(IterableDataset):
             )
         return self.rank * workers + worker, self.num_ranks * workers, worker
 
-    def _my_shards(self, epoch: int, slot: int, slots: int) -> list[dict]:
+    def _my_shards(self, epoch: int, slot: int, slots: int) -> list[tuple[dict, int]]:
+        """This slot's shards of the epoch, each with the index of its first sample."""
         order = np.arange(len(self.shards))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 0xDA7A]).permutation(len(self.shards))
-        return [self.shards[i] for position, i in enumerate(order) if position % slots == slot]
+        return [(self.shards[i], self.first_index[i]) for position, i in enumerate(order) if position % slots == slot]
 
     def _samples(self, slot: int, slots: int, skip: int):
         """This slot's samples, epoch after epoch, after skipping ``skip`` of them."""
         skipped_total = 0
         for epoch in itertools.count():
-            for shard in self._my_shards(epoch, slot, slots):
+            for shard, first in self._my_shards(epoch, slot, slots):
                 if skip >= shard["samples"]:  # resume: whole shards are skipped by arithmetic
                     skip -= shard["samples"]
                     continue
@@ -156,7 +189,7 @@ class WebDatasetStream(IterableDataset):
                             skip -= 1
                             continue
                         try:
-                            sample = decode_webdataset_sample(raw)
+                            sample = decode_webdataset_sample(raw, first + read - 1)
                         except DataError as err:  # one malformed sample
                             skipped_total += 1
                             self._check_budget(skipped_total, str(err))

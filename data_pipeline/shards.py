@@ -1,9 +1,10 @@
 """Shard files and the manifest: writing (MDS and webdataset) and checking before reading.
 
 A prepared dataset directory holds ``manifest.json``, ``tokenizer.json`` and one folder per
-format: ``mds/`` (mosaicml-streaming's ``MDSWriter`` output with its ``index.json`` and
-per-shard hashes) and/or ``webdataset/`` (``shard-NNNNNN.tar``), with the same samples and sample index (the
-MDS sample id; the webdataset ``__key__``).
+format: ``mds/`` (one ``MDSWriter`` output per input file, ``mds/u-NNNNNN/``, and the merged ``index.json``
+that lists their shards in input order) and/or ``webdataset/`` (``u-NNNNNN/shard-NNNNNN.tar``), with the same
+samples in the same order. A sample's index is its position in that order (the MDS sample id; for
+webdataset, the samples of the shards before it in the manifest plus its position in its shard).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from streaming import MDSWriter
 
 from data_pipeline.errors import DataError
 from data_pipeline.packing import PackedSample, encode_layout
-from data_pipeline.prepare_options import FORMAT_DIRS
 
 MANIFEST = "manifest.json"
 
@@ -30,8 +30,11 @@ def token_dtype(vocab_size: int):
 
 
 class MDSSink:
-    def __init__(self, root: Path, seq_len: int, dtype, samples_per_shard: int):
-        self.dir = root / FORMAT_DIRS["mds"]
+    """MDS shards in ``folder`` (its own ``index.json``); ``close()`` describes them relative to ``folder``'s
+    parent (the format folder)."""
+
+    def __init__(self, folder: Path, seq_len: int, dtype, samples_per_shard: int):
+        self.dir = Path(folder)
         sample_bytes = seq_len * np.dtype(dtype).itemsize + 64
         self.writer = MDSWriter(
             out=str(self.dir),
@@ -50,12 +53,15 @@ class MDSSink:
     def close(self) -> list[dict]:
         self.writer.finish()
         index = json.loads((self.dir / "index.json").read_text())
-        return [_describe(self.dir / shard["raw_data"]["basename"], shard["samples"]) for shard in index["shards"]]
+        return [_describe(self.dir / shard["raw_data"]["basename"], shard["samples"], self.dir.name)
+                for shard in index["shards"]]
 
 
 class WebDatasetSink:
-    def __init__(self, root: Path, samples_per_shard: int):
-        self.dir = root / FORMAT_DIRS["webdataset"]
+    """webdataset shards in ``folder``, described like ``MDSSink``'s."""
+
+    def __init__(self, folder: Path, samples_per_shard: int):
+        self.dir = Path(folder)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
         self.shards: list[tuple[Path, int]] = []
@@ -82,11 +88,12 @@ class WebDatasetSink:
     def close(self) -> list[dict]:
         if self.writer is not None:
             self.writer.close()
-        return [_describe(path, count) for path, count in self.shards]
+        return [_describe(path, count, self.dir.name) for path, count in self.shards]
 
 
-def _describe(path: Path, samples: int) -> dict:
-    return {"file": path.name, "samples": samples, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+def _describe(path: Path, samples: int, subfolder: str) -> dict:
+    return {"file": f"{subfolder}/{path.name}", "samples": samples, "bytes": path.stat().st_size,
+            "sha256": file_sha256(path)}
 
 
 def file_sha256(path: Path) -> str:
@@ -164,12 +171,12 @@ def check_mds_columns(folder: Path) -> None:
                 "run code when decoded); prepare the dataset with memdlm-prepare-data")
 
 
-def decode_webdataset_sample(raw: dict) -> dict:
+def decode_webdataset_sample(raw: dict, sample_index: int) -> dict:
     """A webdataset sample's raw member bytes -> the same fields as an MDS sample."""
     def array(name):
         return np.load(io.BytesIO(raw[name]), allow_pickle=False)
 
     try:
-        return {"tokens": array("tokens.npy"), "layout": array("layout.npy"), "sample_index": int(raw["__key__"])}
+        return {"tokens": array("tokens.npy"), "layout": array("layout.npy"), "sample_index": sample_index}
     except (KeyError, ValueError, OSError, tarfile.TarError) as err:
         raise DataError(f"sample {raw.get('__key__')} in {raw.get('__url__')} is malformed ({err})") from None

@@ -1,7 +1,8 @@
 """Where the training samples come from: a prepared dataset, or raw text prepared on first use.
 
-``--data.path`` may name a prepared dataset directory (it has ``manifest.json``), a text or
-JSONL file, or a directory of them; empty means the bundled TinyShakespeare corpus. Raw input
+``--data.path`` may name a prepared dataset directory (it has ``manifest.json``), an input file (text, JSON
+Lines, Parquet, compressed or not), a directory or a glob of them; empty means the bundled TinyShakespeare
+corpus. Raw input
 is prepared once (both formats) into the cache, keyed by the files' names, sizes and
 modification times and the preparation settings, and reused afterwards.
 """
@@ -14,8 +15,9 @@ from pathlib import Path
 from typing import Callable
 
 from data_pipeline.corpus import BUNDLED_CORPUS, check_text_file, default_cache_dir
-from data_pipeline.documents import input_files
+from data_pipeline.documents import file_kind, input_files
 from data_pipeline.errors import DataError
+from data_pipeline.mixture import Source, check_compatible, open_sources
 from data_pipeline.prepare import FORMAT_VERSION, PrepareOptions, prepare_dataset
 from data_pipeline.shards import MANIFEST, read_manifest
 
@@ -30,10 +32,10 @@ def auto_prepared_dir(path: str, tokenizer: str, seq_len: int, vocab_size: int, 
                       val_fraction: float = 0.0) -> tuple[Path, Path]:
     """(input, cache folder) for raw input; the folder name is a key of the inputs and settings."""
     source = Path(path) if path else BUNDLED_CORPUS
-    if source.is_file() or not source.exists():
+    if (source.is_file() or not source.exists()) and file_kind(source) == ("text", None) and "*" not in str(source):
         files = [check_text_file(source)]
     else:
-        files = input_files(source)
+        files = input_files(source, "--data.path")
     key = hashlib.sha256(json.dumps({
         "files": [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         "tokenizer": str(Path(tokenizer).resolve()) if tokenizer else "",
@@ -64,14 +66,29 @@ def resolve_dataset(path: str, tokenizer: str, seq_len: int, vocab_size: int, ca
                 val_optional=True,
             ))
     manifest = read_manifest(root)
-    if manifest["seq_len"] != seq_len:
-        raise DataError(
-            f"{root} was packed into sequences of {manifest['seq_len']} tokens but --model.seq_len is {seq_len}; "
-            f"use --model.seq_len {manifest['seq_len']} or prepare the data again with --seq-len {seq_len}"
-        )
+    check_compatible([Source(root.name, root, manifest)], seq_len)
+    check_vocabulary(root, manifest, vocab_size)
+    return root, manifest
+
+
+def check_vocabulary(root: Path, manifest: dict, vocab_size: int) -> None:
     if manifest["tokenizer_vocab_size"] > vocab_size:
         raise DataError(
             f"{root} uses a tokenizer of {manifest['tokenizer_vocab_size']} tokens but --model.vocab_size is "
             f"{vocab_size}; set --model.vocab_size {manifest['tokenizer_vocab_size']} or more"
         )
-    return root, manifest
+
+
+def resolve_sources(path: str, sources: str, tokenizer: str, seq_len: int, vocab_size: int, cache_dir: str,
+                    prepare: bool = True, prepare_workers: int = 1, val_fraction: float = 0.0,
+                    announce: Callable[[str], None] | None = None) -> list[Source]:
+    """What a run reads: the sources of ``--data.sources``, or the one dataset of ``--data.path`` (raw input
+    prepared on first use, see ``resolve_dataset``)."""
+    if sources:
+        opened = open_sources(sources, seq_len)
+        for source in opened:
+            check_vocabulary(source.root, source.manifest, vocab_size)
+        return opened
+    root, manifest = resolve_dataset(path, tokenizer, seq_len, vocab_size, cache_dir, prepare, prepare_workers,
+                                     val_fraction, announce)
+    return [Source(root.name, root, manifest)]

@@ -1,8 +1,10 @@
 """The validation split: packed like the training samples, kept in one small ``val.npz`` that every rank
 reads in full (no streaming, no order to keep), and turned into masked batches from a fixed seed.
 
-Held-out documents are chosen by a hash of their position in the input (``--val-fraction``), so the
-split does not depend on the number of tokenization workers; or they come from ``--val-input``.
+Held-out documents are chosen by a hash of their input file's position and their position in that file
+(``--val-fraction``), so the split depends on neither the number of tokenization workers nor the parts a
+preparation is cut into; or they come from ``--val-input``. Each input file's validation samples are packed
+on their own (``data_pipeline.unit_writer``) and ``write_validation`` joins them in input order.
 """
 
 from __future__ import annotations
@@ -14,44 +16,33 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.masking import MaskedBatch, hashed_uniform
-from data_pipeline.packing import Packer, encode_layout
 
 VAL_FILE = "val.npz"
 _STREAM_SPLIT = 11
 
 
-def held_out(document: int, fraction: float) -> bool:
-    return bool(hashed_uniform(0, _STREAM_SPLIT, np.array([document]), 0, 1)[0, 0] < fraction)
+def held_out(document: int, fraction: float, unit: int = 0) -> bool:
+    """Whether document ``document`` of input file ``unit`` is held out."""
+    return bool(hashed_uniform(unit, _STREAM_SPLIT, np.array([document]), 0, 1)[0, 0] < fraction)
 
 
-class ValidationSink:
-    def __init__(self, seq_len: int, pad_id: int, dtype):
-        self.packer = Packer(seq_len, pad_id, dtype)
-        self.tokens, self.layouts = [], []
-
-    def add(self, ids: np.ndarray, prompt_length: int) -> None:
-        self._keep(self.packer.add(ids, prompt_length))
-
-    def _keep(self, samples) -> None:
-        for sample in samples:
-            self.tokens.append(sample.tokens)
-            self.layouts.append(encode_layout(sample))
-
-    def is_empty(self) -> bool:
-        self._keep(self.packer.finish())
-        return not self.tokens
-
-    def save(self, folder: Path) -> dict:
-        self._keep(self.packer.finish())
-        if not self.tokens:
-            raise DataError("the validation split is empty: raise --val-fraction or give a larger --val-input")
-        offsets = np.cumsum([0] + [len(layout) for layout in self.layouts]).astype(np.int64)
-        path = Path(folder) / VAL_FILE
-        with open(path, "wb") as handle:
-            np.savez(handle, tokens=np.stack(self.tokens), layouts=np.concatenate(self.layouts).astype(np.int64),
-                     offsets=offsets)
-        return {"file": VAL_FILE, "num_samples": len(self.tokens), "num_tokens": self.packer.num_tokens,
-                "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+def write_validation(folder: Path, pieces: list[Path], num_tokens: int) -> dict | None:
+    """``folder/val.npz`` from the units' validation pieces (in input order); None when there are none."""
+    tokens, layouts = [], []
+    for piece in pieces:
+        with np.load(piece, allow_pickle=False) as data:
+            tokens.append(data["tokens"])
+            bounds = np.concatenate([[0], np.cumsum(data["lengths"])])
+            layouts += [data["layouts"][bounds[i]:bounds[i + 1]] for i in range(len(data["lengths"]))]
+    if not layouts:
+        return None
+    offsets = np.cumsum([0] + [len(layout) for layout in layouts]).astype(np.int64)
+    path = Path(folder) / VAL_FILE
+    with open(path, "wb") as handle:
+        np.savez(handle, tokens=np.concatenate(tokens), layouts=np.concatenate(layouts).astype(np.int64),
+                 offsets=offsets)
+    return {"file": VAL_FILE, "num_samples": len(layouts), "num_tokens": num_tokens,
+            "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def read_validation(root: Path, manifest: dict) -> tuple[np.ndarray, list[np.ndarray]]:

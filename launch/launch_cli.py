@@ -14,7 +14,7 @@ from pathlib import Path
 
 from common.errors import UsageError
 from launch.messages import fail
-from launch.slurm import SlurmJob, sbatch_script
+from launch.slurm import PrepareJob, SlurmJob, prepare_scripts, sbatch_script
 
 PROG = "memdlm-launch"
 
@@ -52,6 +52,28 @@ def _parser() -> argparse.ArgumentParser:
     mode = slurm.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="write and print the script only (the default)")
     mode.add_argument("--submit", action="store_true", help="also submit it with sbatch and print the job id")
+    prepare = commands.add_parser(
+        "slurm-prepare", help="prepare a corpus on many nodes: a Slurm array of memdlm-prepare-data parts, then "
+        "the merge", description="Write (and with --submit submit) two sbatch scripts in OUT/slurm/ (OUT: the "
+        "--output after --): an array job whose task I runs `memdlm-prepare-data ... --num-parts N --part I`, and "
+        "the `--merge OUT` job, submitted to start once every part succeeded. The options after -- are "
+        "memdlm-prepare-data's (--input, --output and a shared --tokenizer are required; train one first with "
+        "--tokenizer-only). Resubmitting after a failure redoes only the parts not finished.")
+    prepare.add_argument("--parts", type=int, required=True, help="parts (array tasks) to cut the input files into")
+    prepare.add_argument("--max-parallel", type=int, default=0,
+                         help="at most this many parts running at once (default 0: no limit)")
+    prepare.add_argument("--cpus-per-task", type=int, default=0,
+                         help="CPUs per part; its tokenization processes are one fewer (default: Slurm's default)")
+    prepare.add_argument("--partition", default="", help="Slurm partition (default: the cluster's default)")
+    prepare.add_argument("--account", default="", help="Slurm account (default: yours)")
+    prepare.add_argument("--time", default="", help="time limit per part, e.g. 4:00:00 (default: the partition's)")
+    prepare.add_argument("--job-name", default="memdlm-prepare", help="job name (default memdlm-prepare)")
+    prepare.add_argument("--python", default=sys.executable, help="the Python on the nodes (default: this one)")
+    prepare.add_argument("--sbatch-option", action="append", default=[],
+                         help="an extra #SBATCH line for both jobs (repeatable; default: none)")
+    mode = prepare.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="write and print the scripts only (the default)")
+    mode.add_argument("--submit", action="store_true", help="also submit both and print the job ids")
     return parser
 
 
@@ -62,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         split = argv.index("--")
         argv, train_args = argv[:split], argv[split + 1:]
     args = _parser().parse_args(argv)
+    if args.command == "slurm-prepare":
+        return _slurm_prepare(args, train_args)
     try:
         job = _job(args, train_args)
     except UsageError as err:
@@ -75,14 +99,71 @@ def main(argv: list[str] | None = None) -> int:
     if not args.submit:
         return 0
     try:
-        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=120)
-    except FileNotFoundError:
-        return fail(PROG, "sbatch is not on PATH; run this on a Slurm login node")
-    if result.returncode != 0:
-        print(f"{PROG}: error: sbatch failed: {result.stderr.strip()}", file=sys.stderr)
-        return result.returncode
-    job_id = result.stdout.strip().split(";")[0]
+        job_id = _submit(path)
+    except UsageError as err:
+        return fail(PROG, str(err))
     print(f"submitted job {job_id}; logs in {job.out_dir / 'slurm'}")
+    return 0
+
+
+def _submit(script: Path, *options: str) -> str:
+    """Submit ``script``; its job id (a ``UsageError`` when sbatch is missing or fails)."""
+    try:
+        result = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True,
+                                timeout=120)
+    except FileNotFoundError:
+        raise UsageError("sbatch is not on PATH; run this on a Slurm login node") from None
+    if result.returncode != 0:
+        raise UsageError(f"sbatch failed: {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def _slurm_prepare(args, prepare_args: list[str]) -> int:
+    from data_pipeline.errors import DataError
+    from data_pipeline.prepare import check_split_output
+    from launch.prepare_cli import build_parser, options_from
+
+    try:
+        if args.parts < 1:
+            raise UsageError("--parts must be positive")
+        if any(a.split("=")[0] in ("--num-parts", "--part", "--merge") for a in prepare_args):
+            raise UsageError("give the number of parts as slurm-prepare's --parts; --num-parts, --part and --merge "
+                             "are set by the jobs")
+        parsed = build_parser().parse_args(prepare_args)
+        if not parsed.input or not parsed.output:
+            raise UsageError("memdlm-prepare-data's --input and --output are required after --")
+        options = options_from(parsed)
+        options.num_parts, options.part = args.parts, 0
+        options.check()
+        from data_pipeline.prepare import input_units
+
+        input_units(options)  # the input files exist and are readable
+        output = Path(options.output).absolute()
+        check_split_output(output)
+    except (UsageError, DataError) as err:
+        return fail(PROG, str(err))
+    job = PrepareJob(parts=args.parts, output=output, prepare_args=prepare_args, cpus_per_task=args.cpus_per_task,
+                     partition=args.partition, account=args.account, time=args.time, job_name=args.job_name,
+                     python=args.python, workdir=os.getcwd(), max_parallel=args.max_parallel,
+                     extra_sbatch=args.sbatch_option)
+    from common.output_folders import write_marker
+
+    (output / "slurm").mkdir(parents=True, exist_ok=True)
+    write_marker(output, "memdlm-prepare-data")
+    array_script, merge_script = prepare_scripts(job)
+    paths = output / "slurm" / "prepare.sbatch", output / "slurm" / "merge.sbatch"
+    for path, script in zip(paths, (array_script, merge_script)):
+        path.write_text(script)
+        print(script, end="")
+    print(f"# written to {paths[0]} and {paths[1]}", file=sys.stderr)
+    if not args.submit:
+        return 0
+    try:
+        array_id = _submit(paths[0])
+        merge_id = _submit(paths[1], f"--dependency=afterok:{array_id}", "--kill-on-invalid-dep=yes")
+    except UsageError as err:
+        return fail(PROG, str(err))
+    print(f"submitted array job {array_id} ({args.parts} parts) and merge job {merge_id}; logs in {output / 'slurm'}")
     return 0
 
 

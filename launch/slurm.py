@@ -57,14 +57,7 @@ def sbatch_script(job: SlurmJob) -> str:
                   f"--output={job.out_dir}/slurm/%x-%j.batch.log"]
     if job.gpus_per_node:
         directives.append(f"--gpus-per-node={job.gpus_per_node}")
-    if job.cpus_per_task:
-        directives.append(f"--cpus-per-task={job.cpus_per_task}")
-    for flag, value in (("partition", job.partition), ("account", job.account), ("time", job.time)):
-        if value:
-            directives.append(f"--{flag}={value}")
-    if job.workdir:
-        directives.append(f"--chdir={job.workdir}")
-    directives.extend(job.extra_sbatch)
+    directives += resource_directives(job)
     nnodes = f"{job.min_nodes}:{job.nodes}" if job.min_nodes else str(job.nodes)
     torchrun = [job.python, "-m", "torch.distributed.run", f"--nnodes={nnodes}",
                 f"--nproc-per-node={job.ranks_per_node}", "--rdzv-backend=c10d", '--rdzv-endpoint="$HEAD:$PORT"',
@@ -141,3 +134,63 @@ def _first_host(nodelist: str) -> str:
     except (OSError, subprocess.SubprocessError):
         names = []
     return names[0] if names else "127.0.0.1"
+
+
+# -- preparing a corpus on many nodes ---------------------------------------------------------------
+@dataclass
+class PrepareJob:
+    """``memdlm-prepare-data`` as a Slurm array (one task per part), then the merge once every part succeeded."""
+
+    parts: int
+    output: Path
+    prepare_args: list[str]  # memdlm-prepare-data's options, without --num-parts / --part
+    cpus_per_task: int = 0
+    partition: str = ""
+    account: str = ""
+    time: str = ""
+    job_name: str = "memdlm-prepare"
+    python: str = "python"
+    workdir: str = ""
+    max_parallel: int = 0  # at most this many parts at once (0: no limit)
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+def resource_directives(job: SlurmJob | PrepareJob) -> list[str]:
+    """The #SBATCH lines both kinds of job take from their options: CPUs, partition, account, time, working
+    directory and the user's extra lines."""
+    directives = [f"--cpus-per-task={job.cpus_per_task}"] if job.cpus_per_task else []
+    for flag, value in (("partition", job.partition), ("account", job.account), ("time", job.time)):
+        if value:
+            directives.append(f"--{flag}={value}")
+    if job.workdir:
+        directives.append(f"--chdir={job.workdir}")
+    return directives + list(job.extra_sbatch)
+
+
+def _common_directives(job: PrepareJob) -> list[str]:
+    return ["--ntasks=1", *resource_directives(job)]
+
+
+def prepare_scripts(job: PrepareJob) -> tuple[str, str]:
+    """(the array job's script, the merge job's script). Each array task prepares part
+    ``$SLURM_ARRAY_TASK_ID`` (a finished part is skipped, an interrupted one resumes, so resubmitting the array
+    redoes only what is missing); the merge runs after the whole array succeeded (``afterok``)."""
+    logs = f"{job.output}/slurm"
+    throttle = f"%{job.max_parallel}" if job.max_parallel else ""
+    array = [f"--job-name={job.job_name}", f"--array=0-{job.parts - 1}{throttle}",
+             f"--output={logs}/prepare-%A-part-%a.log", *_common_directives(job)]
+    workers = "--num-workers=$(( ${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-2}} > 1 ? " \
+              "${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-2}} - 1 : 1 ))"
+    prepare = [job.python, "-m", "launch.prepare_cli", *(shlex.quote(a) for a in job.prepare_args),
+               f"--num-parts={job.parts}", '--part="$SLURM_ARRAY_TASK_ID"', "--no-progress"]
+    if not any(a.startswith("--num-workers") for a in job.prepare_args):
+        prepare.append(workers)
+    head = ["#!/bin/bash", "# written by memdlm-launch slurm-prepare"]
+    array_script = head + [f"#SBATCH {d}" for d in array] + [
+        "set -eu", "export OMP_NUM_THREADS=1",
+        'echo "part $SLURM_ARRAY_TASK_ID of ' + str(job.parts) + ' on $(hostname)"',
+        " ".join(prepare)]
+    merge = [f"--job-name={job.job_name}-merge", f"--output={logs}/merge-%j.log", *_common_directives(job)]
+    merge_script = head + [f"#SBATCH {d}" for d in merge] + [
+        "set -eu", f"{job.python} -m launch.prepare_cli --merge {shlex.quote(str(job.output))} --no-progress"]
+    return "\n".join(array_script) + "\n", "\n".join(merge_script) + "\n"

@@ -47,28 +47,55 @@ class LossNormalizer:
 
     num_maskable: torch.Tensor  # 0-d float64: maskable tokens
     num_sequences: torch.Tensor  # 0-d float64: sequences
+    # A mixture's sources: ``[2, S]`` float64, each source's maskable tokens and sequences (None: one source).
+    by_source: torch.Tensor | None = None
 
     @staticmethod
-    def of(maskable_masks: list[torch.Tensor]) -> "LossNormalizer":
-        """The counts of these micro-batches, on their device (no host round trip)."""
+    def of(maskable_masks: list[torch.Tensor], source_ids: list[torch.Tensor] | None = None,
+           num_sources: int = 1) -> "LossNormalizer":
+        """The counts of these micro-batches, on their device (no host round trip); per source when
+        ``num_sources`` > 1 (``source_ids``: each micro-batch's ``[b]`` source of every sequence)."""
         device = maskable_masks[0].device
         num_maskable = torch.stack([m.sum(dtype=torch.float64) for m in maskable_masks]).sum()
         num_sequences = torch.full((), float(sum(m.shape[0] for m in maskable_masks)), dtype=torch.float64,
                                    device=device)
-        return LossNormalizer(num_maskable, num_sequences)
+        by_source = None
+        if num_sources > 1:
+            by_source = torch.zeros(2, num_sources, dtype=torch.float64, device=device)
+            for mask, sources in zip(maskable_masks, source_ids):
+                sources = sources.to(device)
+                by_source[0].index_add_(0, sources, mask.sum(dim=1, dtype=torch.float64))
+                by_source[1].index_add_(0, sources, torch.ones_like(sources, dtype=torch.float64))
+        return LossNormalizer(num_maskable, num_sequences, by_source)
 
     def to(self, device) -> "LossNormalizer":
-        return LossNormalizer(self.num_maskable.to(device), self.num_sequences.to(device))
+        return LossNormalizer(self.num_maskable.to(device), self.num_sequences.to(device),
+                              self.by_source.to(device) if self.by_source is not None else None)
+
+    def source_factors(self, normalization: str) -> torch.Tensor:
+        """``[S]``: what turns a source's share of the loss (its sequences' terms, divided by the whole batch's
+        count) into that source's own loss (divided by its own count), as if its sequences were the batch:
+        ``Z / Z_s``, with ``Z`` the maskable tokens (``token`` normalisation) or the sequences. NaN for a
+        source absent from the batch."""
+        counts = self.by_source[0] if normalization == "token" else self.by_source[1]
+        total = self.num_maskable if normalization == "token" else self.num_sequences
+        return torch.where(counts > 0, total / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
-def global_normalizer(micro_batches: list[MaskedBatch], data_parallel_group, device) -> LossNormalizer:
-    """Maskable tokens and sequences of the whole global batch (all micro-batches, all data ranks)."""
-    local = LossNormalizer.of([mb.maskable for mb in micro_batches]).to(device)
+def global_normalizer(micro_batches: list[MaskedBatch], data_parallel_group, device,
+                      num_sources: int = 1) -> LossNormalizer:
+    """Maskable tokens and sequences of the whole global batch (all micro-batches, all data ranks), and of
+    each source of a mixture (``num_sources`` > 1)."""
+    sources = [mb.source_ids if mb.source_ids is not None else torch.zeros(mb.num_sequences, dtype=torch.long)
+               for mb in micro_batches] if num_sources > 1 else None
+    local = LossNormalizer.of([mb.maskable for mb in micro_batches], sources, num_sources).to(device)
     if group_size(data_parallel_group) == 1:
         return local
     counts = torch.stack([local.num_maskable, local.num_sequences])
+    if local.by_source is not None:
+        counts = torch.cat([counts, local.by_source.reshape(-1)])
     dist.all_reduce(counts, group=data_parallel_group)
-    return LossNormalizer(counts[0], counts[1])
+    return LossNormalizer(counts[0], counts[1], counts[2:].reshape(2, -1) if local.by_source is not None else None)
 
 
 def sum_over(values: torch.Tensor, group) -> torch.Tensor:

@@ -17,7 +17,7 @@ from data_pipeline.masking import build_masked_batch
 from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.checkpoint.manifest import CheckpointError, check_checkpoint
 from parallel.checkpoint.reading import read_weights
-from pretrain.config import MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
+from pretrain.config import ConfigError, MemoryConfig, ModelConfig, OptimizerConfig, RunConfig, TrainConfig
 from pretrain.train.run_lock import RunDirectoryBusy, RunLock
 from tests.helpers import ROOT
 
@@ -122,12 +122,13 @@ def test_registered_state_round_trips_as_json_and_tensors_without_pickle(topolog
 
     engine = _trained(topology)
     saver = _checkpointer(topology, engine, tmp_path)
-    saver.register("train", TrainState(step=2, updates=1, bad_steps=1))
+    saver.register("train", TrainState(step=2, updates=1, bad_steps=1, tokens_by_source={"web": 640, "code": 128}))
     saver.register("data", _Position(24))
     folder = saver.save(2).folder
     record = json.loads((folder / "train_state.json").read_text())
     assert record["format"] == "memdlm-dcp-2" and record["step"] == 2 and record["layout"]["world_size"] == 1
-    assert record["parts"]["train"] == {"step": 2, "updates": 1, "bad_steps": 1}
+    assert record["parts"]["train"] == {"step": 2, "updates": 1, "bad_steps": 1,
+                                        "tokens_by_source": {"web": 640, "code": 128}}
     rng = torch.load(folder / "rank_states" / "rank_00000.pt", weights_only=True)  # tensors and numbers only
     assert set(rng) >= {"python", "numpy", "torch"} and rng["numpy"]["keys"].dtype == torch.int64
 
@@ -138,7 +139,8 @@ def test_registered_state_round_trips_as_json_and_tensors_without_pickle(topolog
     assert loader.load(folder, restore_registered=False).parts["train"]["updates"] == 1
     assert state == TrainState() and position.batches == 0, "a roll-back loads the tensors only"
     assert loader.load(folder).step == 2
-    assert state == TrainState(step=2, updates=1, bad_steps=1) and position.batches == 24
+    assert state == TrainState(step=2, updates=1, bad_steps=1, tokens_by_source={"web": 640, "code": 128})
+    assert position.batches == 24
 
 
 class _Planted:
@@ -311,3 +313,28 @@ def test_a_live_run_holds_its_directory_and_a_dead_one_does_not(tmp_path):
     holder.wait()
     time.sleep(0.1)
     RunLock(tmp_path / "other").acquire()
+
+
+def test_a_run_of_an_older_version_resumes_with_the_defaults_of_newer_settings(tmp_path, tiny):
+    """A checkpoint whose config predates some settings (here: the memory variants' fields) resumes when the
+    run keeps those settings at their defaults, and is refused, naming the setting, when it does not."""
+    from launch.config_cli import build_config
+    from parallel.checkpoint.manifest import describe_files
+    from pretrain.train.trainer import train
+    from tests.helpers import read_metrics
+
+    out = tmp_path / "run"
+    options = [*tiny({"eval.every": 0}), "--train.out_dir", str(out)]
+    train(build_config([*options, "--train.steps", "2"]))
+    folder = out / "checkpoints" / "step_000002"
+    config = json.loads((folder / "config.json").read_text())
+    for newer in ("masking_strategy", "inner_loss", "leak_free", "probability", "base_weight"):
+        del config["memory"][newer]
+    (folder / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"].update(describe_files(folder, ["config.json"]))
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match=r"different \[memory\] config \(leak_free\)"):
+        train(build_config([*options, "--train.steps", "3", "--memory.leak_free", "true"]))
+    train(build_config([*options, "--train.steps", "3"]))
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3]

@@ -12,11 +12,17 @@ import pytest
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
+from data_pipeline.mixture import Source
 from data_pipeline.readers import MaskingSpec
 from data_pipeline.shards import read_manifest
 from data_pipeline.trajectory import TrajectorySpec
 from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
 from tests.helpers.ranks import run_ranks
+
+
+def SOURCE(root, manifest):
+    return [Source("data", root, manifest)]
+
 
 SPEC = MaskingSpec(seed=7, trajectory=TrajectorySpec(num_inner_steps=3), eps=1e-3, seq_len=SEQ_LEN, vocab_size=VOCAB)
 
@@ -43,7 +49,7 @@ def sample_records(batch):
 
 def take(root, fmt, micro, count, workers=1, rank=0, ranks=1, state=None, spec=SPEC):
     options = ReaderOptions(data_format=fmt, num_workers=workers)
-    batches = open_batches(root, read_manifest(root), spec, micro, options, rank, ranks, state)
+    batches = open_batches(SOURCE(root, read_manifest(root)), spec, micro, options, rank, ranks, state)
     stream = iter(batches)
     got = [sample_records(next(stream)) for _ in range(count)]
     return got, batches.state_dict()
@@ -136,14 +142,14 @@ def damaged(dataset, tmp_path):
 
 @pytest.mark.fast
 def test_missing_shard_is_named(damaged):
-    (damaged / "mds" / "shard.00001.mds").unlink()
+    (damaged / "mds" / "u-000000" / "shard.00001.mds").unlink()
     with pytest.raises(DataError, match=r"shard .*shard.00001.mds is missing"):
         take(damaged, "mds", 4, 1)
 
 
 @pytest.mark.fast
 def test_truncated_shard_is_named(damaged):
-    shard = damaged / "webdataset" / "shard-000002.tar"
+    shard = damaged / "webdataset" / "u-000000" / "shard-000002.tar"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(DataError, match=r"shard-000002.tar has 1000 bytes but the manifest records"):
         take(damaged, "webdataset", 4, 1)
@@ -151,7 +157,7 @@ def test_truncated_shard_is_named(damaged):
 
 @pytest.mark.fast
 def test_hash_mismatch_is_named(damaged):
-    shard = damaged / "mds" / "shard.00000.mds"
+    shard = damaged / "mds" / "u-000000" / "shard.00000.mds"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
@@ -185,12 +191,12 @@ def test_webdataset_skip_budget(damaged):
     _corrupt_tar(damaged / "webdataset" / shard["file"])
     options = dict(data_format="webdataset", num_workers=0, verify_hashes=False, shuffle=False)
     # No budget: the damaged shard stops training with its name.
-    strict = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options))
+    strict = open_batches(SOURCE(damaged, manifest), SPEC, 4, ReaderOptions(**options))
     with pytest.raises(DataError, match=shard["file"]):
         for _ in range(30):
             next(iter_once(strict))
     # A budget: samples are skipped, counted, and training goes on.
-    lenient = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options, max_skipped_samples=100))
+    lenient = open_batches(SOURCE(damaged, manifest), SPEC, 4, ReaderOptions(**options, max_skipped_samples=100))
     stream = iter(lenient)
     batches = [next(stream) for _ in range(25)]
     skipped = sum(b.num_skipped for b in batches)
@@ -198,7 +204,7 @@ def test_webdataset_skip_budget(damaged):
     lost = set(range(shard_start, shard_start + shard["samples"])) - indices
     assert 0 < skipped == len(lost) < shard["samples"]
     # Past the budget it fails again.
-    tight = open_batches(damaged, manifest, SPEC, 4, ReaderOptions(**options, max_skipped_samples=skipped - 1))
+    tight = open_batches(SOURCE(damaged, manifest), SPEC, 4, ReaderOptions(**options, max_skipped_samples=skipped - 1))
     with pytest.raises(DataError, match="over --data.max_skipped_samples"):
         stream = iter(tight)
         for _ in range(30):

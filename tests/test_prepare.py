@@ -27,22 +27,25 @@ def prepared(corpus, tmp_path_factory):
 
 
 def reference_packing(corpus, tokenizer_file, manifest):
-    """Packing written out plainly: documents in file order, EOT after each, cut every SEQ_LEN."""
+    """Packing written out plainly: each file's documents in order, EOT after each, cut every SEQ_LEN, the
+    file's last sample padded; the files one after the other."""
     tok = Tokenizer.from_file(str(tokenizer_file))
     eot, pad = manifest["eot_token_id"], manifest["pad_token_id"]
-    docs = []
+    plays = []
     paragraph = []
     for line in (corpus / "a_plays.txt").read_text().splitlines(keepends=True) + ["\n"]:
         if line.strip():
             paragraph.append(line)
         elif paragraph:
-            docs.append(("", "".join(paragraph)))
+            plays.append(("", "".join(paragraph)))
             paragraph = []
-    for line in (corpus / "b_texts.jsonl").read_text().splitlines():
-        docs.append(("", json.loads(line)["text"]))
-    for line in (corpus / "c_chat.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        docs.append((record["prompt"], record["response"]))
+    texts = [("", json.loads(line)["text"]) for line in (corpus / "b_texts.jsonl").read_text().splitlines()]
+    chats = [(r["prompt"], r["response"]) for r in map(json.loads, (corpus / "c_chat.jsonl").read_text().splitlines())]
+    parts = [_pack_plainly(docs, tok, eot, pad) for docs in (plays, texts, chats)]
+    return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+
+def _pack_plainly(docs, tok, eot, pad):
     tokens, maskable, starts = [], [], []
     for prompt, text in docs:
         p = tok.encode(prompt, add_special_tokens=False).ids if prompt else []
@@ -73,7 +76,8 @@ def read_mds(root):
 
 def read_webdataset(root, manifest):
     shards = [str(root / "webdataset" / s["file"]) for s in manifest["formats"]["webdataset"]["shards"]]
-    return [decode_webdataset_sample(raw) for raw in wds.WebDataset(shards, shardshuffle=False, empty_check=False)]
+    raws = wds.WebDataset(shards, shardshuffle=False, empty_check=False)
+    return [decode_webdataset_sample(raw, index) for index, raw in enumerate(raws)]
 
 
 @pytest.mark.fast
@@ -129,7 +133,7 @@ def test_manifest_records_shards_and_ids(prepared):
     (lambda d: (d / "e.txt").write_text("") and d, "holds no non-empty files"),
     (lambda d: (d / "bad.jsonl").write_text('{"text": "ok"}\n{oops\n') and d, "bad.jsonl:2: not valid JSON"),
     (lambda d: (d / "odd.jsonl").write_text('{"title": "x"}\n') and d, "needs a 'text' field"),
-    (lambda d: (d / "bin.txt").write_bytes(b"\xff\xfe\x00abc") and d, "is not UTF-8 text"),
+    (lambda d: (d / "bin.txt").write_bytes(b"\xff\xfe\x00abc") and d, "bin.txt: invalid UTF-8 at byte 0"),
 ])
 def test_bad_input_is_named(tmp_path, make_input, message):
     folder = tmp_path / "in"
@@ -147,7 +151,7 @@ def test_cli_prepares_and_refuses_to_overwrite(corpus, tmp_path, capsys):
     command = ["--input", str(corpus / "a_plays.txt"), "--output", str(out), "--format", "webdataset", "--seq-len",
                "64", "--vocab-size", "400", "--no-progress"]
     assert main(command) == 0
-    assert "prepared" in capsys.readouterr().out and (out / "webdataset" / "shard-000000.tar").is_file()
+    assert "prepared" in capsys.readouterr().out and (out / "webdataset" / "u-000000" / "shard-000000.tar").is_file()
     assert main(command) == 2
     assert "holds an earlier output of memdlm-prepare-data; pass --overwrite" in capsys.readouterr().err
     assert main(["--input", "/nonexistent/x.txt"] + command[2:]) == 2

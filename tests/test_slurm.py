@@ -217,3 +217,37 @@ def test_srun_python_one_task_per_rank(tmp_path, data):
     log = next(out.glob("slurm-*.log")).read_text()
     assert "2 ranks = tensor 1 x pipeline 1 x data 2" in log, log[-3000:]
     _assert_same(_losses(out), _reference(tmp_path, [*TINY, "--train.steps", "6", "--data.path", str(data)]))
+
+
+def test_slurm_prepare_parts_on_both_nodes_then_merge_equals_one_preparation(tmp_path):
+    """``memdlm-launch slurm-prepare --parts 3 --submit``: an array of three parts (spread over the two nodes),
+    then the merge job after them; the dataset is the one-process preparation's, shard for shard."""
+    from data_pipeline.prepare import PrepareOptions, prepare_dataset
+    from tests.helpers import BUNDLED_CORPUS
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    text = BUNDLED_CORPUS.read_text()
+    for i in range(5):
+        (folder / f"{i}.txt").write_text(text[i * 40_000:(i + 1) * 40_000])
+    common = dict(input=str(folder), seq_len=32, vocab_size=512, samples_per_shard=50, val_fraction=0.05,
+                  progress=False, num_workers=0)
+    prepare_dataset(PrepareOptions(output=str(tmp_path / "tok"), tokenizer_only=True, **common))
+    tokenizer = str(tmp_path / "tok" / "tokenizer.json")
+    single = prepare_dataset(PrepareOptions(output=str(tmp_path / "single"), tokenizer=tokenizer, **common))
+    out = tmp_path / "parts"
+    _wait_for(_both_idle, 60, "both nodes to be idle")
+    result = subprocess.run(
+        [sys.executable, "-m", "launch.launch_cli", "slurm-prepare", "--parts", "3", "--cpus-per-task", "1",
+         "--submit", "--", "--input", str(folder), "--output", str(out), "--tokenizer", tokenizer, "--seq-len", "32",
+         "--vocab-size", "512", "--samples-per-shard", "50", "--val-fraction", "0.05", "--num-workers", "0"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    merge_job = result.stdout.strip().splitlines()[-1].split("merge job ")[1].split(";")[0]
+    _finished(merge_job, out, timeout=300)
+    merged = json.loads((out / "manifest.json").read_text())
+    assert {k: [s["sha256"] for s in v["shards"]] for k, v in merged["formats"].items()} == \
+        {k: [s["sha256"] for s in v["shards"]] for k, v in single["formats"].items()}
+    assert merged["validation"]["sha256"] == single["validation"]["sha256"]
+    logs = sorted((out / "slurm").glob("prepare-*-part-*.log"))
+    assert len(logs) == 3 and all("part " in p.read_text() for p in logs)

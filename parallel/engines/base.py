@@ -32,9 +32,11 @@ class EngineBase:
 
     def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats:
         topology = self.topology
-        normalizer = global_normalizer(list(micro_batches), topology.data_parallel_group, topology.device)
+        sources = self.options.num_sources
+        normalizer = global_normalizer(list(micro_batches), topology.data_parallel_group, topology.device, sources)
         self.set_learning_rate(lr)
-        sums = torch.zeros(self.options.statistics_size, dtype=torch.float64, device=topology.device)
+        size = self.options.statistics_size + (sources if sources > 1 else 0)
+        sums = torch.zeros(size, dtype=torch.float64, device=topology.device)
         if self.guard is not None:
             self.guard.begin(sums)
         self.forward_backward(micro_batches, normalizer, step, sums)
@@ -42,7 +44,8 @@ class EngineBase:
         for group in self.statistics_groups:
             sum_over(sums, group)
         verdict = self.guard.finish() if self.guard is not None else None
-        return StepStats(sums[0], sums[1:1 + self.num_inner_steps] / normalizer.num_sequences, grad_norm, verdict)
+        return StepStats(sums[0], sums[1:1 + self.num_inner_steps] / normalizer.num_sequences, grad_norm, verdict,
+                         sums[self.options.statistics_size:] if sources > 1 else None)
 
     def evaluate(self, batches, prompts) -> torch.Tensor:
         topology = self.topology
@@ -78,9 +81,12 @@ class EngineBase:
             self.optimizer.load_parameter_state(param, states[name])
 
 
-def add_output(sums: torch.Tensor, output: StepOutput) -> None:
-    """Add one micro-batch's loss and inner loss sums into ``sums``."""
+def add_output(sums: torch.Tensor, output: StepOutput, options: EngineOptions) -> None:
+    """Add one micro-batch's loss, inner loss sums and (a mixture's) per-source losses into ``sums``."""
     logged = getattr(output, "logged_loss", None)
     sums[0] += (logged if logged is not None else output.loss).detach().double()
     if output.inner_loss_sums:
         sums[1:1 + len(output.inner_loss_sums)] += torch.stack(output.inner_loss_sums).double()
+    by_source = getattr(output, "loss_by_source", None)
+    if by_source is not None:
+        sums[options.statistics_size:] += by_source.double()

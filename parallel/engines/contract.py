@@ -22,6 +22,7 @@ The engines: ``LocalEngine`` (``local``, one replica, optionally tensor-parallel
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
@@ -38,6 +39,7 @@ class StepOutput(Protocol):
     loss: torch.Tensor  # the micro-batch's share of the global objective, attached: what is back-propagated
     inner_loss_sums: list[torch.Tensor]  # per inner step: sum over sequences of their inner loss (detached)
     logged_loss: torch.Tensor | None  # the share of the loss to report, when it is not ``loss`` itself
+    loss_by_source: torch.Tensor | None  # [S] a mixture's per-source shares of the reported loss, or None
 
 
 class EvalFunction(Protocol):
@@ -62,6 +64,7 @@ class EngineOptions:
     micro_batch_size: int
     grad_clip: float  # global-norm clip of the outer gradient; 0 = off
     statistics_size: int  # 1 + the configured inner steps, whether memory is on or off (same bytes either way)
+    num_sources: int = 1  # a mixture's sources: each one's loss is reported too (after the statistics above)
     seed: int = 0
     zero_stage: int = 0
     pipeline_schedule: str = "1f1b"
@@ -78,11 +81,14 @@ class StepStats:
     inner_losses: torch.Tensor  # [K]: each inner step's loss, mean over sequences (empty with memory off)
     grad_norm: torch.Tensor  # 0-d: before clipping
     verdict: Verdict | None = None  # the step guard's decision (on the host already), when a guard runs
+    loss_by_source: torch.Tensor | None = None  # [S]: each source's own MDLM loss (NaN: absent from the step)
 
     def host(self) -> "HostStats":
+        by_source = self.loss_by_source if self.loss_by_source is not None else self.loss.new_zeros(0)
         values = torch.cat([self.loss.reshape(1).double(), self.grad_norm.reshape(1).double().to(self.loss.device),
-                            self.inner_losses.double()]).tolist()
-        return HostStats(values[0], values[2:], values[1])
+                            self.inner_losses.double(), by_source.double()]).tolist()
+        inner_end = 2 + len(self.inner_losses)
+        return HostStats(values[0], values[2:inner_end], values[1], values[inner_end:])
 
 
 @dataclass
@@ -90,6 +96,7 @@ class HostStats:
     loss: float
     inner_losses: list[float]
     grad_norm: float
+    loss_by_source: list[float] = dataclasses.field(default_factory=list)
 
 
 # -- what the trainer may call ----------------------------------------------------------------

@@ -120,7 +120,8 @@ class DeepSpeedEngine(EngineBase):
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
             self.engine.backward(loss * self.topology.data_parallel_size, scale_wrt_gas=False)
-            add_output(sums, self.module.last_output)  # before the step: the step guard reads the loss
+            # Before the step: the step guard reads the loss.
+            add_output(sums, self.module.last_output, self.options)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def apply_gradients(self) -> torch.Tensor:

@@ -20,4 +20,4 @@ class LocalEngine(EngineBase):
         for micro_batch in micro_batches:
             output = self.step_fn(micro_batch, normalizer, step)
             output.loss.backward()
-            add_output(sums, output)
+            add_output(sums, output, self.options)

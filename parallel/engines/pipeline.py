@@ -67,7 +67,8 @@ class StageStep(Protocol):
         """Last stage: a sweep's work on ``state`` -> (statistics slot, inner loss sum) of an inner step."""
 
     def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, state):
-        """Last stage: (objective share, attached; its logged loss; last inner loss sum or ``None``)."""
+        """Last stage: (objective share, attached; its logged loss; last inner loss sum or ``None``; each
+        source's logged loss share ``[S]`` for a mixture, or ``None``)."""
 
     def adaptation_sweeps(self) -> list:
         """Evaluation: the sweeps of inference-time adaptation on a prompt."""
@@ -99,10 +100,13 @@ class _ScheduledStage(nn.Module):
         batch = engine.micro_batches[index]
         if not engine.stage.is_last:
             return engine.stage.forward(x, batch)
-        objective, logged, inner_sum = engine.stage.anchor_loss(x, batch, engine.normalizer, engine.slots[index])
+        objective, logged, inner_sum, by_source = engine.stage.anchor_loss(x, batch, engine.normalizer,
+                                                                           engine.slots[index])
         engine.sums[0] += logged.detach().double()
         if inner_sum is not None:
             engine.sums[engine.stage.num_inner_steps] += inner_sum.detach().double()
+        if by_source is not None:
+            engine.sums[engine.options.statistics_size:] += by_source.double()
         return objective.reshape(1)
 
 

@@ -46,14 +46,15 @@ class Evaluator:
 
 
 def evaluation_collates(seed: int, memory, eps: float, seq_len: int, vocab_size: int,
-                        adaptation: bool, context_fraction: float = 0.0) -> list[MaskingCollate]:
+                        adaptation: bool, context_fraction: float = 0.0,
+                        unscored_token: int = -1) -> list[MaskingCollate]:
     """How validation samples are masked: the evaluation's anchor masks (from ``seed``) and, for
     adaptation, the same samples masked at ``memory.prompt_mask_ratio`` (from ``seed + 1``).
 
     ``context_fraction`` > 0 splits each sample: the scored masks cover only the continuation (the context
     visible), and adaptation sees only the context, so no position the adaptation trains on is scored (with
     0 the adaptation is on the whole sample and trains on some of the very targets then scored)."""
-    spec = MaskingSpec(seed, memory.trajectory, eps, seq_len, vocab_size)
+    spec = MaskingSpec(seed, memory.trajectory, eps, seq_len, vocab_size, unscored_token=unscored_token)
     if context_fraction > 0:
         spec = dataclasses.replace(spec, context_fraction=context_fraction, context_role="continuation")
     collates = [MaskingCollate(spec)]

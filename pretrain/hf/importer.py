@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from common.errors import UsageError
 from data_pipeline.errors import DataError
-from data_pipeline.tokenizer import MASK_TOKEN, describe, find_mask_token
+from data_pipeline.tokenizer import MASK_TOKEN, add_mask_token, describe, find_mask_token
 from parallel.checkpoint.sharded_state import partition_dim
 from pretrain.config import ConfigError, ModelConfig, RunConfig
 from pretrain.hf.files import (
@@ -124,9 +124,8 @@ def import_hf(hf_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     mask_id = find_mask_token(tokenizer)
     added = mask_id is None
-    if added:
-        tokenizer.add_special_tokens([MASK_TOKEN])
-        mask_id = tokenizer.token_to_id(MASK_TOKEN)
+    if added:  # as memdlm-prepare-data --add-mask-token does: the same token at the same id
+        mask_id = add_mask_token(tokenizer, MASK_TOKEN)
     info = describe(tokenizer, tokenizer_file)  # also needs an end-of-document token
     old_vocab = fields["vocab_size"]
     vocab = padded_vocab(mask_id + 1) if mask_id >= old_vocab else old_vocab
@@ -188,6 +187,19 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
     model = dataclasses.replace(cfg.model, **fields, mask_token_id=info.mask_id)
     data = dataclasses.replace(cfg.data, tokenizer=cfg.data.tokenizer or str(folder))
     return dataclasses.replace(cfg, model=model, data=data)
+
+
+def check_data_tokenizer(folder: Path, sources) -> None:
+    """Refuse training data tokenized otherwise than the model of ``--model.init_from`` (by vocabulary)."""
+    from data_pipeline.tokenizer import read_tokenizer, vocabulary_sha256
+
+    model_sha = vocabulary_sha256(read_tokenizer(folder))
+    for source in sources:
+        if source.tokenizer_sha256 != model_sha:
+            raise UsageError(
+                f"--model.init_from: the data in {source.root} was tokenized with another vocabulary than "
+                f"{folder}'s tokenizer ({source.root}/{source.manifest['tokenizer']} vs {folder}/tokenizer.json); "
+                f"prepare the data with --tokenizer {folder}")
 
 
 @torch.no_grad()

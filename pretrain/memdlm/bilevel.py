@@ -86,6 +86,7 @@ class StepResult:
     inner_loss_sums: list[torch.Tensor]  # per inner step: sum over sequences of their inner loss (detached)
     fast_weight_history: list[dict] = field(default_factory=list)  # phi_1..phi_K when recorded
     logged_loss: torch.Tensor | None = None  # its MDLM loss share when the objective adds more (base_weight)
+    loss_by_source: torch.Tensor | None = None  # [S] a mixture's per-source MDLM loss shares (detached)
 
 
 class BilevelStep:
@@ -286,10 +287,15 @@ class BilevelStep:
 
     # -- 4-5. the anchor state: last inner step and the outer loss -------------------------------------
     def outer_loss(self, h: torch.Tensor, batch: MaskedBatch, normalizer: LossNormalizer,
-                   fast: FastWeights | None, attention, entry: BlockEntry | None = None) -> torch.Tensor:
-        """The MDLM loss of the anchor state on its prefix output ``h`` with ``fast`` held constant."""
+                   fast: FastWeights | None, attention, entry: BlockEntry | None = None,
+                   by_source: torch.Tensor | None = None) -> torch.Tensor:
+        """The MDLM loss of the anchor state on its prefix output ``h`` with ``fast`` held constant;
+        ``by_source`` (``[S]``): each source's share of it is added there (a mixture's accounting)."""
         outer_scale = outer_sequence_scale(batch.t, batch.maskable, self.diffusion, normalizer)
         rows = select_rows(batch.input_ids, batch.anchor_mask, outer_scale, batch.anchor_rows())
+        if by_source is not None:
+            rows.group = batch.source_ids.to(rows.index.device)[rows.index // batch.input_ids.shape[1]]
+            rows.group_sums = by_source
         constant = fast.detach().for_pass(OUTER_PASS) if fast is not None else None
         return self.model.tail_loss(h, self.boundary, rows, attention, constant, entry=entry)
 
@@ -300,12 +306,17 @@ class BilevelStep:
         The start of the boundary sub-block (its norm and the base projections that read the normed
         input) is fast-weight free, so the last inner step and the outer tail share it, unless
         ``inner_h`` (a separately computed prefix output of the inner anchor) is given for the inner step.
-        Returns (objective, logged MDLM loss, last inner loss sum or ``None``, phi_K or ``None``).
+        Returns (objective, logged MDLM loss, last inner loss sum or ``None``, phi_K or ``None``, the logged
+        loss of each source of a mixture or ``None``: that source's own MDLM loss over the global batch's
+        sequences from it, as if they were the whole batch, split into this micro-batch's share).
         """
         fast = state.fast if state is not None else None
+        by_source = None
+        if normalizer.by_source is not None:
+            by_source = torch.zeros(normalizer.by_source.shape[1], dtype=torch.float64, device=h.device)
         if fast is None:
-            loss = self.outer_loss(h, batch, normalizer, None, attention)
-            return loss, loss.detach(), None, None
+            loss = self.outer_loss(h, batch, normalizer, None, attention, by_source=by_source)
+            return loss, loss.detach(), None, None, self._per_source(by_source, normalizer)
         inner_sum, entry = None, None
         last = self.passes[-1] if self.passes else None
         if last is not None and last.in_anchor:
@@ -317,12 +328,17 @@ class BilevelStep:
                 fast, inner_sum = self.inner_update(fast, inner_h, last, batch, attention, teacher=state.teacher)
         elif self.memory.base_weight > 0:
             entry = self.model.block_entry(h, self.boundary)
-        loss = self.outer_loss(h, batch, normalizer, fast, attention, entry)
+        loss = self.outer_loss(h, batch, normalizer, fast, attention, entry, by_source=by_source)
         objective = loss
         if self.memory.base_weight > 0:  # the base model's own MDLM loss on the same anchor, no fast weights
             objective = loss + self.memory.base_weight * self.outer_loss(h, batch, normalizer, None, attention,
                                                                         entry)
-        return objective, loss.detach(), inner_sum, fast
+        return objective, loss.detach(), inner_sum, fast, self._per_source(by_source, normalizer)
+
+    def _per_source(self, by_source: torch.Tensor | None, normalizer: LossNormalizer) -> torch.Tensor | None:
+        if by_source is None:
+            return None
+        return by_source * normalizer.source_factors(self.diffusion.normalization).to(by_source.device)
 
     @property
     def separate_inner_prefix(self) -> bool:
@@ -380,11 +396,12 @@ class BilevelStep:
             if state.fast is not None and self.separate_inner_prefix:
                 with torch.no_grad():
                     inner_h = model.prefix(self.noised_ids(batch, batch.inner_anchor), self.boundary, attention)
-            objective, logged, inner_sum, fast = self.anchor_loss(h_anchor, batch, normalizer, state, attention,
-                                                                  inner_h)
+            objective, logged, inner_sum, fast, by_source = self.anchor_loss(h_anchor, batch, normalizer, state,
+                                                                             attention, inner_h)
         if inner_sum is not None:
             inner_loss_sums.append(inner_sum)
             if record_fast_weights:
                 history.append(fast.clone_values())
         return StepResult(objective, inner_loss_sums, history,
-                          logged_loss=logged if self.memory.base_weight > 0 and fast is not None else None)
+                          logged_loss=logged if self.memory.base_weight > 0 and fast is not None else None,
+                          loss_by_source=by_source)

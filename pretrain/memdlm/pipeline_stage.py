@@ -81,9 +81,9 @@ class BilevelStage:
         attention = self.bilevel.attention(batch)
         with self.bilevel.autocast():
             h = self._run(x, self.bilevel.boundary, attention)
-            objective, logged, inner_sum, _ = self.bilevel.anchor_loss(
+            objective, logged, inner_sum, _, by_source = self.bilevel.anchor_loss(
                 h, batch, normalizer, state, attention, getattr(state, "inner_h", None))
-        return objective, logged, inner_sum
+        return objective, logged, inner_sum, by_source
 
     # -- evaluation ----------------------------------------------------------------------------------------
     def adaptation_sweeps(self) -> list:

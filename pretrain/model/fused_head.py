@@ -42,8 +42,10 @@ def _predicted_logits(logits, target, logits_max, vocab_start: int, vocab_end: i
 
 class _ChunkedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, targets, row_scale, chunk_rows, tensor_parallel_group, grad_enabled):
+    def forward(ctx, x, weight, targets, row_scale, chunk_rows, tensor_parallel_group, grad_enabled,
+                row_group=None, group_sums=None):
         # x [n, hidden] (normed, replicated over TP); weight [vocab/tp, hidden]; targets [n]; row_scale [n].
+        # row_group [n] / group_sums [G]: each row's scaled loss is also added into its group's sum (for logging).
         # needs_input_grad does not see no_grad mode, hence the caller's grad_enabled.
         need_x = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
@@ -75,7 +77,10 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
                 dist.all_reduce(predicted, group=tensor_parallel_group)
                 dist.all_reduce(sum_exp, group=tensor_parallel_group)
             softmax, loss = VocabParallelCrossEntropy.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
-            total += (loss.to(loss_dtype) * scale.to(loss_dtype)).sum()
+            scaled = loss.to(loss_dtype) * scale.to(loss_dtype)
+            total += scaled.sum()
+            if group_sums is not None:
+                group_sums.index_add_(0, row_group[rows], scaled.detach().to(group_sums.dtype))
             if need_x or need_w:
                 prepare = VocabParallelCrossEntropy.prepare_gradient_calculation_operands
                 grad_2d, arange_1d, update, grad_input = prepare(
@@ -101,7 +106,7 @@ class _ChunkedHeadCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         dx = grad_x * grad_output.to(grad_x.dtype) if ctx.has_x else None
         dw = (grad_w * grad_output.to(grad_w.dtype)).to(ctx.weight_dtype) if ctx.has_w else None
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None
 
 
 class VocabParallelHead(ColumnParallelLinear):
@@ -115,7 +120,7 @@ class VocabParallelHead(ColumnParallelLinear):
 
     chunk_rows: int = DEFAULT_CHUNK_ROWS
 
-    def forward(self, x, targets=None, row_scale=None, frozen: bool = False):
+    def forward(self, x, targets=None, row_scale=None, frozen: bool = False, row_group=None, group_sums=None):
         weight = self.weight.detach() if frozen else self.weight
         if targets is None:
             return super().forward(x, weight=weight)[0]
@@ -123,5 +128,5 @@ class VocabParallelHead(ColumnParallelLinear):
         # Every rank's input gradient is a partial sum over its vocabulary shard.
         x = copy_to_tensor_model_parallel_region(x, group=group)
         return _ChunkedHeadCrossEntropy.apply(
-            x, weight, targets, row_scale, self.chunk_rows, group, torch.is_grad_enabled()
+            x, weight, targets, row_scale, self.chunk_rows, group, torch.is_grad_enabled(), row_group, group_sums
         )

@@ -20,6 +20,9 @@ class Rows:
     index: torch.Tensor  # [n] positions in the flattened [b * l] sequence, padded with 0
     targets: torch.Tensor  # [n] the clean tokens x0 there
     scale: torch.Tensor  # [n] their sequence's scale; 0 on the padding, so it adds nothing
+    # Optionally, each row's group (its sequence's source) and the per-group sums of scaled losses to add to.
+    group: torch.Tensor | None = None
+    group_sums: torch.Tensor | None = None
 
 
 def select_rows(input_ids: torch.Tensor, state_mask: torch.Tensor, sequence_scale: torch.Tensor,

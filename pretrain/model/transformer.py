@@ -167,7 +167,8 @@ class DiffusionTransformer(nn.Module):
         gathered ``rows`` of ``h [b, l, hidden]``. The head runs on those rows only."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
         selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
-        return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen)
+        return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen,
+                            row_group=rows.group, group_sums=rows.group_sums)
 
     def tail_outputs(
         self,

@@ -1,6 +1,6 @@
-"""The trainer's data: the prepared dataset (raw input prepared on first use), each replica's stream of
-masked micro-batches (read on one rank, broadcast to the replica's other ranks), the loader positions
-that checkpoints carry, and the held-out validation batches.
+"""The trainer's data: the prepared dataset (raw input prepared on first use) or mixture of datasets, each
+replica's stream of masked micro-batches (read on one rank, broadcast to the replica's other ranks), the
+loader positions that checkpoints carry, and the held-out validation batches of each source.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import ReaderOptions, open_batches
+from data_pipeline.mixture import Source, proportions
 from data_pipeline.readers import MaskingSpec
-from data_pipeline.source import resolve_dataset
+from data_pipeline.source import resolve_sources
 from data_pipeline.validation import validation_batches
 from parallel.collectives import broadcast_batch
 from parallel.topology import Topology
@@ -32,8 +33,8 @@ class DataFeed:
     micro-batch's read and copy while a step runs; the position a checkpoint records is the one from before
     that read, so a resumed run reads that batch again."""
 
-    def __init__(self, cfg: RunConfig, topology: Topology, root: Path, manifest: dict):
-        self.cfg, self.topology, self.root, self.manifest = cfg, topology, root, manifest
+    def __init__(self, cfg: RunConfig, topology: Topology, sources: list[Source]):
+        self.cfg, self.topology, self.sources = cfg, topology, sources
         self.resume_from: dict | None = None  # this data rank's loader position, from a checkpoint
         self.data = self.stream = None
         trajectory = cfg.memory.trajectory
@@ -43,7 +44,7 @@ class DataFeed:
 
     def start(self) -> None:
         """Open this replica's stream (collective), at the loaded position if there is one."""
-        self.data = open_data(self.cfg, self.topology, self.root, self.manifest, self.resume_from)
+        self.data = open_data(self.cfg, self.topology, self.sources, self.resume_from)
         self.stream = iter(self.data) if self.data is not None else None
 
     def next(self):
@@ -85,22 +86,39 @@ class DataFeed:
 
 
 class Validation:
-    """This data rank's share of the first ``eval.num_samples`` validation samples, masked from the
-    evaluation's seed (and, for adaptation, the same samples masked at ``memory.prompt_mask_ratio``).
-    Every rank reads the small validation file itself."""
+    """This data rank's share of the first ``eval.num_samples`` validation samples of each source with a
+    validation split, masked from the evaluation's seed (and, for adaptation, the same samples masked at
+    ``memory.prompt_mask_ratio``). Every rank reads the small validation files itself."""
 
-    def __init__(self, cfg: RunConfig, topology: Topology, root: Path, manifest: dict):
-        total = min(cfg.eval.num_samples, manifest.get("validation", {}).get("num_samples", 0))
-        if manifest.get("validation") is not None and total < topology.data_parallel_size:
-            raise DataError(f"--eval.num_samples: {total} validation samples cannot be shared by "
-                            f"{topology.data_parallel_size} data-parallel ranks; evaluate more samples")
-        indices = list(range(topology.data_parallel_rank, total, topology.data_parallel_size))
+    def __init__(self, cfg: RunConfig, topology: Topology, sources: list[Source]):
+        self.names, self.batches, self.prompts, self.weights = [], [], [], []
+        shares = proportions(sources)
         collates = evaluation_collates(cfg.eval.seed, cfg.memory, cfg.diffusion.eps, cfg.model.seq_len,
-                                       cfg.model.vocab_size, cfg.eval.adaptation, cfg.eval.context_fraction)
-        masked = [[b.to(topology.device) for b in batches] for batches in
-                  validation_batches(root, manifest, collates, indices, cfg.eval.micro_batch_size)]
-        self.batches = masked[0]
-        self.prompts = masked[1] if cfg.eval.adaptation else None
+                                       cfg.model.vocab_size, cfg.eval.adaptation, cfg.eval.context_fraction,
+                                       unscored_token(cfg, sources[0].manifest))
+        for source, share in zip(sources, shares):
+            if source.manifest.get("validation") is None:
+                continue
+            total = min(cfg.eval.num_samples, source.manifest["validation"]["num_samples"])
+            if total < topology.data_parallel_size:
+                raise DataError(f"--eval.num_samples: {total} validation samples of {source.root} cannot be shared "
+                                f"by {topology.data_parallel_size} data-parallel ranks; evaluate more samples")
+            indices = list(range(topology.data_parallel_rank, total, topology.data_parallel_size))
+            masked = [[b.to(topology.device) for b in batches] for batches in
+                      validation_batches(source.root, source.manifest, collates, indices, cfg.eval.micro_batch_size)]
+            self.names.append(source.name)
+            self.batches.append(masked[0])
+            self.prompts.append(masked[1] if cfg.eval.adaptation else None)
+            self.weights.append(share)
+
+
+def has_validation(sources: list[Source]) -> bool:
+    return any(s.manifest.get("validation") is not None for s in sources)
+
+
+def unscored_token(cfg: RunConfig, manifest: dict) -> int:
+    """The token never masked nor scored: the end-of-text token unless it is a target (--data.eot_target)."""
+    return -1 if cfg.data.eot_target else int(manifest["eot_token_id"])
 
 
 def resume_position(saved: list[dict], data_format: str, data_parallel_rank: int) -> dict | None:
@@ -114,12 +132,15 @@ def resume_position(saved: list[dict], data_format: str, data_parallel_rank: int
     return saved[data_parallel_rank]
 
 
-def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, state):
+def open_data(cfg: RunConfig, topology: Topology, sources: list[Source], state):
     streaming_world = _streaming_world(topology)
     if not topology.reads_data:
         return None
+    manifest = sources[0].manifest
     spec = MaskingSpec(cfg.train.seed, cfg.memory.trajectory, cfg.diffusion.eps, cfg.model.seq_len,
-                       cfg.model.vocab_size)
+                       cfg.model.vocab_size, unscored_token=unscored_token(cfg, manifest),
+                       random_length_fraction=cfg.data.random_length_fraction,
+                       pad_id=int(manifest["pad_token_id"]))
     reader = ReaderOptions(
         data_format=cfg.data.format, num_workers=cfg.data.num_workers, shuffle=cfg.data.shuffle,
         num_canonical_nodes=cfg.data.num_canonical_nodes, shuffle_block_size=cfg.data.shuffle_block_size,
@@ -128,7 +149,7 @@ def open_data(cfg: RunConfig, topology: Topology, root: Path, manifest: dict, st
     )
     os.environ.update(streaming_world)
     readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
-    return open_batches(root, manifest, spec, cfg.train.micro_batch_size, reader,
+    return open_batches(sources, spec, cfg.train.micro_batch_size, reader,
                         topology.data_parallel_rank, topology.data_parallel_size, state,
                         barrier_group=topology.data_parallel_group if readers_only else None)
 
@@ -184,19 +205,20 @@ def _streaming_world(topology: Topology) -> dict[str, str]:
             "LOCAL_WORLD_SIZE": str(per_node)}
 
 
-def prepare_data(cfg: RunConfig, topology: Topology):
-    """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifest."""
-    args = (cfg.data.path, cfg.data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, cfg.data.cache_dir)
-    options = {"prepare_workers": cfg.data.prepare_workers, "val_fraction": cfg.data.val_fraction,
+def prepare_data(cfg: RunConfig, topology: Topology) -> list[Source]:
+    """Rank 0 prepares raw input if needed while the others wait; then every rank reads the manifests."""
+    data = cfg.data
+    args = (data.path, data.sources, data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, data.cache_dir)
+    options = {"prepare_workers": data.prepare_workers, "val_fraction": data.val_fraction,
                "announce": (lambda message: print(message, flush=True)) if topology.is_main else None}
     if topology.world_size > 1:
         failure = None
         if topology.is_main:
             try:
-                resolve_dataset(*args, prepare=True, **options)
+                resolve_sources(*args, prepare=True, **options)
             except Exception as err:  # re-raised after the barrier, so no rank waits forever
                 failure = err
         dist.barrier()
         if failure is not None:
             raise failure
-    return resolve_dataset(*args, prepare=topology.is_main, **options)
+    return resolve_sources(*args, prepare=topology.is_main, **options)

@@ -103,7 +103,7 @@ def engine_options(cfg: RunConfig) -> EngineOptions:
         global_batch_size=cfg.train.global_batch_size, micro_batch_size=cfg.train.micro_batch_size,
         grad_clip=cfg.optim.grad_clip, statistics_size=1 + cfg.memory.inner_steps_per_step, seed=cfg.train.seed,
         zero_stage=cfg.parallel.zero_stage, pipeline_schedule=cfg.parallel.pipeline_schedule,
-        seq_len=cfg.model.seq_len, hidden_size=cfg.model.hidden_size,
+        seq_len=cfg.model.seq_len, hidden_size=cfg.model.hidden_size, num_sources=cfg.data.num_sources,
     )
 
 

@@ -8,6 +8,7 @@ the learning-rate schedule as they were; too many in a row roll back to the newe
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -15,12 +16,13 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from data_pipeline.mixture import Source
 from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.topology import Topology
 from pretrain.config import RunConfig
 from pretrain.eval.heldout import bits
 from pretrain.memdlm.bilevel import uses_memory_at
-from pretrain.train.data_feed import DataFeed, Validation
+from pretrain.train.data_feed import DataFeed, Validation, has_validation
 from pretrain.train.flops import executed_flops, model_flops_per_token, peak_flops
 from pretrain.train.optim import learning_rate
 from pretrain.train.resilience import DONE, REQUEUE, BadSteps, TrainingStopped, Watchdog, clear_markers, write_marker
@@ -31,9 +33,10 @@ class TrainingLoop:
     """The steps from ``state.step`` to ``--train.steps``, with their logging, evaluation and checkpoints."""
 
     def __init__(self, cfg: RunConfig, topology: Topology, engine, feed: DataFeed, checkpointer: Checkpointer,
-                 logger, state: TrainState, checkpoint: Path | None, data_root: Path, manifest: dict):
+                 logger, state: TrainState, checkpoint: Path | None, sources: list[Source]):
         self.cfg, self.topology, self.engine, self.feed = cfg, topology, engine, feed
-        self.data_root, self.manifest, self.validation = data_root, manifest, None
+        self.sources, self.validation = sources, None
+        self.source_names = [s.name for s in sources] if len(sources) > 1 else []
         self.checkpointer, self.logger = checkpointer, logger
         self.state = state
         self.start_step = state.step
@@ -41,10 +44,10 @@ class TrainingLoop:
         self.stopped_early = False
         self.bad_steps = BadSteps(cfg.guard.max_bad_steps_in_row, cfg.guard.max_bad_steps, state)
         self.watchdog = Watchdog(cfg.guard.step_timeout_s)
-        self.eval_every = cfg.eval.every if manifest.get("validation") else 0
+        self.eval_every = cfg.eval.every if has_validation(sources) else 0
         if cfg.eval.every and not self.eval_every:
-            logger.write(f"held-out evaluation is off: {data_root} has no validation split (prepare the data with "
-                         "memdlm-prepare-data --val-fraction F, or set --data.val_fraction for raw input)")
+            logger.write(f"held-out evaluation is off: {sources[0].root} has no validation split (prepare the data "
+                         "with memdlm-prepare-data --val-fraction F, or set --data.val_fraction for raw input)")
         self.losses, self.step_seconds, self.skipped_samples = [], [], 0
         self.last_eval: dict = {}  # the newest held-out record (``eval_*`` keys and its step)
         self.pending, self.flushed_at = [], time.perf_counter()
@@ -114,8 +117,13 @@ class TrainingLoop:
         flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
                                    cfg.train.recompute, uses_memory=memory_step)
                     for mb in micro_batches) if self.topology.reads_data else 0.0
-        stop, flops = _control(stop_requested(), flops, self.topology)
+        counts = self.source_tokens(micro_batches)
+        stop, flops, counts = _control(stop_requested(), flops, self.topology, counts)
         extra = self.judge(stats.verdict)
+        if self.source_names:
+            for name, count in zip(self.source_names, counts):
+                self.state.tokens_by_source[name] = self.state.tokens_by_source.get(name, 0) + int(count)
+            extra["tokens_by_source"] = dict(self.state.tokens_by_source)
         if cfg.memory.enabled and cfg.memory.probability < 1.0:
             extra["memory_step"] = memory_step
         if self.eval_every and (self.completed % self.eval_every == 0 or self.completed == cfg.train.steps):
@@ -124,6 +132,15 @@ class TrainingLoop:
         if len(self.pending) >= self.cfg.logging.every:
             self.flush()
         return stop
+
+    def source_tokens(self, micro_batches) -> list[float]:
+        """A mixture's real tokens per source in this step's micro-batches (counted by the reading ranks)."""
+        counts = [0.0] * len(self.source_names)
+        if self.source_names and self.topology.reads_data:
+            for batch in micro_batches:
+                for source, tokens in batch.source_tokens or ():
+                    counts[source] += tokens
+        return counts
 
     def flush(self) -> None:
         """Read the pending steps' statistics (one host synchronisation) and log a line for each."""
@@ -141,6 +158,10 @@ class TrainingLoop:
                       "flops": flops, "mfu_total": flops / capacity, "mfu_model": self.model_flops / capacity}
             if self.cfg.data.format == "webdataset":
                 record["skipped_samples"] = skipped
+            if self.source_names:  # a source absent from the step has no loss (NaN)
+                record["loss_by_source"] = {name: value for name, value in zip(self.source_names,
+                                                                               values.loss_by_source)
+                                            if math.isfinite(value)}
             record.update(extra)
             self.logger.log(record)
             self.losses.append(values.loss)
@@ -181,12 +202,23 @@ class TrainingLoop:
         """The held-out losses (``eval_*`` keys), with the evaluation's time kept out of the step time."""
         started = time.perf_counter()
         if self.validation is None:
-            self.validation = Validation(self.cfg, self.topology, self.data_root, self.manifest)
-        values = self.engine.evaluate(self.validation.batches, self.validation.prompts).tolist()
+            self.validation = Validation(self.cfg, self.topology, self.sources)
+        validation = self.validation
+        per_source = [self.engine.evaluate(batches, prompts).tolist()
+                      for batches, prompts in zip(validation.batches, validation.prompts)]
         self.flushed_at += time.perf_counter() - started
+        # One source: its losses. A mixture: the mean over the sources with a validation split, weighted by
+        # their shares of the mixture (the mixture's expected held-out loss), and each source's own.
+        total = sum(validation.weights)
+        values = [sum(w * v[i] for w, v in zip(validation.weights, per_source)) / total for i in range(2)]
         record = {"eval_loss": values[0], "eval_bits_per_token": bits(values[0])}
-        if self.validation.prompts is not None:
+        adapted = self.cfg.eval.adaptation
+        if adapted:
             record.update(eval_adapted_loss=values[1], eval_adapted_bits_per_token=bits(values[1]))
+        if self.source_names:
+            record["eval_loss_by_source"] = {n: v[0] for n, v in zip(validation.names, per_source)}
+            if adapted:
+                record["eval_adapted_loss_by_source"] = {n: v[1] for n, v in zip(validation.names, per_source)}
         self.last_eval = {"step": self.completed, **record}
         return record
 
@@ -208,12 +240,12 @@ class TrainingLoop:
             self.saved = self.checkpointer.wait() or self.saved
 
 
-def _control(stop: bool, flops: float, topology: Topology) -> tuple[bool, float]:
+def _control(stop: bool, flops: float, topology: Topology, counts: list[float]) -> tuple[bool, float, list[float]]:
     """The step's one control message: whether any rank was asked to stop (a signal may reach only some
-    ranks), and the executed FLOPs summed over the replicas. A small all-reduce on the CPU (gloo)
-    control group, so it never waits on a GPU."""
+    ranks), and the executed FLOPs and a mixture's tokens per source summed over the replicas. A small
+    all-reduce on the CPU (gloo) control group, so it never waits on a GPU."""
     if topology.world_size == 1:
-        return stop, flops
-    values = torch.tensor([1.0 if stop else 0.0, flops], dtype=torch.float64)
+        return stop, flops, counts
+    values = torch.tensor([1.0 if stop else 0.0, flops, *counts], dtype=torch.float64)
     dist.all_reduce(values, group=topology.control_group)
-    return bool(values[0] > 0), float(values[1])
+    return bool(values[0] > 0), float(values[1]), values[2:].tolist()

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_pipeline.source import auto_prepared_dir, is_prepared, resolve_dataset
+from data_pipeline.source import auto_prepared_dir, is_prepared, resolve_sources
 from pretrain.config import RunConfig
-from pretrain.hf.importer import resolve_init_from
+from pretrain.hf.importer import check_data_tokenizer, resolve_init_from
 from pretrain.train.factory import check_run_layout
 from pretrain.train.run_directory import check_start_over, check_writable
 
@@ -22,8 +22,10 @@ def preflight(cfg: RunConfig, world_size: int) -> None:
     if not cfg.train.resume:
         check_start_over(out_dir, cfg.train.overwrite)
     data = cfg.data
-    if is_prepared(data.path):
-        resolve_dataset(data.path, data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, data.cache_dir,
-                        prepare=False)
+    if data.sources or is_prepared(data.path):
+        sources = resolve_sources(data.path, data.sources, data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size,
+                                  data.cache_dir, prepare=False)
+        if cfg.model.init_from:
+            check_data_tokenizer(Path(cfg.model.init_from), sources)
     else:  # raw input: its files must be there and be text (it is prepared by the ranks, on first use)
         auto_prepared_dir(data.path, data.tokenizer, cfg.model.seq_len, cfg.model.vocab_size, data.cache_dir)

@@ -15,13 +15,15 @@ class TrainState:
     step: int = 0  # optimizer steps completed: the data and the noise continue from here
     updates: int = 0  # updates applied: the learning-rate schedule's position (a skipped step does not move it)
     bad_steps: int = 0  # updates skipped in all, counted against --guard.max_bad_steps
+    tokens_by_source: dict[str, int] = dataclasses.field(default_factory=dict)  # a mixture's tokens trained on
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, int(state[field.name]))
+        for name in ("step", "updates", "bad_steps"):
+            setattr(self, name, int(state[name]))
+        self.tokens_by_source = {str(k): int(v) for k, v in state.get("tokens_by_source", {}).items()}
 
     @classmethod
     def from_dict(cls, state: dict) -> "TrainState":

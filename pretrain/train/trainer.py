@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UsageError
+from data_pipeline.mixture import proportions
 from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.topology import Topology, initialize_topology, launched_world_size
 from pretrain.config import ConfigError, RunConfig
-from pretrain.hf.importer import load_hf_weights, resolve_init_from
+from pretrain.hf.importer import check_data_tokenizer, load_hf_weights, resolve_init_from
 from pretrain.model.transformer import count_parameters, full_parameter_count
 from pretrain.train.cpu_memory import keep_freed_memory
 from pretrain.train.data_feed import STREAMING_WORLD, DataFeed, prepare_data, restored_environment
@@ -117,17 +118,25 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
 
     # 1. The prepared dataset (raw input is prepared on first use, by rank 0 alone); the model's
     #    mask token comes from its tokenizer unless set.
-    data_root, manifest = prepare_data(cfg, topology)
+    sources = prepare_data(cfg, topology)
+    if cfg.model.init_from:
+        check_data_tokenizer(Path(cfg.model.init_from), sources)
+    data_root, manifest = sources[0].root, sources[0].manifest
     tokenizer_file = data_root / manifest["tokenizer"]
     mask_id = cfg.model.mask_token_id if cfg.model.mask_token_id >= 0 else manifest["mask_token_id"]
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, mask_token_id=mask_id))
     config_record = {**cfg.to_dict(), "tokens": {"mask_token_id": mask_id, "eot_token_id": manifest["eot_token_id"],
                                                   "pad_token_id": manifest["pad_token_id"]},
                      "dataset": {"path": str(data_root), "num_samples": manifest["num_samples"],
-                                 "num_tokens": manifest["num_tokens"]}}
+                                 "num_tokens": manifest["num_tokens"],
+                                 "tokenizer_sha256": sources[0].tokenizer_sha256}}
+    if len(sources) > 1:
+        config_record["dataset"]["sources"] = [
+            {"name": s.name, "path": str(s.root), "num_samples": s.manifest["num_samples"], "proportion": share}
+            for s, share in zip(sources, proportions(sources))]
     logger = MetricsLogger(out_dir, cfg.logging, config_record, cfg.train.steps) if topology.is_main else NullLogger()
     # What a checkpoint carries besides the engine's tensors: the trainer's state and the data positions.
-    state, feed = TrainState(), DataFeed(cfg, topology, data_root, manifest)
+    state, feed = TrainState(), DataFeed(cfg, topology, sources)
     checkpointer = Checkpointer(out_dir, topology, config_record, tokenizer_file, cfg.checkpoint.keep,
                                 cfg.checkpoint.asynchronous, cfg.checkpoint.verify_hashes, log=logger.write,
                                 layout={**topology.layout, "zero_stage": cfg.parallel.zero_stage})
@@ -164,13 +173,13 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
             f"tensor {topology.tensor_parallel_size} x pipeline {topology.pipeline_parallel_size} x data "
             f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} "
             f"samples of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
+            + (f" and {len(sources) - 1} more source(s)" if len(sources) > 1 else "")
             + (f"; resumed from {checkpoint} at step {state.step}" if checkpoint else "")
             + (f"; weights from {cfg.model.init_from}" if checkpoint is None and cfg.model.init_from else "")
         )
 
         # 5. The loop.
-        loop = TrainingLoop(cfg, topology, engine, feed, checkpointer, logger, state, checkpoint, data_root,
-                            manifest)
+        loop = TrainingLoop(cfg, topology, engine, feed, checkpointer, logger, state, checkpoint, sources)
         loop.run(stop_requested)
 
     timed = loop.step_seconds[1:] or loop.step_seconds
@@ -187,12 +196,23 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
 
 
 def _check_resumable(checkpoint: Path, config_record: dict) -> None:
+    """The checkpoint's model, memory and diffusion settings are this run's (a setting the checkpoint's version
+    did not have counts as its default), and its data used the same vocabulary."""
     saved = json.loads((checkpoint / "config.json").read_text())
+    defaults = RunConfig().to_dict()
     for section in ("model", "memory", "diffusion"):
-        if saved.get(section) != config_record.get(section):
+        current = config_record.get(section, {})
+        recorded = {**defaults.get(section, {}), **saved.get(section, {})}
+        differing = sorted(k for k in set(current) | set(recorded) if current.get(k) != recorded.get(k))
+        if differing:
             raise ConfigError(
-                f"{checkpoint} was trained with a different [{section}] config; resume with the same "
-                f"--{section}.* options, pass --train.resume false to start over, or use a new --train.out_dir"
-            )
+                f"{checkpoint} was trained with a different [{section}] config ({', '.join(differing[:6])}); "
+                f"resume with the same --{section}.* options, or start over with --train.resume false "
+                "--train.overwrite true, or use a new --train.out_dir")
+    old_vocabulary = saved.get("dataset", {}).get("tokenizer_sha256")
+    new_vocabulary = config_record.get("dataset", {}).get("tokenizer_sha256")
+    if old_vocabulary and new_vocabulary and old_vocabulary != new_vocabulary:
+        raise ConfigError(f"{checkpoint} was trained on data tokenized with another vocabulary than "
+                          f"{config_record['dataset']['path']}; resume on data prepared with the run's tokenizer")
 
 
