@@ -237,3 +237,34 @@ def test_held_out_adaptation_never_sees_a_scored_position(prepared_corpus):
         "the continuation is not even visible to the adaptation"
     leaky_scored, leaky_prompt = batches(0.0)
     assert ((leaky_prompt.inner_masks.any(0) | leaky_prompt.anchor_mask) & leaky_scored.anchor_mask).any()
+
+
+def _eval_figures(rank, world, args):
+    from parallel.megatron import parallel_state
+    from pretrain.train.trainer import train
+
+    folder = args[args.index("--train.out_dir") + 1]
+    train(build_config(args))
+    parallel_state.destroy_model_parallel()
+    return {(r["step"], key): r[key] for r in read_metrics(folder) for key in ("eval_loss", "eval_adapted_loss")
+            if key in r}
+
+
+def test_pipeline_scores_the_adapted_loss_as_one_process_when_training_without_memory(tmp_path, prepared_corpus):
+    """Training without memory, the adaptation's fast-weight sites still decide where the adapted model is
+    scored: two pipeline stages give one process's held-out losses (a bug scored through the training step's
+    boundary, which without memory is the last block)."""
+    from tests.helpers.layouts import LAYOUT_OPTIONS, LAYOUTS
+    from tests.helpers.ranks import run_ranks
+
+    common = [*LAYOUT_OPTIONS, "--memory.enabled", "false", "--train.steps", "2", "--eval.every", "2",
+              "--eval.num_samples", "8", "--eval.micro_batch_size", "4", "--data.path", str(prepared_corpus())]
+    single = _eval_figures(0, 1, [*common, *LAYOUTS["single"][1], "--train.out_dir", str(tmp_path / "single")])
+    piped = run_ranks(_eval_figures, 2, [*common, *LAYOUTS["pp2"][1], "--train.out_dir", str(tmp_path / "pp2")])
+    assert set(single) == {(2, "eval_loss"), (2, "eval_adapted_loss")}
+    assert single[(2, "eval_adapted_loss")] != single[(2, "eval_loss")]
+    for rank_figures in piped:
+        for key, value in single.items():
+            if key in rank_figures:
+                assert abs(rank_figures[key] - value) <= 1e-5 * abs(value), (key, rank_figures[key], value)
+    assert any(set(single) <= set(figures) for figures in piped)

@@ -1,6 +1,6 @@
 """Streaming readers: determinism, exact and elastic resume, and bad shards.
 
-Multi-rank cases run real gloo processes (tests/dist_utils.py); each rank opens its reader as
+Multi-rank cases run real gloo processes (tests/helpers/ranks.py); each rank opens its reader as
 the trainer does and records (sample index, mask hash) for every micro-batch.
 """
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -59,6 +60,9 @@ class Stateful(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, state: dict) -> None: ...
+
+
+TRAIN_PART = "train"  # the name the trainer registers its TrainState under
 
 
 @dataclass
@@ -101,7 +105,7 @@ def read_saved_state(folder: Path) -> SavedState:
         raise CheckpointError(f"{legacy} holds something other than plain numbers and containers ({err}); "
                               "it is not loaded") from None
     data = record.get("data") or {}
-    parts = {"train": {"step": record["step"], "updates": record.get("updates", record["step"]),
+    parts = {TRAIN_PART: {"step": record["step"], "updates": record.get("updates", record["step"]),
                        "bad_steps": record.get("bad_steps", 0)},
              "data": {"by_data_rank": [data[rank] for rank in sorted(data)]}}
     return SavedState(int(record["step"]), record.get("layout", {}), parts)
@@ -257,7 +261,7 @@ class Checkpointer:
             listing = "; ".join(f"{name}: {text}" for name, text in problems)
             raise CheckpointError(
                 f"no usable checkpoint in {self.root} ({listing}); move the damaged ones aside, or pass "
-                "--train.resume false (or a new --train.out_dir) to start over"
+                "--train.resume false --train.overwrite true (or a new --train.out_dir) to start over"
             )
         return None
 
@@ -300,7 +304,8 @@ class Checkpointer:
         if rank_file.is_file() and saved.layout.get("world_size") == self.topology.world_size:
             try:
                 load_rng_states(rank_file)
-            except Exception as err:  # the previous format pickled NumPy objects: not loaded, not needed
+            except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as err:
+                # the previous format pickled NumPy objects (refused by weights_only): not loaded, not needed
                 self.log(f"the RNG states of {folder.name} are not restored ({type(err).__name__}); the step "
                          "draws its noise from (seed, step), so training is unaffected")
         return saved

@@ -104,8 +104,11 @@ class BilevelStage:
             self.adaptation.sweep_pass(state, kind, p, batch, attention, h=h)
 
     def eval_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, state: InnerState | None) -> torch.Tensor:
-        attention = self.bilevel.attention(batch)
+        """Scored as the one-process Evaluator scores: through the adaptation step (its boundary holds the
+        fast-weight sites even when training runs without memory)."""
+        adaptation = self.adaptation
+        attention = adaptation.attention(batch)
         fast = state.fast if state is not None else None
-        with self.bilevel.autocast():
-            h = self._run(x, self.bilevel.boundary, attention)
-            return self.bilevel.outer_loss(h, batch, normalizer, fast, attention).detach()
+        with adaptation.autocast():
+            h = self._run(x, adaptation.boundary, attention)
+            return adaptation.outer_loss(h, batch, normalizer, fast, attention).detach()

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.mixture import Source
-from parallel.checkpoint.checkpointer import Checkpointer
+from parallel.checkpoint.checkpointer import TRAIN_PART, Checkpointer
 from parallel.topology import Topology
 from pretrain.config import RunConfig
 from pretrain.eval.heldout import bits
@@ -192,7 +192,7 @@ class TrainingLoop:
                 f"step {self.completed}: {self.bad_steps.in_row} updates in a row were skipped and there is no "
                 "checkpoint to return to; save more often (--checkpoint.every) or lower the learning rate")
         saved = self.checkpointer.load(folder, self.engine, restore_registered=False)
-        self.state.updates = TrainState.from_dict(saved.parts["train"]).updates
+        self.state.updates = TrainState.from_dict(saved.parts[TRAIN_PART]).updates
         self.bad_steps.accepted()
         self.logger.write(f"step {self.completed}: {self.cfg.guard.max_bad_steps_in_row} skipped updates in a row: "
                           f"rolled back to {folder.name}; training goes on with the next data")

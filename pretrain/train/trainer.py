@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from common.errors import UsageError
 from data_pipeline.mixture import proportions
-from parallel.checkpoint.checkpointer import Checkpointer
+from parallel.checkpoint.checkpointer import TRAIN_PART, Checkpointer
 from parallel.topology import Topology, initialize_topology, launched_world_size
 from pretrain.config import ConfigError, RunConfig
 from pretrain.hf.importer import check_data_tokenizer, load_hf_weights, resolve_init_from
@@ -140,7 +140,7 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
     checkpointer = Checkpointer(out_dir, topology, config_record, tokenizer_file, cfg.checkpoint.keep,
                                 cfg.checkpoint.asynchronous, cfg.checkpoint.verify_hashes, log=logger.write,
                                 layout={**topology.layout, "zero_stage": cfg.parallel.zero_stage})
-    checkpointer.register("train", state)
+    checkpointer.register(TRAIN_PART, state)
     checkpointer.register("data", feed)
     with logger:
         # 2. Where the run starts: the newest intact checkpoint (whatever layout saved it), else the
