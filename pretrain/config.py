@@ -60,6 +60,25 @@ class ModelConfig:
     ffn_hidden_size: int = param(704, "SwiGLU inner width (gate/up output, down input)")
     seq_len: int = param(128, "training sequence length and the longest sequence the model takes")
     rope_theta: float = param(10000.0, "rotary embedding base")
+    head_dim: int = param(0, "size of each attention head; 0 = hidden_size / num_heads (Qwen3 sets it apart)")
+    qkv_bias: bool = param(False, "biases on the query/key/value projections (Qwen2, Dream)")
+    qk_norm: bool = param(False, "RMSNorm of each query and key head before RoPE (Qwen3)")
+    rope_scaling: str = param("none", "RoPE frequency scaling: none, or llama3 (Llama-3.1's; the rope_* fields)",
+                              ("none", "llama3"))
+    rope_scaling_factor: float = param(8.0, "llama3 RoPE scaling: factor")
+    rope_low_freq_factor: float = param(1.0, "llama3 RoPE scaling: low_freq_factor")
+    rope_high_freq_factor: float = param(4.0, "llama3 RoPE scaling: high_freq_factor")
+    rope_original_max_positions: int = param(8192, "llama3 RoPE scaling: original_max_position_embeddings")
+    tie_embeddings: bool = param(False, "the LM head is the input embedding (one matrix; not with pipeline "
+                                 "parallelism)")
+    shifted_prediction: bool = param(
+        False, "position i predicts token i+1 (Dream, initialised from an autoregressive model): every loss, the "
+        "sampler and inference-time adaptation read the logits one position to the left (position 0 its own)")
+    head_chunk_rows: int = param(
+        0, "rows of the LM head and its loss computed at once, so no logits block exceeds rows x vocabulary; "
+        "0 = automatic (at most 128 MiB of fp32 logits per tensor-parallel rank, 1024 rows at most)")
+    family: str = param("memdlm", "the checkpoint family the model came from (memdlm-export-hf's default format); "
+                        "set by --model.init_from", ("memdlm", "llama", "qwen2", "qwen3", "llada", "dream"))
     norm_eps: float = param(1e-5, "RMSNorm epsilon")
     init_std: float = param(0.02, "std of the normal initialisation of all weight matrices")
     mask_token_id: int = param(-1, "id of the mask token; -1 takes the tokenizer's <|mask|> token")
@@ -72,12 +91,12 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size"):
             _check(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
         _check(
-            self.hidden_size % self.num_heads == 0,
+            self.head_dim or self.hidden_size % self.num_heads == 0,
             "model.num_heads",
             f"{self.num_heads} heads do not divide hidden_size {self.hidden_size}; pick a divisor",
         )
         _check(
-            (self.hidden_size // self.num_heads) % 2 == 0,
+            self.head_dim or (self.hidden_size // self.num_heads) % 2 == 0,
             "model.num_heads",
             f"head size {self.hidden_size // self.num_heads} is odd; rotary embeddings need an even head size",
         )
@@ -92,6 +111,12 @@ class ModelConfig:
             f"{self.num_kv_heads} key/value heads do not divide num_heads {self.num_heads}; pick a divisor (or 0)",
         )
         _check(self.init_std > 0, "model.init_std", "must be positive")
+        _check(self.head_dim >= 0 and self.head_dim % 2 == 0, "model.head_dim",
+               f"must be 0 or a positive even number (RoPE), got {self.head_dim}")
+        _check(self.head_chunk_rows >= 0, "model.head_chunk_rows", "must be >= 0 (0: automatic)")
+        _check(self.rope_scaling_factor >= 1 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
+               "model.rope_scaling_factor", "llama3 scaling needs factor >= 1 and high_freq_factor > "
+               "low_freq_factor > 0")
         _check(
             -1 <= self.mask_token_id < self.vocab_size,
             "model.mask_token_id",
@@ -99,8 +124,8 @@ class ModelConfig:
         )
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def attention_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def key_value_heads(self) -> int:
@@ -109,7 +134,12 @@ class ModelConfig:
     @property
     def qkv_size(self) -> int:
         """Rows of the fused query/key/value projection."""
-        return (self.num_heads + 2 * self.key_value_heads) * self.head_dim
+        return (self.num_heads + 2 * self.key_value_heads) * self.attention_head_dim
+
+    @property
+    def attention_size(self) -> int:
+        """Width of the attention's output before its out projection (all heads)."""
+        return self.num_heads * self.attention_head_dim
 
 
 @dataclass
@@ -251,10 +281,6 @@ class MemoryConfig:
     @property
     def target_module_list(self) -> tuple[str, ...]:
         return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
-
-    @property
-    def lora_scaling(self) -> float:
-        return self.lora_alpha / self.lora_rank
 
 
 @dataclass

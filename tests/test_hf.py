@@ -11,8 +11,8 @@ from transformers import AutoModelForMaskedLM, LlamaConfig, LlamaForCausalLM
 from launch.config_cli import build_config
 from parallel.checkpoint.checkpointer import Checkpointer
 from parallel.checkpoint.reading import read_weights
+from pretrain.hf.configs import HuggingFaceFormatError, model_fields
 from pretrain.hf.exporter import export_checkpoint
-from pretrain.hf.format import HuggingFaceFormatError, model_fields_from_hf
 from pretrain.hf.importer import import_hf, load_hf_weights, resolve_init_from
 from tests.helpers.ranks import run_ranks
 
@@ -185,15 +185,16 @@ def test_importing_never_runs_code_from_the_model_folder(tmp_path, topology):
 def test_unsupported_architectures_are_refused_with_the_reason():
     base = {"num_attention_heads": 4, "hidden_size": 32, "num_hidden_layers": 2, "intermediate_size": 48,
             "vocab_size": 64}
-    with pytest.raises(HuggingFaceFormatError, match="q/k/v projections have biases"):
-        model_fields_from_hf({**base, "model_type": "qwen2"}, "x")
     with pytest.raises(HuggingFaceFormatError, match="sliding-window attention"):
-        model_fields_from_hf({**base, "model_type": "mistral", "sliding_window": 4096}, "x")
+        model_fields({**base, "model_type": "mistral", "sliding_window": 4096}, "x")
     with pytest.raises(HuggingFaceFormatError, match="rope scaling"):
-        model_fields_from_hf({**base, "model_type": "llama", "rope_scaling": {"rope_type": "llama3"}}, "x")
-    with pytest.raises(HuggingFaceFormatError, match="'gpt2' model"):
-        model_fields_from_hf({**base, "model_type": "gpt2"}, "x")
-    assert model_fields_from_hf({**base, "model_type": "mistral", "sliding_window": None}, "x")["num_heads"] == 4
+        model_fields({**base, "model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "x")
+    with pytest.raises(HuggingFaceFormatError, match="'gpt2' model.*supported: dream, llada, llama, memdlm"):
+        model_fields({**base, "model_type": "gpt2"}, "x")
+    with pytest.raises(HuggingFaceFormatError, match="output projection"):
+        model_fields({**base, "model_type": "llama", "attention_bias": True}, "x")
+    assert model_fields({**base, "model_type": "mistral", "sliding_window": None}, "x")["num_heads"] == 4
+    assert model_fields({**base, "model_type": "qwen2"}, "x")["qkv_bias"]
 
 
 def _init_from_run(rank, world, args):

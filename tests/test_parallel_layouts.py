@@ -88,3 +88,25 @@ def _check_group_with(names, reference, data, root, extra):
             assert_same_training(results[name], reference)
         except AssertionError as err:
             raise AssertionError(f"layout {name}: {err}") from err
+
+
+# The architecture options of the model families (Qwen2's q/k/v biases, Qwen3's query/key norms and separate head
+# size, Llama-3.1's RoPE scaling, Dream's shifted prediction; tied embeddings, which pipeline stages cannot share,
+# on the layouts without them), memory on: every layout trains the single-process model.
+ALL_OPTIONS = ["--model.qkv_bias", "true", "--model.qk_norm", "true", "--model.head_dim", "32",
+               "--model.rope_scaling", "llama3", "--model.rope_original_max_positions", "8",
+               "--model.shifted_prediction", "true"]
+TIED = [*ALL_OPTIONS, "--model.tie_embeddings", "true"]
+
+
+@pytest.mark.slow
+def test_model_family_options_train_the_single_process_model_at_every_layout(data, tmp_path):
+    reference = run_layouts(["single"], tmp_path / "single", data, ALL_OPTIONS)["single"]
+    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3"], reference, data, tmp_path, ALL_OPTIONS)
+    tied = run_layouts(["single"], tmp_path / "single-tied", data, TIED)["single"]
+    _check_group_with(["tp2", "dp2-zero2"], tied, data, tmp_path / "tied", TIED)
+
+
+def test_tied_options_train_the_single_process_model_at_tensor_parallel_two(data, tmp_path):
+    reference = run_layouts(["single"], tmp_path / "single", data, TIED)["single"]
+    _check_group_with(["tp2"], reference, data, tmp_path, TIED)

@@ -134,7 +134,7 @@ class PipelineEngine(EngineBase):
         self._inner_sweeps(step)
         self._run_schedule()
 
-    # -- inner-loop sweeps (forward-only, before the schedule) ---------------------------------------------------------------------
+    # -- inner-loop sweeps (forward-only, before the schedule) ------------------------------------
     def _activation_shape(self, num_sequences: int | None = None):
         return (num_sequences or self.options.micro_batch_size, self.options.seq_len, self.options.hidden_size)
 

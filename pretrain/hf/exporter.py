@@ -1,16 +1,19 @@
 """``memdlm-export-hf``: a checkpoint (any layout) -> a Hugging Face model directory.
 
 Streams tensor by tensor from the DCP files (no process group, no model is built): each of our
-weights is read at full size, renamed and split into Llama's layout (``pretrain.hf.format``), and
-written into safetensors shards of at most ``--max-shard-size`` (with an index when there are
-several). The directory also gets ``config.json`` (a Llama config with ``model_type: memdlm``,
-the mask token, bidirectional attention and the memory settings), ``generation_config.json``, the
-tokenizer files, and the modeling files that ``trust_remote_code=True`` loads.
+weights is read at full size, renamed and split into the layout of the chosen ``--format`` (a family of
+``pretrain.hf.configs``; by default the family the model was imported from, else ``memdlm``), and written
+into safetensors shards of at most ``--max-shard-size`` (with an index when there are several). The directory
+also gets ``config.json`` in that family's form (the mask token; for ``memdlm``, bidirectional attention, every
+architecture option and the memory settings), ``generation_config.json``, the tokenizer files, and the
+modeling files that ``trust_remote_code=True`` loads (ours for ``memdlm``; for ``llada``/``dream`` the family's
+published files, copied from ``--code-from``).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +25,7 @@ from parallel.checkpoint.manifest import resolve_checkpoint
 from parallel.checkpoint.reading import read_tensors
 from parallel.checkpoint.safe_reader import SafeFileSystemReader
 from pretrain.config import ModelConfig
+from pretrain.hf.configs import FAMILIES, PUBLISHED_CODE, export_config, remote_code_note
 from pretrain.hf.files import (
     DEFAULT_SHARD_BYTES,
     StagedDirectory,
@@ -31,7 +35,7 @@ from pretrain.hf.files import (
     write_safetensors,
     write_tokenizer,
 )
-from pretrain.hf.format import hf_config, to_hf
+from pretrain.hf.names import NAMINGS, to_family
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,6 +51,7 @@ def _order(name: str) -> tuple:
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, verify: bool = True, overwrite: bool = False,
+                      family: str | None = None, code_from: Path | None = None,
                       progress: Callable[[str], None] = print) -> Path:
     checkpoint = resolve_checkpoint(checkpoint, verify_hashes=verify)  # a run directory: its newest checkpoint
     out_dir = Path(out_dir)
@@ -54,6 +59,12 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
         raise UsageError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     record = json.loads((checkpoint / "config.json").read_text())
     cfg = ModelConfig(**record["model"])
+    family = family or cfg.family
+    if family not in FAMILIES:
+        raise UsageError(f"--format {family}: choose one of {', '.join(FAMILIES)}")
+    config = export_config(cfg, family, record.get("tokens", {}), record.get("memory", {}), dtype)  # refuses first
+    code_files = _published_code(family, code_from)
+    naming = NAMINGS[family]
     tokens = record.get("tokens", {})
     target = DTYPES[dtype]
     metadata = SafeFileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
@@ -65,13 +76,13 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
 
         def produce():
             ((_, tensor),) = read_tensors(checkpoint, [name])
-            return [(hf_name, part.to(target)) for hf_name, part in to_hf(name, tensor, cfg)]
+            parts = _with_zero_biases(name, tensor, cfg, family, naming)
+            return [(hf_name, part.to(target)) for hf_name, part in parts]
 
         return TensorGroup(nbytes, produce)
 
     with StagedDirectory(out_dir, "memdlm-export-hf", overwrite) as folder:
         index = write_safetensors(folder, [group(n) for n in names], max_shard_bytes, progress)
-        config = hf_config(cfg, tokens, record.get("memory", {}), dtype)
         write_json(folder, "config.json", config)
         write_json(folder, "generation_config.json", {
             "_from_model_config": False, "mask_token_id": config["mask_token_id"],
@@ -79,7 +90,36 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
         tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
         write_tokenizer(folder, tokenizer, config["mask_token_id"], tokens.get("eot_token_id"),
                         tokens.get("pad_token_id"), cfg.seq_len)
-        write_remote_code(folder)
-    progress(f"exported {checkpoint} to {out_dir}: {len(index['weight_map'])} tensors, "
+        if family == "memdlm":
+            write_remote_code(folder)
+        for file in code_files:
+            shutil.copyfile(file, folder / file.name)
+    progress(f"exported {checkpoint} to {out_dir} as {family}: {len(index['weight_map'])} tensors, "
              f"{index['metadata']['total_size'] / 2**20:.1f} MiB ({dtype})")
+    if remote_code_note(family) and not code_files:
+        progress("note: " + remote_code_note(family))
     return out_dir
+
+
+def _published_code(family: str, code_from: Path | None) -> list[Path]:
+    """The family's published modeling files from ``--code-from`` (checked before anything is written)."""
+    if code_from is None:
+        return []
+    if family not in ("llada", "dream"):
+        raise UsageError(f"--code-from: the {family} format needs no modeling files (it is a transformers class or "
+                         "ours)")
+    wanted = PUBLISHED_CODE[family][2]
+    missing = [name for name in wanted if not (Path(code_from) / name).is_file()]
+    if missing:
+        raise UsageError(f"--code-from {code_from}: no {', '.join(missing)} there; pass the original {family} model's "
+                         "folder")
+    return [Path(code_from) / name for name in wanted]
+
+
+def _with_zero_biases(name: str, tensor: torch.Tensor, cfg: ModelConfig, family: str, naming) -> list:
+    """The family's tensors for one of ours; Qwen2 and Dream always have q/k/v biases, so a model without them
+    gets zero biases there (exact: adding zero)."""
+    parts = to_family(name, tensor, cfg, naming)
+    if family in ("qwen2", "dream") and not cfg.qkv_bias and name.endswith("attention.qkv.weight"):
+        parts += [(n.replace(".weight", ".bias"), torch.zeros(part.shape[0], dtype=part.dtype)) for n, part in parts]
+    return parts

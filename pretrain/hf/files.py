@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from common.output_folders import check_replaceable, write_marker
-from pretrain.hf.format import REMOTE_CODE_FILES
+from pretrain.hf.configs import REMOTE_CODE_FILES
 
 DEFAULT_SHARD_BYTES = 5 * 2**30
 

@@ -1,15 +1,18 @@
-"""Starting from a Hugging Face checkpoint of the Llama architecture.
+"""Starting from a Hugging Face checkpoint of a supported family (``pretrain.hf.configs``: Llama/Mistral, Qwen2,
+Qwen3, LLaDA, Dream, or our own export). The family is read from ``config.json``; no code of the model folder
+is ever run (only its JSON files and safetensors are read).
 
-- ``memdlm-import-hf HF_DIR OUT_DIR`` (``import_hf``) converts a Llama/Mistral checkpoint into the
-  export format (``pretrain.hf.format``): if its tokenizer has no mask token, ``<|mask|>`` is added and
-  the embedding and the head grow by one row each, initialised to the mean of the existing rows (and
-  the vocabulary is padded to a multiple of 64 so tensor parallelism can split it; those extra rows are
-  initialised the same way and never produced by the tokenizer). Tied embeddings are untied (the head
-  starts as a copy of the embedding). Everything else is copied unchanged, so exporting a model
-  started from the result gives the same tensors back.
+- ``memdlm-import-hf HF_DIR OUT_DIR`` (``import_hf``) converts it into our export format (Llama-style names,
+  ``memdlm`` config recording the source family, so ``memdlm-export-hf`` gives it back in that family's form):
+  if its tokenizer has no mask token, ``<|mask|>`` is added and the embedding and the head grow by one row
+  each, initialised to the mean of the existing rows (and the vocabulary is padded to a multiple of 64 so
+  tensor parallelism can split it; those extra rows are initialised the same way and never produced by the
+  tokenizer). Tied embeddings stay tied (``--untie-embeddings``: the head starts as a copy of the embedding,
+  as pipeline parallelism needs). Everything else is copied unchanged, so exporting a model started from the
+  result gives the same tensors back.
 - ``--model.init_from DIR`` (``resolve_init_from`` + ``load_hf_weights``) takes the model's shape and
-  RoPE settings from ``DIR/config.json``, its tokenizer for the data, and its weights: every rank reads
-  only its tensor-parallel slice of each tensor (one layer's q/k/v at a time), at any layout.
+  architecture options from ``DIR/config.json``, its tokenizer for the data, and its weights (any supported
+  family): every rank reads only its tensor-parallel slice of each tensor (one layer's q/k/v at a time).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import MASK_TOKEN, add_mask_token, describe, find_mask_token
 from parallel.checkpoint.sharded_state import partition_dim
 from pretrain.config import ConfigError, ModelConfig, RunConfig
+from pretrain.hf.configs import HuggingFaceFormatError, export_config, model_fields, padded_vocab
 from pretrain.hf.files import (
     DEFAULT_SHARD_BYTES,
     StagedDirectory,
@@ -37,7 +41,7 @@ from pretrain.hf.files import (
     write_safetensors,
     write_tokenizer,
 )
-from pretrain.hf.format import hf_config, hf_names, merge_qkv, model_fields_from_hf, padded_vocab
+from pretrain.hf.names import LLAMA_STYLE, NAMINGS, Naming, merge_qkv
 
 
 class HuggingFaceTensors:
@@ -47,7 +51,14 @@ class HuggingFaceTensors:
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            self.files = json.loads(index.read_text())["weight_map"]
+            try:
+                self.files = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as err:
+                raise UsageError(f"{index} is not a safetensors index ({type(err).__name__}: {err})") from None
+            missing = sorted({f for f in self.files.values() if not (self.folder / f).is_file()})
+            if missing:
+                raise UsageError(f"{self.folder} lacks {len(missing)} shard(s) its index names "
+                                 f"({', '.join(missing[:3])}); download the whole model folder")
         elif (self.folder / "model.safetensors").is_file():
             with safe_open(str(self.folder / "model.safetensors"), "pt") as handle:
                 self.files = {name: "model.safetensors" for name in handle.keys()}
@@ -103,66 +114,87 @@ def read_hf_config(folder: Path, option: str = "--model.init_from") -> dict:
     return config
 
 
-def _head_name(config: dict, tensors: HuggingFaceTensors) -> str:
-    """The head's tensor, or the embedding's for a model with tied embeddings."""
-    if "lm_head.weight" in tensors:
-        return "lm_head.weight"
-    if config.get("tie_word_embeddings", False):
-        return "model.embed_tokens.weight"
-    raise UsageError("the checkpoint has no lm_head.weight and does not tie its embeddings")
+def _source_name(ours: str, naming: Naming, tensors: HuggingFaceTensors) -> list[str]:
+    """The checkpoint's tensor(s) for one of ours: the head of a tied checkpoint is its embedding."""
+    names = naming.names(ours)
+    if ours == "lm_head.weight" and names[0] not in tensors:
+        return [naming.embedding]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise HuggingFaceFormatError(f"{tensors.folder} lacks {missing[0]} (needed for our {ours}); the checkpoint "
+                                     "is incomplete or its config.json does not describe it")
+    return names
+
+
+def _our_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor of the whole model, in file order."""
+    per_layer = ["attention_norm.weight", "attention.qkv.weight", *(["attention.qkv.bias"] if cfg.qkv_bias else []),
+                 *(["attention.q_norm.weight", "attention.k_norm.weight"] if cfg.qk_norm else []),
+                 "attention.out.weight", "mlp_norm.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight"]
+    layers = [f"layers.{i}.{rest}" for i in range(cfg.num_layers) for rest in per_layer]
+    return ["embedding.weight", *layers, "final_norm.weight", *([] if cfg.tie_embeddings else ["lm_head.weight"])]
 
 
 # -- memdlm-import-hf ------------------------------------------------------------------------------
 def import_hf(hf_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False,
-              progress: Callable[[str], None] = print) -> Path:
+              untie_embeddings: bool = False, progress: Callable[[str], None] = print) -> Path:
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = read_hf_config(hf_dir, "memdlm-import-hf")
-    fields = model_fields_from_hf(config, str(hf_dir))
+    fields = model_fields(config, str(hf_dir))
+    source = ModelConfig(**fields)
+    naming = NAMINGS[source.family]
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise UsageError(f"{hf_dir} has no tokenizer.json (a fast tokenizer is needed for the data pipeline)")
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    old_vocab = fields["vocab_size"]
+    if tokenizer.get_vocab_size() > old_vocab:
+        raise HuggingFaceFormatError(
+            f"{hf_dir}'s tokenizer has {tokenizer.get_vocab_size()} entries but its embedding only {old_vocab} rows; "
+            "the tokenizer does not belong to these weights")
     mask_id = find_mask_token(tokenizer)
     added = mask_id is None
     if added:  # as memdlm-prepare-data --add-mask-token does: the same token at the same id
         mask_id = add_mask_token(tokenizer, MASK_TOKEN)
     info = describe(tokenizer, tokenizer_file)  # also needs an end-of-document token
-    old_vocab = fields["vocab_size"]
     vocab = padded_vocab(mask_id + 1) if mask_id >= old_vocab else old_vocab
     tensors = HuggingFaceTensors(hf_dir)
-    head = _head_name(config, tensors)
+    model = dataclasses.replace(source, vocab_size=vocab, mask_token_id=mask_id,
+                                tie_embeddings=source.tie_embeddings and not untie_embeddings)
 
-    def grown(name: str, target: str) -> TensorGroup:
+    def grown(values: list[torch.Tensor]) -> torch.Tensor:
         """An embedding-shaped tensor with rows added up to ``vocab`` (the mean of its rows)."""
-        def produce():
-            value = tensors.get(name)
-            if vocab > value.shape[0]:
-                extra = value.float().mean(dim=0, keepdim=True).to(value.dtype).expand(vocab - value.shape[0], -1)
-                value = torch.cat([value, extra])
-            return [(target, value)]
+        (value,) = values
+        if vocab > value.shape[0]:
+            extra = value.float().mean(dim=0, keepdim=True).to(value.dtype).expand(vocab - value.shape[0], -1)
+            value = torch.cat([value, extra])
+        return value
 
-        return TensorGroup(tensors.nbytes(name, vocab), produce)
+    def group(ours: str) -> TensorGroup:
+        sources = _source_name(ours, naming, tensors)
+        (target,) = LLAMA_STYLE.names(ours) if len(sources) == 1 else [None]
+        if ours in ("embedding.weight", "lm_head.weight"):
+            return TensorGroup(tensors.nbytes(sources[0], vocab),
+                               lambda: [(target, grown([tensors.get(sources[0])]))])
+        if len(sources) == 3:  # q, k, v keep their names and layout in our export format
+            targets = LLAMA_STYLE.names(ours)
+            return TensorGroup(sum(tensors.nbytes(n) for n in sources),
+                               lambda: [(t, tensors.get(n)) for t, n in zip(targets, sources)])
+        return TensorGroup(tensors.nbytes(sources[0]), lambda: [(target, tensors.get(sources[0]))])
 
-    def copied(name: str) -> TensorGroup:
-        return TensorGroup(tensors.nbytes(name), lambda: [(name, tensors.get(name))])
-
-    layers = sorted((n for n in tensors.files if n.startswith("model.layers.")),
-                    key=lambda n: (int(n.split(".")[2]), n))
-    # Tied embeddings: the head starts as a copy of the (grown) embedding.
-    groups = [grown("model.embed_tokens.weight", "model.embed_tokens.weight"), *(copied(n) for n in layers),
-              copied("model.norm.weight"), grown(head, "lm_head.weight")]
-    model = ModelConfig(**fields | {"vocab_size": vocab, "mask_token_id": mask_id,
-                                    "seq_len": int(config.get("max_position_embeddings", 2048))})
+    groups = [group(name) for name in _our_names(model)]
     tokens = {"mask_token_id": mask_id, "eot_token_id": info.eot_id, "pad_token_id": info.pad_id}
     dtype = str(config.get("torch_dtype", "float32"))
     with StagedDirectory(out_dir, "memdlm-import-hf", overwrite) as folder:
         write_safetensors(folder, groups, max_shard_bytes, progress)
-        write_json(folder, "config.json", hf_config(model, tokens, {}, dtype) | {"imported_from": str(hf_dir)})
+        write_json(folder, "config.json", export_config(model, "memdlm", tokens, {}, dtype)
+                   | {"imported_from": str(hf_dir)})
         write_tokenizer(folder, tokenizer, mask_id, info.eot_id, info.pad_id, model.seq_len)
         write_remote_code(folder)
-    progress(f"imported {hf_dir} into {out_dir}: {fields['num_layers']} layers, hidden {fields['hidden_size']}, "
-             f"vocabulary {old_vocab} -> {vocab}"
-             + (f" (added {MASK_TOKEN} as token {mask_id})" if added else f" (mask token {mask_id})"))
+    progress(f"imported {hf_dir} ({model.family}) into {out_dir}: {model.num_layers} layers, hidden "
+             f"{model.hidden_size}, vocabulary {old_vocab} -> {vocab}"
+             + (f" (added {MASK_TOKEN} as token {mask_id})" if added else f" (mask token {mask_id})")
+             + (", embeddings tied" if model.tie_embeddings else ""))
     return out_dir
 
 
@@ -173,7 +205,8 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
     if not folder:
         return cfg
     config = read_hf_config(Path(folder))
-    fields = model_fields_from_hf(config, folder)
+    fields = model_fields(config, folder)
+    fields.pop("seq_len")  # the run's sequence length is the user's (RoPE has no learned positions)
     try:
         from data_pipeline.tokenizer import load_tokenizer
 
@@ -205,12 +238,12 @@ def check_data_tokenizer(folder: Path, sources) -> None:
 @torch.no_grad()
 def load_hf_weights(model: torch.nn.Module, folder: Path, cfg: ModelConfig, tensor_parallel_size: int = 1,
                     tensor_parallel_rank: int = 0) -> None:
-    """This rank's part of every weight of ``model`` from a Hugging Face directory."""
+    """This rank's part of every weight of ``model`` from a Hugging Face directory of any supported family."""
     config = read_hf_config(Path(folder))
+    naming = NAMINGS[model_fields(config, str(folder))["family"]]
     tensors = HuggingFaceTensors(Path(folder))
-    head = _head_name(config, tensors)
     for name, param in model.named_parameters():
-        sources = [head if n == "lm_head.weight" else n for n in hf_names(name)]
+        sources = _source_name(name, naming, tensors)
         dim = partition_dim(param)
         if len(sources) == 3:  # q, k, v: merged in our layout, then split like the fused projection
             value = merge_qkv(*(tensors.get(s) for s in sources), cfg)

@@ -245,7 +245,8 @@ def build_fast_weight_plan(model_cfg, memory_cfg, tensor_parallel_size: int = 1,
                            tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
     """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
     h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
-    shapes = {"qkv": (h, model_cfg.qkv_size), "out": (h, h), "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+    shapes = {"qkv": (h, model_cfg.qkv_size), "out": (model_cfg.attention_size, h), "gate": (h, ffn),
+              "up": (h, ffn), "down": (ffn, h)}
     places = [(layer, module) for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
               for module in ("qkv", "out", "gate", "up", "down") if module in memory_cfg.target_module_list]
     sites = [FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank, index)

@@ -7,6 +7,7 @@ base weights must receive nothing) and megatron takes its frozen-weight linear p
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from parallel.megatron import (
     ColumnParallelLinear,
     ModelParallelConfig,
     RowParallelLinear,
+    copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
 from pretrain.model.attention import attend
@@ -34,12 +36,30 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables ``[seq_len, head_dim]`` in the rotate-half (Llama/HF) convention."""
+def rotary_tables(seq_len: int, head_dim: int, theta: float, dtype: torch.dtype,
+                  scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``[seq_len, head_dim]`` in the rotate-half (Llama/HF) convention; ``scaling``: Llama-3.1's
+    frequency scaling (``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_positions``)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, **scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+                       original_max_positions: int) -> torch.Tensor:
+    """Llama-3.1's RoPE scaling: wavelengths longer than ``original / low_freq_factor`` are stretched by
+    ``factor``, those shorter than ``original / high_freq_factor`` kept, those between interpolated."""
+    wavelength = 2 * math.pi / inv_freq
+    low_wavelength = original_max_positions / low_freq_factor
+    high_wavelength = original_max_positions / high_freq_factor
+    scaled = torch.where(wavelength > low_wavelength, inv_freq / factor, inv_freq)
+    smooth = (original_max_positions / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelength >= high_wavelength) & (wavelength <= low_wavelength)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,14 +75,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class ColumnLinear(ColumnParallelLinear):
-    """megatron's column-parallel linear returning just the output; ``frozen`` detaches the weight.
+    """megatron's column-parallel linear returning just the output; ``frozen`` detaches the weight (and the
+    bias, which megatron is asked to hand back rather than add, so that it can be detached too).
 
     The weight is read inside ``forward`` so engines that gather parameters around a module's
     forward (DeepSpeed ZeRO-3) see it.
     """
 
+    def __init__(self, *args, bias: bool = False, **kwargs):
+        super().__init__(*args, bias=bias, skip_bias_add=bias, **kwargs)
+
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        return super().forward(x, weight=self.weight.detach() if frozen else None)[0]
+        out, bias = super().forward(x, weight=self.weight.detach() if frozen else None)
+        if bias is not None:
+            out = out + (bias.detach() if frozen else bias)
+        return out
 
 
 class RowLinear(RowParallelLinear):
@@ -117,22 +144,25 @@ class SelfAttention(ProjectionSet):
     head ``i // group`` (as Llama's ``repeat_kv``).
     """
 
-    def __init__(self, hidden: int, num_heads: int, config: ModelParallelConfig, init_method,
-                 tensor_parallel_size: int, num_kv_heads: int = 0):
+    def __init__(self, cfg, config: ModelParallelConfig, init_method, tensor_parallel_size: int):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        self.head_dim = hidden // num_heads
+        num_heads, num_kv_heads, hidden = cfg.num_heads, cfg.key_value_heads, cfg.hidden_size
+        self.head_dim = cfg.attention_head_dim
         self.group = num_heads // num_kv_heads
         self.num_kv_heads_local = num_kv_heads // tensor_parallel_size
         self.num_heads_local = self.num_kv_heads_local * self.group
         self.qkv = ColumnLinear(
-            hidden, (num_heads + 2 * num_kv_heads) * self.head_dim, config=config, init_method=init_method,
-            bias=False, gather_output=False,
+            hidden, cfg.qkv_size, config=config, init_method=init_method, bias=cfg.qkv_bias, gather_output=False,
         )
         self.out = RowLinear(
-            hidden, hidden, config=config, init_method=init_method, bias=False,
+            cfg.attention_size, hidden, config=config, init_method=init_method, bias=False,
             input_is_parallel=True, skip_bias_add=False,
         )
+        if cfg.qk_norm:  # one weight per head dimension, shared by all heads (replicated over TP ranks)
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, config.params_dtype)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, config.params_dtype)
+        else:
+            self.q_norm = self.k_norm = None
 
     entry_projections = ("qkv",)
 
@@ -141,15 +171,31 @@ class SelfAttention(ProjectionSet):
         group = self.group
         qkv = self.project("qkv", x, fast, frozen, shared_base).view(
             b, l, self.num_kv_heads_local, group + 2, self.head_dim)
+        queries_keys = qkv[:, :, :, :group + 1]
+        if self.q_norm is not None:
+            queries_keys = self._normed_queries_keys(queries_keys, frozen)
         cos, sin = rope
         # cos/sin: [l, d] (positions 0..l-1) or [b, l, d] (given positions) -> broadcast over heads.
-        rotated = apply_rotary(qkv[:, :, :, :group + 1], cos[..., None, None, :], sin[..., None, None, :])
+        rotated = apply_rotary(queries_keys, cos[..., None, None, :], sin[..., None, None, :])
         q = rotated[:, :, :, :group].reshape(b, l, self.num_heads_local, self.head_dim).transpose(1, 2)
         k = rotated[:, :, :, group].transpose(1, 2)  # [b, kv heads, l, d]
         v = qkv[:, :, :, group + 1].transpose(1, 2)
         context = attend(q, k, v, attention_mask, grouped=group > 1)
         context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
         return self.project("out", context, fast, frozen)
+
+    def _normed_queries_keys(self, queries_keys: torch.Tensor, frozen: bool) -> torch.Tensor:
+        """Each query and key head RMS-normalised over its dimensions, then scaled by the query's or the key's
+        norm weight (``[b, l, kv heads, group + 1, d]``: the group's queries, then its key)."""
+        q_weight, k_weight = self.q_norm.weight, self.k_norm.weight
+        if frozen:
+            q_weight, k_weight = q_weight.detach(), k_weight.detach()
+        else:  # replicated over tensor-parallel ranks, each of which sees its own heads: gradients are summed
+            q_weight = copy_to_tensor_model_parallel_region(q_weight)
+            k_weight = copy_to_tensor_model_parallel_region(k_weight)
+        weight = torch.cat([q_weight.expand(self.group, -1), k_weight[None]], dim=0)
+        normed = F.rms_norm(queries_keys, (queries_keys.shape[-1],), None, self.q_norm.eps)
+        return normed * weight
 
 
 class SwiGLU(ProjectionSet):
@@ -183,8 +229,7 @@ class TransformerLayer(nn.Module):
         super().__init__()
         dtype = config.params_dtype
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.attention = SelfAttention(cfg.hidden_size, cfg.num_heads, config, init_method, tensor_parallel_size,
-                                       cfg.num_kv_heads)
+        self.attention = SelfAttention(cfg, config, init_method, tensor_parallel_size)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
 

@@ -31,7 +31,7 @@ from parallel.megatron import (
 )
 from pretrain.config import ModelConfig
 from pretrain.model.fast_weights import FastWeightPlan, FastWeights
-from pretrain.model.fused_head import VocabParallelHead
+from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
 from pretrain.model.layers import BlockEntry, RMSNorm, TransformerLayer, rotary_tables
 from pretrain.model.rows import Rows
 
@@ -76,7 +76,12 @@ class DiffusionTransformer(nn.Module):
                 cfg.hidden_size, cfg.vocab_size, config=mp_config, init_method=unused, bias=False,
                 gather_output=False,
             )
-        cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta, dtype)
+            self.lm_head.chunk_rows = head_chunk_rows(cfg, tensor_parallel_size)
+        if cfg.tie_embeddings:
+            if not (self.has_embedding and self.has_head):
+                raise ValueError("model.tie_embeddings needs the embedding and the head on one pipeline stage")
+            self.lm_head.weight = self.embedding.weight  # one parameter, named embedding.weight
+        cos, sin = rotary_tables(cfg.seq_len, cfg.attention_head_dim, cfg.rope_theta, dtype, rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.num_blocks = 2 * cfg.num_layers
@@ -153,6 +158,13 @@ class DiffusionTransformer(nn.Module):
         """Final norm and LM head: ``[..., hidden]`` -> vocab-parallel logits ``[..., vocab/tp]``."""
         return self.lm_head(self.final_norm(h, frozen), frozen=frozen)
 
+    def predicting_rows(self, index: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """The rows of the flattened ``[b * l]`` outputs that predict the tokens at ``index``: the same rows, or
+        with ``shifted_prediction`` the row before (a sequence's first token predicted by its own row)."""
+        if not self.cfg.shifted_prediction:
+            return index
+        return torch.where(index % seq_len == 0, index, index - 1)
+
     def tail_loss(
         self,
         h: torch.Tensor,
@@ -166,7 +178,7 @@ class DiffusionTransformer(nn.Module):
         """Sub-blocks ``[boundary, end)``, then ``sum(rows.scale * CE(logits, rows.targets))`` over the
         gathered ``rows`` of ``h [b, l, hidden]``. The head runs on those rows only."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
-        selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, self.predicting_rows(rows.index, h.shape[1]))
         return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen,
                             row_group=rows.group, group_sums=rows.group_sums)
 
@@ -185,7 +197,7 @@ class DiffusionTransformer(nn.Module):
         logits ``[n, vocab]`` (``logits``, gathered over tensor-parallel ranks), the final-normed hidden states
         (``normed``) or the last sub-block's output before the final norm (``hidden``)."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
-        selected = h.reshape(-1, h.shape[-1]).index_select(0, index)
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, self.predicting_rows(index, h.shape[1]))
         if kind == "hidden":
             return selected
         normed = self.final_norm(selected, frozen)
@@ -203,7 +215,30 @@ class DiffusionTransformer(nn.Module):
             attention_mask = attention_mask.bool()[:, None, None, :]
         h = self.embedding(input_ids)
         h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast, positions=positions)
-        return self.head(h)
+        logits = self.head(h)
+        if self.cfg.shifted_prediction:  # position i's logits come from row i - 1 (row 0 keeps its own)
+            logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+        return logits
+
+
+def rope_scaling(cfg: ModelConfig) -> dict | None:
+    if cfg.rope_scaling == "none":
+        return None
+    return {"factor": cfg.rope_scaling_factor, "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_positions": cfg.rope_original_max_positions}
+
+
+LOGITS_BLOCK_BYTES = 128 << 20  # the automatic head chunk keeps one block of fp32 logits below this
+
+
+def head_chunk_rows(cfg: ModelConfig, tensor_parallel_size: int = 1) -> int:
+    """Rows of the head computed at once: ``--model.head_chunk_rows``, or the largest power of two (at most
+    1024, at least 16) whose fp32 logits over this rank's share of the vocabulary fit ``LOGITS_BLOCK_BYTES``."""
+    if cfg.head_chunk_rows:
+        return cfg.head_chunk_rows
+    rows_that_fit = LOGITS_BLOCK_BYTES // (4 * max(1, cfg.vocab_size // tensor_parallel_size))
+    return max(16, min(DEFAULT_CHUNK_ROWS, 1 << max(0, int(rows_that_fit).bit_length() - 1)))
 
 
 def _normal_init(std: float):
@@ -228,14 +263,27 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
     tensor_parallel_size = parallel_state.get_tensor_model_parallel_world_size()
     tensor_parallel_rank = parallel_state.get_tensor_model_parallel_rank()
     # megatron marks partitioned weights only when it initialises them itself; mark them here.
+    marked = set()  # a tied head shares the embedding's parameter: marked once
     for module in model.modules():
+        if id(getattr(module, "weight", None)) in marked:
+            continue
         if isinstance(module, (VocabParallelEmbedding, ColumnParallelLinear)):
             set_tensor_model_parallel_attributes(module.weight, True, 0, 1)
         elif isinstance(module, RowParallelLinear):
             set_tensor_model_parallel_attributes(module.weight, True, 1, 1)
+        else:
+            continue
+        marked.add(id(module.weight))
+    for module in model.modules():  # a column-parallel bias, unless megatron has marked it already
+        bias = getattr(module, "bias", None)
+        if isinstance(module, ColumnParallelLinear) and bias is not None and not hasattr(bias, "partition_dim"):
+            set_tensor_model_parallel_attributes(bias, True, 0, 1)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.fill_(1.0)
+            continue
+        if name.endswith(".bias"):
+            param.zero_()
             continue
         std = cfg.init_std
         if name.endswith(("attention.out.weight", "mlp.down.weight")):
@@ -255,7 +303,9 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
 def full_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the whole model, whatever part of it one rank holds."""
     h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    return 2 * cfg.vocab_size * h + cfg.num_layers * (h * cfg.qkv_size + h * h + 3 * h * f + 2 * h) + h
+    per_layer = h * cfg.qkv_size + cfg.attention_size * h + 3 * h * f + 2 * h
+    per_layer += (cfg.qkv_size if cfg.qkv_bias else 0) + (2 * cfg.attention_head_dim if cfg.qk_norm else 0)
+    return (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * h + cfg.num_layers * per_layer + h
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -63,6 +63,11 @@ def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) ->
     check_tensor_split(tensor, sizes)
     data = world_size // (tensor * pipeline)
     check_batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, data, pipeline)
+    if pipeline > 1 and model.tie_embeddings:
+        raise LayoutError(
+            "--model.tie_embeddings true holds one matrix for the embedding (first pipeline stage) and the head "
+            f"(last stage), which {pipeline} stages cannot share: import the model with `memdlm-import-hf "
+            "--untie-embeddings`, or pass --model.tie_embeddings false, or --parallel.pipeline_parallel_size 1")
     if pipeline > 1 and cfg.memory.enabled:
         first_adapted = adapted_layers(model.num_layers, cfg.memory.layer_fraction).start
         last_stage = stage_layers(model.num_layers, pipeline, pipeline - 1)

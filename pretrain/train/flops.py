@@ -35,8 +35,8 @@ PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12,
 
 def model_flops_per_token(cfg: ModelConfig) -> float:
     h, layers = cfg.hidden_size, cfg.num_layers
-    matmul = layers * (h * cfg.qkv_size + h * h + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
-    return 6.0 * matmul + 12.0 * layers * cfg.seq_len * h
+    matmul = layers * (h * cfg.qkv_size + cfg.attention_size * h + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
+    return 6.0 * matmul + 12.0 * layers * cfg.seq_len * cfg.attention_size
 
 
 class _Layout:
@@ -44,8 +44,9 @@ class _Layout:
 
     def __init__(self, cfg: ModelConfig, memory: MemoryConfig, seq_len: int):
         h, f = cfg.hidden_size, cfg.ffn_hidden_size
-        self.shapes = {"qkv": (h, cfg.qkv_size), "out": (h, h), "gate": (h, f), "up": (h, f), "down": (f, h)}
-        self.core = 4.0 * seq_len * h  # attention scores and weighted sum, per token, forward
+        self.shapes = {"qkv": (h, cfg.qkv_size), "out": (cfg.attention_size, h), "gate": (h, f), "up": (h, f),
+                       "down": (f, h)}
+        self.core = 4.0 * seq_len * cfg.attention_size  # attention scores and weighted sum, per token, forward
         self.num_blocks = 2 * cfg.num_layers
         self.sites = set()
         if memory.enabled:
