@@ -202,7 +202,7 @@ def build_masked_batch(
       (masked, scored and attended like any other); ``inner`` does so for the outer loss only, while the
       inner loop's states and losses leave it out (``inner_maskable``, ``inner_anchor_mask``).
     """
-    spec = trajectory or TrajectorySpec(num_inner_steps=num_inner_steps, pre_anchor_scale=pre_anchor_scale)
+    spec = trajectory or TrajectorySpec("pmc", num_inner_steps=num_inner_steps, pre_anchor_scale=pre_anchor_scale)
     input_ids = np.asarray(input_ids, dtype=np.int64)
     b, l = input_ids.shape
     sample_index = np.asarray(sample_index, dtype=np.int64)

@@ -41,8 +41,8 @@ class InnerStep:
 
 @dataclass(frozen=True)
 class TrajectorySpec:
-    strategy: str = "pmc"
-    num_inner_steps: int = 2
+    strategy: str = "pre_only"  # the defaults of MemoryConfig
+    num_inner_steps: int = 1
     pre_anchor_scale: float = 1.5
     prompt_mask_ratio: float = 0.2
     loss_mask: str = "student_masked"

@@ -166,7 +166,8 @@ class MemoryConfig:
 
     enabled: bool = param(True, "run the bi-level step; false gives plain MDLM through the same code path")
     num_inner_steps: int = param(
-        2, "inner SGD steps K: K-1 pre-anchor states (noisiest first) then the anchor state"
+        1, "inner SGD steps K (pmc: K-1 pre-anchor states, noisiest first, then the anchor state; the paper's "
+        "recipe is K = 2; pre_only and no_progressive take K = 1)"
     )
     pre_anchor_scale: float = param(1.5, "the pre-anchor state masks min(n, floor(scale * k)) tokens")
     inner_lr: float = param(0.1, "inner SGD learning rate eta")
@@ -191,8 +192,10 @@ class MemoryConfig:
         True, "compute the anchor state's prefix once for the last inner step and the outer loss"
     )
     masking_strategy: str = param(
-        "pmc", "the inner loop's states (the reference's variants): pmc = pre-anchor states then the anchor (the "
-        "paper's); pre_only = one step on the pre-anchor state; no_progressive = one step on the anchor; "
+        "pre_only", "the inner loop's states (the reference's variants): pmc = pre-anchor states then the anchor "
+        "(the paper's: --memory.masking_strategy pmc --memory.num_inner_steps 2; it leaks the outer loss's "
+        "targets and its base model degrades, see benchmarks/RESULTS.md); pre_only (the default, the study's "
+        "best at equal compute) = one step on the pre-anchor state; no_progressive = one step on the anchor; "
         "progressive_memory = K states independent of the anchor, 80% masked down to prompt_mask_ratio",
         ("pmc", "progressive_memory_consistent", "pre_only", "no_progressive", "progressive_memory"))
     inner_loss: str = param(
@@ -246,7 +249,7 @@ class MemoryConfig:
         _check(strategy not in ("pre_only", "no_progressive") or self.num_inner_steps == 1,
                "memory.num_inner_steps",
                f"--memory.masking_strategy {strategy} takes exactly one inner step, got {self.num_inner_steps}; "
-               "pass --memory.num_inner_steps 1")
+               "pass --memory.num_inner_steps 1, or --memory.masking_strategy pmc (or progressive_memory) for more")
         _check(self.inner_epochs >= 1, "memory.inner_epochs", "must be >= 1")
         _check(0 <= self.inner_dropout < 1, "memory.inner_dropout", "must lie in [0, 1)")
         _check(self.distill_temperature > 0, "memory.distill_temperature", "must be positive")

@@ -27,7 +27,7 @@ def test_model_flops_per_token_by_hand():
 CASES = {
     "mdlm": dict(enabled=False),
     "memdlm": dict(),
-    "k3": dict(num_inner_steps=3),
+    "k3": dict(masking_strategy="pmc", num_inner_steps=3),
     "attention-sites": dict(target_modules="qkv,out,gate,up,down", lora_rank=4),
     "two-layers": dict(layer_fraction=1.0, target_modules="up,down,out"),
     "dense-unshared": dict(adapter="full", share_anchor_prefix=False),
@@ -58,7 +58,7 @@ VARIANTS = {
     "distill": dict(inner_loss="distill"),
     "distill-hidden": dict(inner_loss="distill_hidden", masking_strategy="progressive_memory"),
     "epochs-2": dict(inner_epochs=2),
-    "leak-free": dict(leak_free=True, num_inner_steps=3),
+    "leak-free": dict(leak_free=True, masking_strategy="pmc", num_inner_steps=3),
     "base-weight": dict(base_weight=0.5),
     "base-weight-leak-free": dict(base_weight=0.5, leak_free=True),
     "base-weight-unshared": dict(base_weight=0.5, share_anchor_prefix=False),

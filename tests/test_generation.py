@@ -89,7 +89,7 @@ def test_generation_stops_at_the_end_of_document_token():
 # -- inference-time adaptation -------------------------------------------------------------------
 def test_adaptation_equals_the_float64_oracles_inner_steps(topology):
     model = tiny_model()
-    adaptation = tiny_adaptation(model, num_inner_steps=3)
+    adaptation = tiny_adaptation(model, masking_strategy="pmc", num_inner_steps=3)
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]]
     batch = prompt_adaptation_batch(adaptation, prompts, [0, 1], PAD)
     batch.t = batch.t.double()

@@ -126,18 +126,18 @@ def test_progressive_memory_states_follow_the_schedule_exactly():
 def test_strategies_carry_their_states_and_count_the_scored_rows():
     from data_pipeline.trajectory import ANCHOR, TrajectorySpec
 
-    for spec, states in [(TrajectorySpec(), 1), (TrajectorySpec(num_inner_steps=4), 3),
-                         (TrajectorySpec(num_inner_steps=1), 1),
+    for spec, states in [(TrajectorySpec(), 1), (TrajectorySpec("pmc", num_inner_steps=4), 3),
+                         (TrajectorySpec("pmc", num_inner_steps=1), 1),
                          (TrajectorySpec(strategy="pre_only", num_inner_steps=1), 1),
                          (TrajectorySpec(strategy="no_progressive", num_inner_steps=1), 0)]:
         batch, _, _ = _trajectory_batch(spec)
         assert batch.inner_masks.shape[0] == states
-    pmc = _trajectory_batch(TrajectorySpec(num_inner_steps=3))[0]
+    pmc = _trajectory_batch(TrajectorySpec("pmc", num_inner_steps=3))[0]
     pre_only = _trajectory_batch(TrajectorySpec(strategy="pre_only", num_inner_steps=1))[0]
-    two = _trajectory_batch(TrajectorySpec(num_inner_steps=2))[0]
+    two = _trajectory_batch(TrajectorySpec("pmc", num_inner_steps=2))[0]
     assert np.array_equal(pre_only.inner_masks[0].numpy(), two.inner_masks[0].numpy()), "the same pre-anchor state"
     for loss_mask, leak_free in [("student_masked", False), ("newly_revealed", False), ("newly_revealed", True)]:
-        spec = TrajectorySpec(num_inner_steps=3, loss_mask=loss_mask, leak_free=leak_free)
+        spec = TrajectorySpec("pmc", num_inner_steps=3, loss_mask=loss_mask, leak_free=leak_free)
         batch = _trajectory_batch(spec)[0]
         masks, anchor = batch.inner_masks.numpy(), batch.anchor_mask.numpy()
         chain = [masks[0], masks[1], anchor]

@@ -41,17 +41,19 @@ def tiny_batch(num_inner_steps: int, seed: int = 3, padded: bool = False):
 @pytest.mark.parametrize(
     "memory_kwargs",
     [
-        {},  # the paper's defaults: K=2, LoRA r=32 on gate/up/down, clip 1.0
-        {"num_inner_steps": 3, "layer_fraction": 0.67},  # two adapted layers, attention inside the tail
+        {},  # our defaults: pre_only (K=1), LoRA r=32 on gate/up/down, clip 1.0
+        {"masking_strategy": "pmc", "num_inner_steps": 2},  # the paper's recipe
+        # two adapted layers, attention inside the tail
+        {"masking_strategy": "pmc", "num_inner_steps": 3, "layer_fraction": 0.67},
         {"adapter": "full", "inner_grad_clip": 0.0},
         {"target_modules": "qkv,out,down", "lora_rank": 4, "lora_alpha": 8.0, "inner_lr": 0.5},
         {"share_anchor_prefix": False, "inner_loss_weight": "uniform", "inner_grad_clip": 0.05},
         {"padded": True},
         {"recompute": "full", "layer_fraction": 0.34},
-        {"recompute": "selective", "num_inner_steps": 3, "padded": True},
+        {"recompute": "selective", "masking_strategy": "pmc", "num_inner_steps": 3, "padded": True},
     ],
-    ids=["default", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip", "padded",
-         "recompute-full", "recompute-selective"],
+    ids=["default", "paper-pmc-k2", "k3-two-layers", "full-noclip", "attention-targets", "unshared-uniform-tightclip",
+         "padded", "recompute-full", "recompute-selective"],
 )
 def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
     memory_kwargs = dict(memory_kwargs)
@@ -111,8 +113,8 @@ def test_reference_detects_a_wrong_inner_step(topology):
 
 
 VARIANTS = {  # the reference code's variants (and ours) against the oracle
-    "pmc-newly-revealed-k3": {"num_inner_steps": 3, "inner_loss_mask": "newly_revealed"},
-    "pmc-k1": {"num_inner_steps": 1},
+    "pmc-newly-revealed-k3": {"masking_strategy": "pmc", "num_inner_steps": 3, "inner_loss_mask": "newly_revealed"},
+    "pmc-k1": {"masking_strategy": "pmc", "num_inner_steps": 1},
     "pre-only": {"masking_strategy": "pre_only", "num_inner_steps": 1},
     "pre-only-newly-revealed": {"masking_strategy": "pre_only", "num_inner_steps": 1,
                                 "inner_loss_mask": "newly_revealed"},
@@ -126,7 +128,7 @@ VARIANTS = {  # the reference code's variants (and ours) against the oracle
     "distill-hidden-cosine-compat": {"inner_loss": "distill_hidden", "distill_hidden_type": "cosine",
                                      "reference_compat": True},
     "epochs-2": {"inner_epochs": 2},
-    "leak-free-k3": {"num_inner_steps": 3, "leak_free": True},
+    "leak-free-k3": {"masking_strategy": "pmc", "num_inner_steps": 3, "leak_free": True},
     "base-weight": {"base_weight": 0.7},
     "compat-weights": {"reference_compat": True},
     "pad-none": {"pad_unmask": "none", "padded": True},

@@ -87,7 +87,7 @@ def test_shared_prefix_fusion_equals_separate_forwards(topology):
     separate_loss, separate = loss_and_grads(model, MemoryConfig(share_anchor_prefix=False), [batch])
     torch.testing.assert_close(fused_loss, separate_loss, rtol=1e-6, atol=0)
     for name in fused:
-        torch.testing.assert_close(fused[name], separate[name], rtol=1e-5, atol=1e-8, msg=name)
+        torch.testing.assert_close(fused[name], separate[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_micro_batching_does_not_change_the_step(topology):
@@ -105,7 +105,7 @@ def test_micro_batching_does_not_change_the_step(topology):
 
 def test_inner_loop_gives_base_weights_no_gradient(topology):
     model = make_model()
-    memory = MemoryConfig(num_inner_steps=3)
+    memory = MemoryConfig(masking_strategy="pmc", num_inner_steps=3)
     stepper = BilevelStep(model, build_fast_weight_plan(CFG, memory), memory, DiffusionConfig(), MASK_ID)
     batch = make_batch(num_inner_steps=3)
     result = stepper(batch, LossNormalizer.of([batch.maskable]), step=0, record_fast_weights=True)

@@ -55,7 +55,7 @@ def test_a_batch_with_separate_inner_masks_round_trips_exactly():
     padding = np.ones((2, 8), dtype=bool)
     padding[0, 5:] = False
     batch = build_masked_batch(ids, np.arange(2), seed=1, epoch=0, key_padding_mask=padding,
-                               trajectory=TrajectorySpec(num_inner_steps=3, pad_mode="inner"))
+                               trajectory=TrajectorySpec("pmc", num_inner_steps=3, pad_mode="inner"))
     batch.segment_ids = torch.zeros(2, 8, dtype=torch.int32)
     batch.epoch = torch.zeros(2, dtype=torch.int64)
     ints, floats = batch.pack()
