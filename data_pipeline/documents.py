@@ -21,6 +21,7 @@ import gzip
 import io
 import json
 import lzma
+import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,16 +178,49 @@ def _json_documents(file: Path, compression: str | None, fields: Fields, positio
         yield _record_document(record, fields, f"{file}:{number}")
 
 
+TEXT_BLOCK_BYTES = 1 << 20
+_BLANK_LINES = re.compile(r"(?:(?<=\n)|^)(?:[^\S\n]*\n)+")  # whole lines of whitespace alone
+_BLANK_TAIL = re.compile(r"(?<=\n)[^\S\n]+$")  # a last line of whitespace alone, without its newline
+
+
+def _text_blocks(file: Path, compression: str | None, position: list[int]) -> Iterator[str]:
+    """The UTF-8 text of a file in blocks of about ``TEXT_BLOCK_BYTES``, decompressed as it is read; a block
+    never ends inside a character. Invalid UTF-8 is named with its byte offset."""
+    with open(file, "rb") as raw, _open_binary(raw, compression) as stream:
+        offset, pending = 0, b""
+        while True:
+            block = stream.read(TEXT_BLOCK_BYTES)
+            data = pending + block
+            try:
+                text, pending = data.decode("utf-8"), b""
+            except UnicodeDecodeError as err:
+                if block and err.reason == "unexpected end of data" and err.start >= len(data) - 3:
+                    text, pending = data[:err.start].decode("utf-8"), data[err.start:]  # a character cut in two
+                else:
+                    where = "of the decompressed stream" if compression else "of the file"
+                    raise DataError(f"{file}: invalid UTF-8 at byte {offset + err.start} {where} ({err.reason})") \
+                        from None
+            offset += len(data) - len(pending)
+            position[0] = raw.tell()
+            if text:
+                yield text
+            if not block:
+                return
+
+
 def _text_documents(file: Path, compression: str | None, position: list[int]) -> Iterator[Document]:
-    lines: list[str] = []
-    for _, line in _lines(file, compression, position):
-        if line.strip():
-            lines.append(line)
-        elif lines:
-            yield Document("".join(lines))
-            lines = []
-    if lines:
-        yield Document("".join(lines))
+    """One document per run of non-blank lines (a line of whitespace alone separates), each line with its
+    newline; split block by block with one regular expression, the last paragraph of a block carried over."""
+    carry = ""
+    for block in _text_blocks(file, compression, position):
+        parts = _BLANK_LINES.split(carry + block)
+        carry = parts.pop()  # may continue in the next block
+        for part in parts:
+            if part:
+                yield Document(part)
+    carry = _BLANK_TAIL.sub("", carry)
+    if carry.strip():
+        yield Document(carry)
 
 
 def _parquet_documents(file: Path, fields: Fields, position: list[int]) -> Iterator[Document]:

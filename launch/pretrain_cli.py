@@ -31,7 +31,47 @@ DESCRIPTION = (
 LAUNCH_OPTIONS = [
     ("--nproc-per-node N", "start N ranks on this machine through torchrun (same as `torchrun "
                            "--nproc-per-node N -m launch.pretrain_cli ...`)"),
+    ("--plan", "print the per-rank memory (weights, gradients, optimizer state by ZeRO stage, fast weights, "
+               "activations, largest logits block) and FLOPs/step time of this run, and exit: no training, no "
+               "process group"),
+    ("--plan-world-size N", "ranks the plan is for (default: --nproc-per-node, else 1)"),
+    ("--plan-mfu F", "model-FLOP utilisation the plan's step time assumes (default 0.4)"),
+    ("--plan-peak-tflops F", "peak TFLOP/s per rank for the plan's step time (default 989.4, an H100's bf16)"),
 ]
+PLAN_VALUES = {"--plan-world-size": int, "--plan-mfu": float, "--plan-peak-tflops": float}
+
+
+def _split_plan_options(argv: list[str]) -> tuple[dict | None, list[str]]:
+    """Take ``--plan`` and its ``--plan-*`` values out of ``argv``; None when no plan is asked for."""
+    rest, values, wanted = [], {}, False
+    tokens = iter(argv)
+    for token in tokens:
+        name, has_value, value = token.partition("=")
+        if token == "--plan":
+            wanted = True
+        elif name in PLAN_VALUES:
+            value = value if has_value else next(tokens, None)
+            try:
+                values[name] = PLAN_VALUES[name](value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{name} expects a {PLAN_VALUES[name].__name__}, got {value!r}") from None
+        else:
+            rest.append(token)
+    if values and not wanted:
+        raise UsageError(f"{next(iter(values))} only goes with --plan")
+    return (values if wanted else None), rest
+
+
+def _print_plan(cfg, values: dict, nproc: int | None) -> int:
+    from pretrain.hf.importer import resolve_init_from
+    from pretrain.train.factory import check_run_layout
+    from pretrain.train.plan import format_plan
+
+    world = values.get("--plan-world-size", nproc or 1)
+    cfg = resolve_init_from(cfg)
+    check_run_layout(cfg, world)
+    print(format_plan(cfg, world, values.get("--plan-mfu", 0.4), values.get("--plan-peak-tflops", 989.4)))
+    return 0
 
 
 def _split_launch_options(argv: list[str]) -> tuple[int | None, list[str]]:
@@ -138,7 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         nproc, argv = _split_launch_options(argv)
+        plan, argv = _split_plan_options(argv)
         cfg = build_config(argv)
+        if plan is not None:
+            return _print_plan(cfg, plan, nproc)
     except UsageError as err:
         return _fail(str(err))
     if nproc is not None and "RANK" not in os.environ:

@@ -349,3 +349,36 @@ def test_a_killed_preparation_resumes_where_it_stopped(tokenizer, tmp_path):
     assert shard_hashes(resumed) == shard_hashes(uninterrupted)
     assert resumed["validation"]["sha256"] == uninterrupted["validation"]["sha256"]
     assert not (tmp_path / ".out.partial").exists()
+
+
+def _paragraphs_line_by_line(text: str) -> list[str]:
+    """The definition: one document per run of lines that are not whitespace alone, each line with its newline."""
+    documents, lines = [], []
+    for line in [piece + "\n" for piece in text.split("\n")[:-1]] + [text.split("\n")[-1]]:
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            documents.append("".join(lines))
+            lines = []
+    if lines:
+        documents.append("".join(lines))
+    return documents
+
+
+@pytest.mark.fast
+def test_text_paragraphs_split_by_blocks_equal_the_line_by_line_definition(tmp_path, monkeypatch):
+    """The text reader splits 1 MiB blocks with a regular expression; at any block size (down to 1 byte, which
+    cuts characters and separators in two) it gives the documents of the line-by-line definition."""
+    import random
+
+    from data_pipeline import documents
+
+    rng = random.Random(0)
+    pieces = ["abc", "déf", " ", "\t", "\n", "\n\n", " \n", "\r\n", "\u3000", "\u3000\n", "x\n  \n", "\x1c", "ééé",
+              "\n \t \n\n", "  "]
+    file = tmp_path / "t.txt"
+    for _ in range(1500):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        file.write_text(text, encoding="utf-8")
+        monkeypatch.setattr(documents, "TEXT_BLOCK_BYTES", rng.choice([1, 2, 3, 5, 7, 1 << 20]))
+        assert [d.text for d in documents.file_documents(file)] == _paragraphs_line_by_line(text), repr(text)

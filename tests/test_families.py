@@ -79,7 +79,7 @@ def ours_from(folder, seq_len=32):
 IDS = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
 
 
-def save_checkpoint(cfg, folder, tmp_path):
+def save_checkpoint(cfg, folder, tmp_path, eot=1):
     """A checkpoint of this trainer holding the weights of ``--model.init_from`` (what a run saves)."""
     from parallel.topology import initialize_topology
     from pretrain.train.factory import build_training
@@ -87,7 +87,8 @@ def save_checkpoint(cfg, folder, tmp_path):
     topology = initialize_topology("cpu")
     parts = build_training(cfg, topology, cfg.model.mask_token_id)
     load_hf_weights(parts.model, folder, cfg.model)
-    record = {**cfg.to_dict(), "tokens": {"mask_token_id": MASK, "eot_token_id": 1, "pad_token_id": None}}
+    tokens = {"mask_token_id": cfg.model.mask_token_id, "eot_token_id": eot, "pad_token_id": None}
+    record = {**cfg.to_dict(), "tokens": tokens}
     return Checkpointer(tmp_path / "run", topology, record, folder / "tokenizer.json").save(1, parts.engine).folder
 
 
@@ -187,3 +188,71 @@ def test_dream_needs_shifted_prediction_and_the_import_refuses_bad_folders(tmp_p
     with pytest.raises(UsageError, match="has no config.json"):
         import_hf(tmp_path / "native", tmp_path / "out", progress=lambda m: None)
     assert not (tmp_path / "out").exists()
+
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures" / "families"
+
+
+def _published(family):
+    """A tiny checkpoint of the family's published code and the logits that code gave (tests/fixtures/families)."""
+    folder = FIXTURES / family
+    expected = load_file(str(folder / "expected.safetensors"))
+    return folder, json.loads((folder / "config.json").read_text()), expected["input_ids"], expected["logits"]
+
+
+def _with_tokenizer(folder, tmp_path, family):
+    """A copy of the fixture with a 320-entry tokenizer (mask 300 under the family's name, end of text 301)."""
+    import shutil
+
+    copy = tmp_path / family
+    shutil.copytree(folder, copy)
+    mask = "<|mdm_mask|>" if family == "llada" else "<|mask|>"
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, 300)}, mask: 300, "<|endoftext|>": 301,
+             **{f"x{i}": i for i in range(302, 320)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([mask, "<|endoftext|>"])
+    tokenizer.save(str(copy / "tokenizer.json"))
+    return copy
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_published_llada_and_dream_logits_and_exact_round_trips(family, tmp_path, topology):
+    """Our model on the family's own checkpoint gives the logits its published code gave (Dream's read one
+    position to the left, as its sampler reads them); import -> train-free checkpoint -> export in the family
+    gives the same tensors and the config fields that family's code reads."""
+    from parallel.topology import initialize_topology
+    from pretrain.config import ModelConfig
+    from pretrain.hf.configs import model_fields
+    from pretrain.train.factory import build_model
+
+    folder, config, ids, theirs = _published(family)
+    fields = model_fields(config, str(folder))
+    assert fields["family"] == family and fields.get("shifted_prediction", False) == (family == "dream")
+    cfg = build_config(["--model.seq_len", str(ids.shape[1]), "--model.mask_token_id", "300"])
+    cfg = cfg.__class__(**{**cfg.__dict__, "model": ModelConfig(**{**fields, "seq_len": ids.shape[1],
+                                                                   "mask_token_id": 300})})
+    model = build_model(cfg, initialize_topology("cpu"))
+    load_hf_weights(model, folder, cfg.model)
+    if family == "dream":
+        theirs = torch.cat([theirs[:, :1], theirs[:, :-1]], dim=1)
+    with torch.no_grad():
+        difference = float((model(ids) - theirs).abs().max())
+    assert difference < 1e-4, (family, difference)
+
+    source = _with_tokenizer(folder, tmp_path, family)
+    imported = import_hf(source, tmp_path / "imported", progress=lambda m: None)
+    resolved = resolve_init_from(build_config(["--model.init_from", str(imported), "--model.seq_len", "24"]))
+    assert resolved.model.family == family and resolved.model.mask_token_id == 300
+    checkpoint = save_checkpoint(resolved, imported, tmp_path, eot=301)
+    exported = export_checkpoint(checkpoint, tmp_path / "exported", progress=lambda m: None)
+    original, back = load_file(str(folder / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    written = json.loads((exported / "config.json").read_text())
+    keys = ["model_type", "architectures", "auto_map", "vocab_size", "mask_token_id", "rope_theta"] + (
+        ["d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_hidden_size", "weight_tying", "block_type",
+         "activation_type", "include_qkv_bias"] if family == "llada" else
+        ["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
+         "tie_word_embeddings"])
+    assert {k: written[k] for k in keys} == {k: config[k] for k in keys}

@@ -85,6 +85,9 @@ def export_config(cfg: ModelConfig, family: str, tokens: dict, memory: dict, dty
             "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "layer_norm_type": "rms",
             "block_type": "llama", "activation_type": "silu", "alibi": False, "flash_attention": False,
             "attention_layer_norm": False, "include_bias": False, "include_qkv_bias": False,
+            "layer_norm_with_affine": True, "bias_for_layer_norm": False, "input_emb_norm": False,
+            "rope_full_precision": True, "embedding_dropout": 0.0, "attention_dropout": 0.0, "residual_dropout": 0.0,
+            "block_group_size": 1, "multi_query_attention": None,
             "weight_tying": cfg.tie_embeddings, "scale_logits": False, "init_std": cfg.init_std,
             "mask_token_id": mask, "eos_token_id": eos, "pad_token_id": pad, "use_cache": False,
             "torch_dtype": dtype,
@@ -155,7 +158,9 @@ def _rope_fields(config: dict) -> dict:
 def _llada_fields(config: dict, where: str) -> dict:
     problems = _common_problems(config)
     for key, wanted in (("block_type", "llama"), ("layer_norm_type", "rms"), ("alibi", False), ("rope", True),
-                        ("attention_layer_norm", False), ("include_qkv_bias", False), ("scale_logits", False)):
+                        ("attention_layer_norm", False), ("include_qkv_bias", False), ("scale_logits", False),
+                        ("input_emb_norm", False), ("layer_norm_with_affine", True), ("bias_for_layer_norm", False),
+                        ("multi_query_attention", None)):
         if key in config and config[key] != wanted:
             problems.append(f"{key} {config[key]!r} (only {wanted!r} is supported)")
     if config.get("embedding_size") not in (None, config["vocab_size"]):

@@ -31,7 +31,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import MASK_TOKEN, add_mask_token, describe, find_mask_token
 from parallel.checkpoint.sharded_state import partition_dim
 from pretrain.config import ConfigError, ModelConfig, RunConfig
-from pretrain.hf.configs import HuggingFaceFormatError, export_config, model_fields, padded_vocab
+from pretrain.hf.configs import HuggingFaceFormatError, export_config, family_of, model_fields, padded_vocab
 from pretrain.hf.files import (
     DEFAULT_SHARD_BYTES,
     StagedDirectory,
@@ -142,7 +142,7 @@ def import_hf(hf_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_
     config = read_hf_config(hf_dir, "memdlm-import-hf")
     fields = model_fields(config, str(hf_dir))
     source = ModelConfig(**fields)
-    naming = NAMINGS[source.family]
+    naming = NAMINGS[family_of(config, str(hf_dir))]
     tokenizer_file = hf_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise UsageError(f"{hf_dir} has no tokenizer.json (a fast tokenizer is needed for the data pipeline)")
@@ -240,7 +240,8 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, cfg: ModelConfig, tens
                     tensor_parallel_rank: int = 0) -> None:
     """This rank's part of every weight of ``model`` from a Hugging Face directory of any supported family."""
     config = read_hf_config(Path(folder))
-    naming = NAMINGS[model_fields(config, str(folder))["family"]]
+    model_fields(config, str(folder))  # refuses what cannot be run
+    naming = NAMINGS[family_of(config, str(folder))]  # the folder's own names (an import is Llama-named)
     tensors = HuggingFaceTensors(Path(folder))
     for name, param in model.named_parameters():
         sources = _source_name(name, naming, tensors)

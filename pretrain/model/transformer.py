@@ -279,6 +279,8 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
         if isinstance(module, ColumnParallelLinear) and bias is not None and not hasattr(bias, "partition_dim"):
             set_tensor_model_parallel_attributes(bias, True, 0, 1)
     for name, param in model.named_parameters():
+        if param.is_meta:  # a model built on the meta device (a plan, a shape check) holds no values
+            continue
         if name.endswith("norm.weight"):
             param.fill_(1.0)
             continue
