@@ -30,8 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_pipeline.corpus import BUNDLED_CORPUS  # noqa: E402
-from data_pipeline.prepare import PrepareOptions, prepare_dataset  # noqa: E402
+# Nothing heavy at module level: the spawned pools (ours and the bare one) import this file as their
+# __mp_main__, and a worker that imported torch through data_pipeline.prepare would start seconds later.
 
 _tokenizer = None
 
@@ -73,6 +73,8 @@ def write_inputs(root: Path, megabytes: int, files: int) -> tuple[dict[str, Path
     import pyarrow.parquet as pq
     import zstandard
 
+    from data_pipeline.corpus import BUNDLED_CORPUS
+
     corpus = BUNDLED_CORPUS.read_text()
     paragraphs = [p + "\n" for p in corpus.split("\n\n") if p.strip()]
     documents, size = [], 0
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=4, help="input files per format (default 4)")
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="process counts (default 1 2)")
     args = parser.parse_args()
+    from data_pipeline.prepare import PrepareOptions, prepare_dataset
 
     root = Path(tempfile.mkdtemp(prefix="memdlm-prepare-bench-"))
     try:

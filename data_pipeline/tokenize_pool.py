@@ -20,7 +20,7 @@ import numpy as np
 from data_pipeline.documents import BadFiles, Document, Fields, file_documents
 from data_pipeline.errors import DataError
 
-DOCS_PER_TASK = 256
+DOCS_PER_TASK = 1024
 
 
 @dataclass(frozen=True)
@@ -58,21 +58,37 @@ def init_worker(tokenizer_json: str) -> None:
     _worker_tokenizer = Tokenizer.from_str(tokenizer_json)
 
 
-def encode(task: tuple[list[Document], int]) -> list[tuple[np.ndarray, int]]:
-    """Documents -> (token ids with the end-of-text token, prompt length)."""
-    documents, eot_id = task
-    encoded = _worker_tokenizer.encode_batch([d.text for d in documents], add_special_tokens=False)
-    prompts = [d.prompt for d in documents]
-    if any(prompts):
-        encoded_prompts = [p.ids for p in _worker_tokenizer.encode_batch([p or "" for p in prompts],
-                                                                        add_special_tokens=False)]
+def encode(task: tuple[list[str], list[str] | None, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A chunk's texts (and prompts) -> its documents' token ids (prompt, text, end-of-text token) end to end in
+    one int32 array, with each document's length and prompt length: three arrays cross the process boundary,
+    not one object per document."""
+    texts, prompts, eot_id = task
+    bodies = [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    if prompts is not None:
+        heads = [e.ids for e in _worker_tokenizer.encode_batch(prompts, add_special_tokens=False)]
     else:
-        encoded_prompts = [[] for _ in documents]
-    out = []
-    for body, prompt in zip(encoded, encoded_prompts):
-        ids = np.asarray(prompt + body.ids + [eot_id], dtype=np.int32)
-        out.append((ids, len(prompt)))
-    return out
+        heads = [[] for _ in texts]
+    prompt_lengths = np.fromiter(map(len, heads), dtype=np.int64, count=len(texts))
+    lengths = prompt_lengths + np.fromiter(map(len, bodies), dtype=np.int64, count=len(texts)) + 1
+    flat = np.empty(int(lengths.sum()), dtype=np.int32)
+    ends = np.cumsum(lengths)
+    flat[ends - 1] = eot_id
+    starts = ends - lengths
+    for start, head, body in zip(starts.tolist(), heads, bodies):
+        flat[start:start + len(head)] = head
+        flat[start + len(head):start + len(head) + len(body)] = body
+    return flat, lengths, prompt_lengths
+
+
+def split_documents(encoded: tuple[np.ndarray, np.ndarray, np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    """``encode``'s arrays -> (ids, prompt length) per document (views of the one array)."""
+    flat, lengths, prompt_lengths = encoded
+    return list(zip(np.split(flat, np.cumsum(lengths)[:-1]), prompt_lengths.tolist()))
+
+
+def _task(chunk: list[Document], eot_id: int) -> tuple[list[str], list[str] | None, int]:
+    prompts = [d.prompt for d in chunk]
+    return [d.text for d in chunk], ([p or "" for p in prompts] if any(prompts) else None), eot_id
 
 
 def _tasks(units: list[Unit], fields: Fields, eot_id: int, bad: BadFiles):
@@ -82,7 +98,7 @@ def _tasks(units: list[Unit], fields: Fields, eot_id: int, bad: BadFiles):
         documents = file_documents(unit.file, fields, position)
         try:
             while chunk := list(islice(documents, DOCS_PER_TASK)):
-                yield unit, "docs", (chunk, eot_id), position[0]
+                yield unit, "docs", _task(chunk, eot_id), position[0]
         except DataError as err:
             bad.skip(unit.file, err)  # raises when over the budget
             yield unit, "skip", str(err), position[0]
@@ -97,7 +113,7 @@ def encoded_events(units: list[Unit], tokenizer_json: str, eot_id: int, num_work
     if num_workers == 0:
         init_worker(tokenizer_json)
         for unit, kind, task, position in tasks:
-            yield _event(unit, kind, encode(task) if kind == "docs" else None, position, task)
+            yield _event(unit, kind, split_documents(encode(task)) if kind == "docs" else None, position, task)
         return
     # Spawned, not forked: a fork copies the locks of the caller's other threads (a trainer or a test
     # process has loader threads), and a worker that inherits a held one never starts (seen: a hang).
@@ -115,7 +131,7 @@ def encoded_events(units: list[Unit], tokenizer_json: str, eot_id: int, num_work
 
 def _finished(entry) -> Event:
     unit, kind, result, position, task = entry
-    return _event(unit, kind, result.get() if result is not None else None, position, task)
+    return _event(unit, kind, split_documents(result.get()) if result is not None else None, position, task)
 
 
 def _event(unit: Unit, kind: str, documents, position: int, task) -> Event:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.errors import DataError
-from data_pipeline.masking import MaskedBatch, hashed_uniform
+from data_pipeline.masking import MaskedBatch, hashed_uniform_one
 
 VAL_FILE = "val.npz"
 _STREAM_SPLIT = 11
@@ -23,7 +23,7 @@ _STREAM_SPLIT = 11
 
 def held_out(document: int, fraction: float, unit: int = 0) -> bool:
     """Whether document ``document`` of input file ``unit`` is held out."""
-    return bool(hashed_uniform(unit, _STREAM_SPLIT, np.array([document]), 0, 1)[0, 0] < fraction)
+    return hashed_uniform_one(unit, _STREAM_SPLIT, document) < fraction
 
 
 def write_validation(folder: Path, pieces: list[Path], num_tokens: int) -> dict | None:

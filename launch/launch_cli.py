@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--nproc-per-node", type=int, default=0,
                        help="ranks per node (default: one per GPU, or 1 without GPUs)")
     slurm.add_argument("--cpus-per-task", type=int, default=0, help="CPUs for each node's task (all its ranks)")
+    slurm.add_argument("--gpu-memory-gb", type=float, default=0.0,
+                       help="GiB of memory per GPU: print the run's per-rank plan (memdlm-pretrain --plan) and refuse "
+                            "a layout whose ranks would not fit (default 0: no check)")
     slurm.add_argument("--partition", default="", help="Slurm partition (default: the cluster's default)")
     slurm.add_argument("--account", default="", help="Slurm account (default: yours)")
     slurm.add_argument("--time", default="", help="time limit, e.g. 24:00:00 (default: the partition's)")
@@ -189,9 +192,26 @@ def _job(args, train_args: list[str]) -> SlurmJob:
         except UsageError as err:
             which = f"with {nodes} of the elastic run's nodes" if args.min_nodes else f"on {nodes} nodes"
             raise UsageError(f"{which} ({nodes * job.ranks_per_node} ranks): {err}") from None
+    if args.gpu_memory_gb:
+        _check_memory(cfg, args.nodes * job.ranks_per_node, args.gpu_memory_gb)
     if cfg.train.out_dir == "runs/default" and not Path(cfg.train.out_dir).is_absolute():
         print(f"{PROG}: note: the run writes to {job.out_dir} (--train.out_dir)", file=sys.stderr)
     return job
+
+
+def _check_memory(cfg, world_size: int, gpu_memory_gb: float) -> None:
+    """Print the plan; refuse when its largest rank exceeds the stated GPU memory."""
+    from pretrain.hf.importer import resolve_init_from
+    from pretrain.train.plan import GIB, format_plan, largest_rank_bytes
+
+    cfg = resolve_init_from(cfg)
+    print(format_plan(cfg, world_size), file=sys.stderr)
+    needed = largest_rank_bytes(cfg, world_size) / GIB
+    if needed > gpu_memory_gb:
+        raise UsageError(
+            f"the plan needs {needed:.1f} GiB on its fullest rank but --gpu-memory-gb is {gpu_memory_gb:g}: raise "
+            "--parallel.zero_stage, --parallel.tensor_parallel_size or --parallel.pipeline_parallel_size, lower "
+            "--train.micro_batch_size, or use --train.recompute full")
 
 
 if __name__ == "__main__":

@@ -53,3 +53,21 @@ def test_srun_python_takes_its_rank_from_slurm():
                                      "MASTER_PORT": str(29500 + 1234)}
     assert ranks_from_slurm({**env, "RANK": "0"}) == {}  # torchrun (or the user) already said
     assert ranks_from_slurm({k: v for k, v in env.items() if k != "SLURM_STEP_ID"}) == {}  # the batch shell
+
+
+@pytest.mark.fast
+def test_a_layout_that_cannot_fit_the_stated_gpu_memory_is_refused_with_its_plan(tmp_path, capsys):
+    """The 8B recipe on 4 nodes x 8 GPUs fits 80 GiB (about 35 GiB per rank); without tensor parallelism and
+    ZeRO (16 bytes per parameter, 8B parameters on every rank) it does not, and the refusal comes with the plan
+    and what to change."""
+    llada = ["--config", "recipes/llada-8b-continued.toml"]
+    assert main(["slurm", "--nodes", "4", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--", *llada,
+                 "--train.out_dir", str(tmp_path / "fits")]) == 0
+    assert "tensor 2 x pipeline 1 x data 16" in capsys.readouterr().err
+    assert main(["slurm", "--nodes", "1", "--gpus-per-node", "8", "--gpu-memory-gb", "80", "--", *llada,
+                 "--parallel.zero_stage", "0", "--parallel.tensor_parallel_size", "1", "--train.global_batch_size", "8",
+                 "--train.micro_batch_size", "1", "--train.out_dir",
+                 str(tmp_path / "too-big")]) == 2
+    err = capsys.readouterr().err
+    assert "GiB on its fullest rank but --gpu-memory-gb is 80" in err and "GiB per rank" in err
+    assert not (tmp_path / "too-big").exists()

@@ -169,3 +169,19 @@ def test_padding_modes():
     assert np.array_equal(pool, maskable & real)
     assert np.array_equal(inner.inner_anchor_mask.numpy(), inner.anchor_mask.numpy() & pool)
     assert not (inner.inner_masks.numpy() & ~pool).any(), "the inner states leave padding out"
+
+
+@pytest.mark.fast
+def test_the_scalar_hash_equals_the_vectorised_one():
+    """The validation split draws one value per document with plain integers; it must be NumPy's draw, bit for
+    bit, or a split would change with the code path."""
+    import random
+
+    from data_pipeline.masking import hashed_uniform, hashed_uniform_one
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        seed, stream, index = rng.randrange(1 << 40), rng.randrange(20), rng.randrange(1 << 50)
+        epoch = rng.randrange(99)
+        expected = hashed_uniform(seed, stream, np.array([index]), epoch, 1)[0, 0]
+        assert hashed_uniform_one(seed, stream, index, epoch) == expected
