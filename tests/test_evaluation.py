@@ -50,9 +50,17 @@ def _by_hand(model, batch, fast=None) -> float:
     return float((ce * batch.anchor_mask / batch.t.double()[:, None]).sum() / batch.maskable.sum())
 
 
+FAMILY_OPTIONS = {"qkv_bias": True, "qk_norm": True, "head_dim": 8, "tie_embeddings": True,
+                  "shifted_prediction": True, "rope_scaling": "llama3", "rope_original_max_positions": 8}
+
+
 @pytest.mark.fast
-def test_held_out_loss_is_the_mdlm_objective_computed_by_hand(topology):
-    model = tiny_model()
+@pytest.mark.parametrize("options", [{}, FAMILY_OPTIONS], ids=["plain", "family-options"])
+def test_held_out_loss_is_the_mdlm_objective_computed_by_hand(topology, options):
+    """The masked-row head, the loss and the adaptation (which run on gathered rows) equal the full logits'
+    objective, also with Dream's shifted prediction (the logits of ``forward`` are shifted; the rows the head
+    gathers are the predicting ones) and every other family option."""
+    model = tiny_model(**options)
     adaptation = tiny_adaptation(model)
     batch, prompt = _batch(), _batch(seed=9)
     batch.t = batch.t.double()

@@ -256,3 +256,24 @@ def test_published_llada_and_dream_logits_and_exact_round_trips(family, tmp_path
         ["hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "intermediate_size",
          "tie_word_embeddings"])
     assert {k: written[k] for k in keys} == {k: config[k] for k in keys}
+
+
+@pytest.mark.fast
+def test_the_commands_say_what_is_wrong_in_one_line_and_exit_2(tmp_path, capsys):
+    from launch.hf_cli import export_main, import_main
+
+    tiny("qwen2", tmp_path / "native")
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    (tmp_path / "native" / "config.json").write_text(json.dumps(config | {"model_type": "gpt_neox"}))
+    assert import_main([str(tmp_path / "native"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'gpt_neox' model" in err and "supported: dream, llada, llama" in err
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "native" / "config.json").write_text(json.dumps(config))
+    imported = import_hf(tmp_path / "native", tmp_path / "imported", progress=lambda m: None)
+    cfg, _ = ours_from(imported)
+    checkpoint = save_checkpoint(cfg, imported, tmp_path)
+    assert export_main([str(checkpoint), str(tmp_path / "as-llama"), "--format", "llama"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--format llama cannot express this model: q/k/v biases" in err
+    assert not (tmp_path / "as-llama").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from pretrain.config import DiffusionConfig, MemoryConfig, ModelConfig
@@ -13,9 +15,10 @@ TINY_MODEL = ModelConfig(vocab_size=VOCAB, hidden_size=32, num_layers=2, num_hea
                          seq_len=48)
 
 
-def tiny_model(seed: int = 0) -> DiffusionTransformer:
+def tiny_model(seed: int = 0, **options) -> DiffusionTransformer:
+    """The tiny model (``options``: ModelConfig fields to change, e.g. the family options)."""
     torch.manual_seed(seed)
-    model = DiffusionTransformer(TINY_MODEL, dtype=torch.float64, seed=seed)
+    model = DiffusionTransformer(dataclasses.replace(TINY_MODEL, **options), dtype=torch.float64, seed=seed)
     with torch.no_grad():  # a spread of logits, so that greedy choices are clear-cut
         model.lm_head.weight.mul_(20)
     return model
@@ -23,5 +26,5 @@ def tiny_model(seed: int = 0) -> DiffusionTransformer:
 
 def tiny_adaptation(model: DiffusionTransformer, **memory):
     """The adaptation step (``BilevelStep.for_adaptation``, the one way it is built) with ``memory`` settings."""
-    return adaptation_step(model, TINY_MODEL, MemoryConfig(layer_fraction=0.5, **memory), DiffusionConfig(), MASK,
+    return adaptation_step(model, model.cfg, MemoryConfig(layer_fraction=0.5, **memory), DiffusionConfig(), MASK,
                            seed=0)
