@@ -45,12 +45,12 @@ def test_short_run_writes_metrics_checkpoint_and_wandb(tmp_path, cache_dir):
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
         assert {"step", "loss", "inner_losses", "tokens_per_s"} <= set(m)
-        assert len(m["inner_losses"]) == 2 and all(v > 0 for v in m["inner_losses"])
+        assert len(m["inner_losses"]) == 1 and all(v > 0 for v in m["inner_losses"])  # pre_only: one inner step
         assert m["loss"] > 0 and m["tokens_per_s"] > 0
 
     history = wandb_history(out)
     assert [row["loss"] for row in history] == pytest.approx([m["loss"] for m in metrics], rel=1e-12)
-    assert all("inner_loss/1" in row for row in history)
+    assert all("inner_loss/0" in row for row in history)
 
     checkpoint = out / "checkpoints" / "step_000003"
     config = json.loads((checkpoint / "config.json").read_text())
