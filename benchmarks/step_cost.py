@@ -55,7 +55,9 @@ class Bench:
 
     def __init__(self, cfg: ModelConfig, precision: str, recompute: str, topology, batch: int, num_batches: int):
         self.cfg, self.topology, self.batch = cfg, topology, batch
-        self.runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled),
+        # The paper's recipe (pmc, K = 2), whose cost RESULTS.md reports; the batches below carry its states.
+        paper = dict(masking_strategy="pmc", num_inner_steps=2)
+        self.runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled, **paper),
                                      train=TrainConfig(seed=0, precision=precision, recompute=recompute))
                      for name, enabled in (("mdlm", False), ("memdlm", True))}
         self.model = build_model(self.runs["mdlm"], topology)

@@ -105,6 +105,9 @@ def _launch_with_torchrun(nproc: int, argv: list[str], out_dir: str) -> int:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     # Time for the ranks to finish their step and save after a signal, before torchrun kills them.
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    # Ctrl-C raises KeyboardInterrupt here even if this process was started with SIGINT ignored (an inherited
+    # SIG_IGN survives exec, and Python then leaves it): the agent reacts to it, so this process must know.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with tempfile.TemporaryDirectory(prefix="memdlm-launch-") as scratch:
         error_file = os.path.join(scratch, "usage_error")
         env[ERROR_FILE_VARIABLE] = error_file

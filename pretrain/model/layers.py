@@ -93,9 +93,17 @@ class ColumnLinear(ColumnParallelLinear):
 
 
 class RowLinear(RowParallelLinear):
-    """megatron's row-parallel linear returning just the output; ``frozen`` detaches the weight."""
+    """megatron's row-parallel linear returning just the output; ``frozen`` detaches the weight.
+
+    ``plain`` (set for compiled models): the trained path as a plain matmul and the group's reduction, because
+    megatron's own forward warns on every call (it passes no tensor-parallel group on), and a warning inside a
+    compiled region breaks the graph. Eager runs keep megatron's path."""
+
+    plain = False
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        if not frozen and self.plain:
+            return reduce_from_tensor_model_parallel_region(torch.matmul(x, self.weight.t()), group=self.tp_group)
         if not frozen:
             return super().forward(x)[0]
         # RowParallelLinear takes no weight argument; this is its frozen-weight path spelled out.

@@ -32,7 +32,7 @@ from parallel.megatron import (
 from pretrain.config import ModelConfig
 from pretrain.model.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
-from pretrain.model.layers import BlockEntry, RMSNorm, TransformerLayer, rotary_tables
+from pretrain.model.layers import BlockEntry, RMSNorm, RowLinear, TransformerLayer, rotary_tables
 from pretrain.model.rows import Rows
 
 
@@ -142,6 +142,25 @@ class DiffusionTransformer(nn.Module):
             else:
                 h = run(*args)
         return h
+
+    def compile_blocks(self) -> None:
+        """Regional compilation: each layer's ``run_subblock`` through ``torch.compile``. Layers share their
+        compiled graphs (parameters are graph inputs, not constants), so the cost is one compilation per variant
+        of a sub-block (attention or MLP; with or without fast weights, frozen or not, entry or not), not per
+        layer. The shapes inside a sub-block are those of the micro-batch (the masked-row gathers, whose sizes
+        change every step, stay outside), so a run compiles in its first steps and never again."""
+        import warnings
+
+        import torch._dynamo
+
+        # megatron's linear layers warn (about CUDA_DEVICE_MAX_CONNECTIONS) on every call; a warning inside a
+        # compiled region would break its graph in two, so dynamo is told to lift warnings out of the graph.
+        torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+        for module in self.modules():
+            if isinstance(module, RowLinear):
+                module.plain = True
+        for layer in self.layers.values():
+            layer.run_subblock = torch.compile(layer.run_subblock, dynamic=False)
 
     def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
         """Sub-block ``block``'s normed input and entry projections on ``h``, with grad."""
