@@ -8,9 +8,12 @@ stream exactly where it stopped.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
+import os
 import random
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,16 +70,39 @@ def _barriers_on(group):
         dist.barrier = original
 
 
+PREFIX_LOCK = "memdlm-streaming-prefix.lock"
+
+
+@contextlib.contextmanager
+def _prefix_lock():
+    """A machine-wide lock (in /dev/shm, where the prefixes live, else the temporary directory)."""
+    folder = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else \
+        Path(tempfile.gettempdir())
+    with open(folder / PREFIX_LOCK, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def open_streaming_dataset(**kwargs) -> "IndexedStreamingDataset":
     """mosaicml-streaming picks the first free shared-memory prefix by looking, then creating: two jobs
-    starting at once on one machine can pick the same one, and the slower gets ``FileExistsError`` (seen
-    with two test workers). Its first shared-memory object is the one that fails, so trying again (after a
-    random pause) is safe and takes the next free prefix."""
-    for attempt in range(6):
+    starting at once on one machine can pick the same one, and the slower gets ``FileExistsError`` (seen with
+    two test workers; under several ranks the leader's failure also leaves its ranks at mismatched barriers).
+    So each node's leader rank finds and creates its prefix under a machine-wide lock (the other ranks of its
+    node only attach, between its barriers, and take no lock). A process alone (no process group) also tries
+    again after a random pause, against jobs that do not take the lock."""
+    from streaming.base.world import World
+
+    leader = World.detect().is_local_leader
+    alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+    for attempt in range(6 if alone else 1):
         try:
-            return IndexedStreamingDataset(**kwargs)
+            with _prefix_lock() if leader else contextlib.nullcontext():
+                return IndexedStreamingDataset(**kwargs)
         except FileExistsError:
-            if attempt == 5:
+            if attempt == 5 or not alone:
                 raise
             time.sleep(random.uniform(0.05, 0.5))
 
