@@ -323,8 +323,7 @@ class TrainConfig:
         "graph): none, full (every sub-block), selective (attention sub-blocks only)", ("none", "full", "selective"))
     compile: bool = param(
         False, "torch.compile each transformer sub-block (regional: one compiled graph per variant, shared by all "
-        "layers); one process or data parallelism at ZeRO 0-2 (tensor/pipeline parallelism and ZeRO 3 are "
-        "refused); on CPU it needs a C++ compiler; the first steps pay the compilation")
+        "layers), at every layout; on CPU it needs a C++ compiler; the first steps pay the compilation")
     device: str = param("auto", "cpu, cuda, or auto (cuda when available)", ("auto", "cpu", "cuda"))
     num_threads: int = param(0, "torch CPU threads (0 keeps torch's default)")
     resume: bool = param(True, "continue from the newest intact checkpoint in out_dir when there is one; false "

@@ -1,15 +1,15 @@
 """``--train.compile``: regional torch.compile of the transformer sub-blocks.
 
 Compiled training equals eager training (fp32 CPU: losses, inner losses and final weights within 1e-5
-relative) with memory off, on (the default pre_only) and with the paper's pmc, and under data parallelism;
+relative) with memory off, on (the default pre_only) and with the paper's pmc;
 masks that change every step do not recompile (the masked-row gathers stay outside the compiled regions);
-layouts compile cannot serve yet are refused with the reason."""
+every parallel layout trains compiled as one eager process does."""
 
 import pytest
 
 from launch.config_cli import build_config
 from tests.helpers import read_metrics
-from tests.helpers.layouts import LAYOUT_OPTIONS, LAYOUTS, relative, run_layouts
+from tests.helpers.layouts import LAYOUT_OPTIONS, relative, run_layouts
 
 COMPILE = ["--train.compile", "true"]
 MEMORY = {"memory-off": ["--memory.enabled", "false"], "pre-only": [],
@@ -39,12 +39,17 @@ def test_compiled_training_equals_eager(memory, prepared_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_data_parallel_training_equals_one_eager_process(prepared_corpus, tmp_path):
+@pytest.mark.parametrize("layouts", [["tp2", "pp2", "dp2-zero1", "dp2-zero3"]])
+def test_compiled_training_at_every_layout_equals_one_eager_process(layouts, prepared_corpus, tmp_path):
+    """Tensor parallelism (megatron's collectives inside the compiled regions), pipeline stages, ZeRO 1 and ZeRO 3
+    (parameters gathered around each module): every rank's losses and the final weights are one eager
+    process's."""
     data = prepared_corpus()
     eager = run_layouts(["single"], tmp_path / "eager", data)["single"]
-    compiled = run_layouts(["dp2-zero1"], tmp_path / "compiled", data, COMPILE)["dp2-zero1"]
-    for rank_losses in compiled[0]:
-        _same(([rank_losses], compiled[1]), eager, "dp2-zero1")
+    compiled = run_layouts(layouts, tmp_path / "compiled", data, COMPILE)
+    for name in layouts:
+        for rank_losses in compiled[name][0]:
+            _same(([rank_losses], compiled[name][1]), eager, name)
 
 
 @pytest.mark.slow
@@ -78,14 +83,3 @@ def test_twenty_steps_of_changing_masks_compile_once(topology):
     assert graphs[1] == graphs[-1], graphs
     assert 0 < graphs[-1] <= 16, graphs  # 14 here: the sub-blocks' variants, no graph breaks
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
-
-
-@pytest.mark.fast
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "dp2-zero3"])
-def test_layouts_compile_cannot_serve_are_refused(layout):
-    from common.errors import UsageError
-    from pretrain.train.factory import check_run_layout
-
-    cfg = build_config([*LAYOUT_OPTIONS, *LAYOUTS[layout][1], *COMPILE])
-    with pytest.raises(UsageError, match="--train.compile true runs with one process or data parallelism"):
-        check_run_layout(cfg, LAYOUTS[layout][0])

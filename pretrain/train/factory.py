@@ -63,11 +63,6 @@ def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) ->
     check_tensor_split(tensor, sizes)
     data = world_size // (tensor * pipeline)
     check_batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, data, pipeline)
-    if cfg.train.compile and (tensor > 1 or pipeline > 1 or cfg.parallel.zero_stage == 3):
-        raise LayoutError(
-            "--train.compile true runs with one process or data parallelism at ZeRO 0-2: compiled sub-blocks "
-            "under tensor parallelism (megatron's collectives inside the graph), pipeline stages and ZeRO 3 "
-            "(parameters gathered around each module) are not verified yet; pass --train.compile false")
     if pipeline > 1 and model.tie_embeddings:
         raise LayoutError(
             "--model.tie_embeddings true holds one matrix for the embedding (first pipeline stage) and the head "
