@@ -1,7 +1,7 @@
 """``--train.compile``: regional torch.compile of the transformer sub-blocks.
 
 Compiled training equals eager training (fp32 CPU: losses, inner losses and final weights within 1e-5
-relative) with memory off, on (the default pre_only) and with the paper's pmc;
+relative) with memory off, on (the default pre_only), with the paper's pmc and with full and selective recomputation;
 masks that change every step do not recompile (the masked-row gathers stay outside the compiled regions);
 every parallel layout trains compiled as one eager process does."""
 
@@ -13,7 +13,8 @@ from tests.helpers.layouts import LAYOUT_OPTIONS, relative, run_layouts
 
 COMPILE = ["--train.compile", "true"]
 MEMORY = {"memory-off": ["--memory.enabled", "false"], "pre-only": [],
-          "paper-pmc": ["--memory.masking_strategy", "pmc", "--memory.num_inner_steps", "2"]}
+          "paper-pmc": ["--memory.masking_strategy", "pmc", "--memory.num_inner_steps", "2"],
+          "recompute-full": ["--train.recompute", "full"], "recompute-selective": ["--train.recompute", "selective"]}
 
 
 def _same(compiled, eager, where):
