@@ -210,17 +210,27 @@ def _text_blocks(file: Path, compression: str | None, position: list[int]) -> It
 
 def _text_documents(file: Path, compression: str | None, position: list[int]) -> Iterator[Document]:
     """One document per run of non-blank lines (a line of whitespace alone separates), each line with its
-    newline; split block by block with one regular expression, the last paragraph of a block carried over."""
-    carry = ""
+    newline; split block by block with one regular expression. The paragraph a block leaves open is kept as
+    its complete lines (``head``, never scanned again) and its unfinished last line (``tail``, scanned with the
+    next block), so a document of any length costs time in proportion to it."""
+    head: list[str] = []
+    tail = ""
     for block in _text_blocks(file, compression, position):
-        parts = _BLANK_LINES.split(carry + block)
-        carry = parts.pop()  # may continue in the next block
-        for part in parts:
-            if part:
-                yield Document(part)
-    carry = _BLANK_TAIL.sub("", carry)
-    if carry.strip():
-        yield Document(carry)
+        parts = _BLANK_LINES.split(tail + block)
+        last = parts.pop()  # may continue in the next block
+        if parts:
+            parts[0] = "".join(head) + parts[0]
+            head = []
+            for part in parts:
+                if part:
+                    yield Document(part)
+        cut = last.rfind("\n") + 1
+        if cut:
+            head.append(last[:cut])
+        tail = last[cut:]
+    rest = _BLANK_TAIL.sub("", "".join(head) + tail)
+    if rest.strip():
+        yield Document(rest)
 
 
 def _parquet_documents(file: Path, fields: Fields, position: list[int]) -> Iterator[Document]:

@@ -45,7 +45,9 @@ def export_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true",
                         help="skip checking the checkpoint files' sha256 against its manifest (sizes are checked)")
     parser.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    parser.add_argument("--format", choices=["memdlm", "llada", "dream", "llama", "qwen2", "qwen3"], default=None,
+    from pretrain.hf.configs import FAMILIES
+
+    parser.add_argument("--format", choices=FAMILIES, default=None,
                         help="the family whose names and config to write (default: the family the model was "
                              "imported from, else memdlm); a family that cannot express the model (e.g. q/k/v "
                              "biases as llama) is refused")

@@ -93,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         job = _job(args, train_args)
     except UsageError as err:
         return fail(PROG, str(err))
-    script = sbatch_script(job)
-    path = job.out_dir / "slurm" / "job.sbatch"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    print(script, end="")
-    print(f"# written to {path}", file=sys.stderr)
+    (path,) = _write_scripts(job.out_dir / "slurm", {"job.sbatch": sbatch_script(job)})
     if not args.submit:
         return 0
     try:
@@ -107,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, str(err))
     print(f"submitted job {job_id}; logs in {job.out_dir / 'slurm'}")
     return 0
+
+
+def _write_scripts(folder: Path, scripts: dict[str, str]) -> list[Path]:
+    """Write each script into ``folder`` and print it (the paths to standard error); the paths, in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / name for name in scripts]
+    for path, script in zip(paths, scripts.values()):
+        path.write_text(script)
+        print(script, end="")
+    print(f"# written to {' and '.join(str(p) for p in paths)}", file=sys.stderr)
+    return paths
 
 
 def _submit(script: Path, *options: str) -> str:
@@ -151,14 +157,10 @@ def _slurm_prepare(args, prepare_args: list[str]) -> int:
                      extra_sbatch=args.sbatch_option)
     from common.output_folders import write_marker
 
-    (output / "slurm").mkdir(parents=True, exist_ok=True)
+    output.mkdir(parents=True, exist_ok=True)
     write_marker(output, "memdlm-prepare-data")
     array_script, merge_script = prepare_scripts(job)
-    paths = output / "slurm" / "prepare.sbatch", output / "slurm" / "merge.sbatch"
-    for path, script in zip(paths, (array_script, merge_script)):
-        path.write_text(script)
-        print(script, end="")
-    print(f"# written to {paths[0]} and {paths[1]}", file=sys.stderr)
+    paths = _write_scripts(output / "slurm", {"prepare.sbatch": array_script, "merge.sbatch": merge_script})
     if not args.submit:
         return 0
     try:
@@ -201,12 +203,11 @@ def _job(args, train_args: list[str]) -> SlurmJob:
 
 def _check_memory(cfg, world_size: int, gpu_memory_gb: float) -> None:
     """Print the plan; refuse when its largest rank exceeds the stated GPU memory."""
-    from pretrain.hf.importer import resolve_init_from
-    from pretrain.train.plan import GIB, format_plan, largest_rank_bytes
+    from pretrain.train.plan import GIB, launch_plan
 
-    cfg = resolve_init_from(cfg)
-    print(format_plan(cfg, world_size), file=sys.stderr)
-    needed = largest_rank_bytes(cfg, world_size) / GIB
+    text, largest = launch_plan(cfg, world_size)
+    print(text, file=sys.stderr)
+    needed = largest / GIB
     if needed > gpu_memory_gb:
         raise UsageError(
             f"the plan needs {needed:.1f} GiB on its fullest rank but --gpu-memory-gb is {gpu_memory_gb:g}: raise "

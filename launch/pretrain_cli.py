@@ -63,14 +63,11 @@ def _split_plan_options(argv: list[str]) -> tuple[dict | None, list[str]]:
 
 
 def _print_plan(cfg, values: dict, nproc: int | None) -> int:
-    from pretrain.hf.importer import resolve_init_from
-    from pretrain.train.factory import check_run_layout
-    from pretrain.train.plan import format_plan
+    from pretrain.train.plan import launch_plan
 
-    world = values.get("--plan-world-size", nproc or 1)
-    cfg = resolve_init_from(cfg)
-    check_run_layout(cfg, world)
-    print(format_plan(cfg, world, values.get("--plan-mfu", 0.4), values.get("--plan-peak-tflops", 989.4)))
+    text, _ = launch_plan(cfg, values.get("--plan-world-size", nproc or 1), values.get("--plan-mfu", 0.4),
+                          values.get("--plan-peak-tflops", 989.4))
+    print(text)
     return 0
 
 

@@ -9,10 +9,12 @@ Families: ``llama`` (also ``mistral`` without a sliding window), ``qwen2``, ``qw
 
 from __future__ import annotations
 
+import dataclasses
+
 from common.errors import UsageError
 from pretrain.config import ModelConfig
 
-FAMILIES = ("memdlm", "llama", "qwen2", "qwen3", "llada", "dream")
+FAMILIES = next(f for f in dataclasses.fields(ModelConfig) if f.name == "family").metadata["choices"]
 MODEL_TYPES = {"memdlm": "memdlm", "llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
                "llada": "llada", "dream": "dream"}  # config model_type (lower case) -> family
 REMOTE_CODE_FILES = ("configuration_memdlm.py", "modeling_memdlm.py")

@@ -102,13 +102,11 @@ class RowLinear(RowParallelLinear):
     plain = False
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        if not frozen and self.plain:
-            return reduce_from_tensor_model_parallel_region(torch.matmul(x, self.weight.t()), group=self.tp_group)
-        if not frozen:
+        if not (frozen or self.plain):
             return super().forward(x)[0]
-        # RowParallelLinear takes no weight argument; this is its frozen-weight path spelled out.
-        partial = torch.matmul(x, self.weight.detach().t())
-        return reduce_from_tensor_model_parallel_region(partial, group=self.tp_group)
+        # RowParallelLinear takes no weight argument: its path spelled out (the weight detached when frozen).
+        weight = self.weight.detach() if frozen else self.weight
+        return reduce_from_tensor_model_parallel_region(torch.matmul(x, weight.t()), group=self.tp_group)
 
 
 class ProjectionSet(nn.Module):

@@ -19,6 +19,7 @@ of a stage holds the same):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from parallel.layout import stage_layers
@@ -73,21 +74,14 @@ def local_parameter_shapes(cfg: RunConfig, stage: int) -> list[tuple[int, ...]]:
     return shapes
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
 def partition_elements(shapes: list[tuple[int, ...]], zero_stage: int, data: int) -> int:
     """Elements of this rank's optimizer partition (all of them at ZeRO 0)."""
-    matrices = [_numel(s) for s in shapes if len(s) >= 2]
-    vectors = [_numel(s) for s in shapes if len(s) < 2]
+    matrices = [math.prod(s) for s in shapes if len(s) >= 2]
+    vectors = [math.prod(s) for s in shapes if len(s) < 2]
     if zero_stage == 0:
         return sum(matrices) + sum(vectors)
     if zero_stage in (1, 2):
@@ -100,8 +94,8 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
     tensor, pipeline = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     data = world_size // (tensor * pipeline)
     shapes = local_parameter_shapes(cfg, stage)
-    matrices = sum(_numel(s) for s in shapes if len(s) >= 2)
-    vectors = sum(_numel(s) for s in shapes if len(s) < 2)
+    matrices = sum(math.prod(s) for s in shapes if len(s) >= 2)
+    vectors = sum(math.prod(s) for s in shapes if len(s) < 2)
     count, zero = matrices + vectors, parallel.zero_stage
     partition = partition_elements(shapes, zero, data)
     params_bytes = 4 * (partition if zero == 3 else count)
@@ -171,3 +165,14 @@ def format_plan(cfg: RunConfig, world_size: int, mfu: float = 0.4, peak_tflops: 
 
 def largest_rank_bytes(cfg: RunConfig, world_size: int) -> int:
     return max(stage_plan(cfg, world_size, s).total_bytes for s in range(cfg.parallel.pipeline_parallel_size))
+
+
+def launch_plan(cfg: RunConfig, world_size: int, mfu: float = 0.4, peak_tflops: float = 989.4) -> tuple[str, int]:
+    """The plan of the run as it will start (the model of ``--model.init_from``, the layout checked): its text
+    and the bytes of its fullest rank. What ``--plan`` and ``memdlm-launch slurm --gpu-memory-gb`` show."""
+    from pretrain.hf.importer import resolve_init_from
+    from pretrain.train.factory import check_run_layout
+
+    cfg = resolve_init_from(cfg)
+    check_run_layout(cfg, world_size)
+    return format_plan(cfg, world_size, mfu, peak_tflops), largest_rank_bytes(cfg, world_size)
