@@ -132,6 +132,29 @@ class MaskedBatch:
         part.row_counts = part.source_tokens = None
         return part
 
+    def padded_to(self, multiple: int) -> "MaskedBatch":
+        """This batch with its sequences padded at the end to a multiple of ``multiple`` positions (sequence
+        parallelism): the padding is never maskable, masked or attended to (key padding false, segment -1),
+        so every loss and count is the unpadded batch's."""
+        length = self.input_ids.shape[1]
+        extra = -(-length // multiple) * multiple - length
+        if extra == 0:
+            return self
+
+        def pad(name, t):
+            if name in ("input_ids", "maskable", "anchor_mask", "inner_maskable", "inner_anchor_mask",
+                        "key_padding_mask", "segment_ids", "inner_masks"):
+                return torch.nn.functional.pad(t, (0, extra), value=-1 if name == "segment_ids" else 0)
+            return t
+
+        padded = self._map(pad)
+        real = self.key_padding_mask if self.key_padding_mask is not None else torch.ones_like(self.maskable)
+        padded.key_padding_mask = torch.nn.functional.pad(real, (0, extra), value=False)
+        if self.segment_ids is None:
+            padded.segment_ids = torch.nn.functional.pad(torch.zeros_like(self.input_ids, dtype=torch.int32),
+                                                         (0, extra), value=-1)
+        return padded
+
     # -- as two tensors, for sending a micro-batch to the other ranks of a model replica ------------
     @staticmethod
     def packed_shapes(num_sequences: int, seq_len: int, num_states: int, separate_inner: bool = False):

@@ -1,4 +1,4 @@
-"""Which tensor x pipeline x data layouts can run a model and a batch, and which layers a stage holds.
+"""Which tensor x sequence x pipeline x data layouts can run a model and a batch, and which layers a stage holds.
 
 Everything here takes plain sizes, so it can be checked before any rank starts (the
 ``--nproc-per-node`` launcher does) as well as inside a run.
@@ -20,18 +20,19 @@ def divisors(n: int) -> list[int]:
 
 
 def check_world(world_size: int, tensor: int, pipeline: int, num_layers: int,
-                fits: Callable[[int, int], bool] | None = None) -> None:
-    """The ranks must split into tensor x pipeline x data, and the layers into equal stages. ``fits(tensor,
-    pipeline)``: whether a split suits the model and batch too (only those are suggested)."""
-    if world_size % (tensor * pipeline):
-        splits = [(t, p) for t in divisors(world_size) for p in divisors(world_size // t)
-                  if fits is None or fits(t, p)]
+                fits: Callable[[int, int], bool] | None = None, sequence: int = 1) -> None:
+    """The ranks must split into tensor x sequence x pipeline x data, and the layers into equal stages.
+    ``fits(tensor, pipeline)``: whether a split suits the model and batch too (only those are suggested)."""
+    if world_size % (tensor * sequence * pipeline):
+        splits = [(t, p) for t in divisors(world_size // sequence) for p in divisors(world_size // (sequence * t))
+                  if world_size % sequence == 0 and (fits is None or fits(t, p))]
         options = (f"possible tensor x pipeline sizes: {', '.join(f'{t}x{p}' for t, p in splits)}" if splits else
                    "no tensor x pipeline split of that many ranks suits this model and batch; use another number of "
                    "ranks")
+        with_sequence = f" x --parallel.sequence_parallel_size {sequence}" if sequence > 1 else ""
         raise LayoutError(
-            f"--parallel.tensor_parallel_size {tensor} x --parallel.pipeline_parallel_size {pipeline} = "
-            f"{tensor * pipeline} does not divide the world size {world_size}; {options}"
+            f"--parallel.tensor_parallel_size {tensor}{with_sequence} x --parallel.pipeline_parallel_size {pipeline} "
+            f"= {tensor * sequence * pipeline} does not divide the world size {world_size}; {options}"
         )
     if num_layers % pipeline:
         raise LayoutError(
@@ -72,3 +73,16 @@ def stage_layers(num_layers: int, pipeline_size: int, pipeline_rank: int) -> ran
     per_stage = num_layers // pipeline_size
     start = pipeline_rank * per_stage
     return range(start, start + per_stage)
+
+
+def check_sequence_split(sequence: int, tensor: int, num_kv_heads: int, num_heads: int) -> None:
+    """Ulysses sequence parallelism trades a rank's tokens for its heads: the sequence-parallel size must divide
+    the key/value heads of a tensor-parallel rank (each carries its group of query heads along)."""
+    local = num_kv_heads // tensor
+    if sequence > 1 and local % sequence:
+        sizes = [d for d in divisors(local)]
+        raise LayoutError(
+            f"--parallel.sequence_parallel_size {sequence} does not divide the {local} key/value heads of a "
+            f"tensor-parallel rank ({num_kv_heads} heads / tensor-parallel size {tensor}; {num_heads} query heads): "
+            f"the all-to-all gives each sequence-parallel rank whole heads; sizes that work: "
+            f"{', '.join(map(str, sizes))}")

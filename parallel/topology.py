@@ -1,10 +1,13 @@
-"""Process groups: torch.distributed plus megatron-core ``parallel_state`` (TP x PP x DP).
+"""Process groups: torch.distributed plus megatron-core ``parallel_state`` (TP x SP x DP x PP).
 
 A single process still gets a (world size 1) process group, so the megatron-core layers and
 every collective run the same code at one rank as at many. Under torchrun the environment
 variables (RANK, WORLD_SIZE, MASTER_ADDR, ...) are used; alone, a file store in a temporary
 directory avoids picking a TCP port. Rank order is megatron's default (tensor parallel
-fastest, then data parallel, then pipeline).
+fastest, then sequence parallel, then data parallel, then pipeline). The sequence-parallel
+dimension is megatron's context-parallel one (its groups; the attention that uses it is
+Ulysses' all-to-all, ``parallel.sequence``): its ranks hold the same weights and each a part of
+every sequence, so their gradients are reduced with the data-parallel ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Topology:
     pipeline_parallel_size: int
     data_parallel_size: int
     device: torch.device
+    sequence_parallel_size: int = 1
 
     @property
     def tensor_parallel_group(self):
@@ -48,8 +52,27 @@ class Topology:
         return parallel_state.get_pipeline_model_parallel_rank()
 
     @property
+    def sequence_parallel_group(self):
+        return parallel_state.get_context_parallel_group()
+
+    @property
+    def sequence_parallel_rank(self) -> int:
+        return parallel_state.get_context_parallel_rank()
+
+    @property
     def data_parallel_group(self):
+        """The replicas that read different samples (sequence-parallel ranks share their samples)."""
         return parallel_state.get_data_parallel_group()
+
+    @property
+    def gradient_group(self):
+        """The ranks whose gradients are reduced together: data x sequence parallel (every rank that holds the
+        same weights and computed a part of the global batch's loss)."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @property
+    def gradient_group_size(self) -> int:
+        return self.data_parallel_size * self.sequence_parallel_size
 
     @property
     def data_parallel_rank(self) -> int:
@@ -57,18 +80,24 @@ class Topology:
 
     @property
     def model_parallel_group(self):
-        """The ranks that hold one replica of the model (TP x PP): they share one data stream."""
+        """The ranks that hold one replica of the model (TP x PP)."""
         return parallel_state.get_model_parallel_group()
 
     @property
     def reads_data(self) -> bool:
-        """Only the first tensor-parallel rank of the first stage reads; it broadcasts to the rest."""
-        return self.tensor_parallel_rank == 0 and self.pipeline_parallel_rank == 0
+        """Only the first tensor- and sequence-parallel rank of the first stage reads; it broadcasts to the rest
+        of its replica."""
+        return self.tensor_parallel_rank == 0 and self.pipeline_parallel_rank == 0 and self.sequence_parallel_rank == 0
+
+    @property
+    def replica_size(self) -> int:
+        """Ranks that share one data stream: tensor x sequence x pipeline."""
+        return self.tensor_parallel_size * self.sequence_parallel_size * self.pipeline_parallel_size
 
     @property
     def data_source_rank(self) -> int:
-        """Global rank that reads this replica's data (tensor rank 0 of stage 0, same data rank)."""
-        return self.data_parallel_rank * self.tensor_parallel_size
+        """Global rank that reads this replica's data (tensor and sequence rank 0 of stage 0, same data rank)."""
+        return self.data_parallel_rank * self.tensor_parallel_size * self.sequence_parallel_size
 
     @property
     def is_main(self) -> bool:
@@ -77,7 +106,8 @@ class Topology:
     @property
     def layout(self) -> dict:
         return {"world_size": self.world_size, "tensor": self.tensor_parallel_size,
-                "pipeline": self.pipeline_parallel_size, "data": self.data_parallel_size}
+                "pipeline": self.pipeline_parallel_size, "data": self.data_parallel_size,
+                "sequence": self.sequence_parallel_size}
 
     @functools.cached_property
     def control_group(self):
@@ -91,17 +121,17 @@ class Topology:
 
     @functools.cached_property
     def model_parallel_cpu_group(self):
-        """This replica's ranks (tensor x pipeline) on gloo: micro-batches are shared on the host, before
-        they go to the GPU (collective to create: every rank builds every replica's group)."""
-        if self.tensor_parallel_size * self.pipeline_parallel_size == 1:
+        """This replica's ranks (tensor x sequence x pipeline) on gloo: micro-batches are shared on the host,
+        before they go to the GPU (collective to create: every rank builds every replica's group)."""
+        if self.replica_size == 1:
             return None
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and self.sequence_parallel_size == 1:
             return self.model_parallel_group
-        tensor, data = self.tensor_parallel_size, self.data_parallel_size
+        tensor, sequence, data = self.tensor_parallel_size, self.sequence_parallel_size, self.data_parallel_size
         mine = None
         for data_rank in range(data):
-            ranks = [stage * data * tensor + data_rank * tensor + t
-                     for stage in range(self.pipeline_parallel_size) for t in range(tensor)]
+            ranks = [((stage * data + data_rank) * sequence + s) * tensor + t
+                     for stage in range(self.pipeline_parallel_size) for s in range(sequence) for t in range(tensor)]
             group = dist.new_group(ranks, backend="gloo")
             if self.rank in ranks:
                 mine = group
@@ -109,10 +139,12 @@ class Topology:
 
     def stage_mesh(self):
         """A ``DeviceMesh`` over this pipeline stage's ranks with dims (data, tensor), the same groups as
-        megatron's (collective: every rank calls it)."""
+        megatron's; "data" is every rank that holds the same weights (data x sequence parallel, which are
+        adjacent in the rank order). Collective: every rank calls it."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        shape = (self.pipeline_parallel_size, self.data_parallel_size, self.tensor_parallel_size)
+        shape = (self.pipeline_parallel_size, self.data_parallel_size * self.sequence_parallel_size,
+                 self.tensor_parallel_size)
         mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("pipeline", "data", "tensor"))
         return mesh["data", "tensor"]
 
@@ -137,7 +169,7 @@ def launched_world_size() -> int:
 
 
 def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                        num_layers: int | None = None) -> Topology:
+                        num_layers: int | None = None, sequence_parallel_size: int = 1) -> Topology:
     resolved = resolve_device(device)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -153,21 +185,26 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pip
                 backend=backend, init_method=f"file://{store_dir}/store", rank=0, world_size=1
             )
     world_size = dist.get_world_size()
-    check_world(world_size, tensor_parallel_size, pipeline_parallel_size, num_layers or pipeline_parallel_size)
+    check_world(world_size, tensor_parallel_size, pipeline_parallel_size, num_layers or pipeline_parallel_size,
+                sequence=sequence_parallel_size)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
+            context_parallel_size=sequence_parallel_size,
         )
-    return Topology(
+    topology = Topology(
         rank=dist.get_rank(),
         world_size=world_size,
         local_rank=local_rank,
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=pipeline_parallel_size,
-        data_parallel_size=world_size // (tensor_parallel_size * pipeline_parallel_size),
+        data_parallel_size=world_size // (tensor_parallel_size * pipeline_parallel_size * sequence_parallel_size),
         device=resolved,
+        sequence_parallel_size=sequence_parallel_size,
     )
+    topology.model_parallel_cpu_group  # noqa: B018 - a collective to create: every rank now, at the same point
+    return topology
 
 
 def shutdown_topology() -> None:

@@ -9,6 +9,10 @@ plain MDLM and nothing else (docs/DESIGN.md sections 5 and 8).
 Loss scaling: every micro-batch's loss is already its share of the *global* batch loss, so
 DeepSpeed's division by the accumulation steps is turned off and its averaging over data
 ranks is undone by scaling the loss by the data-parallel size.
+
+Sequence parallelism: its ranks hold the same weights and each computes its tokens' share of a
+micro-batch's loss, so DeepSpeed is told that the data-parallel group is data x sequence parallel
+(``Topology.gradient_group``): gradients are summed, and ZeRO shards its state, over all of them.
 """
 
 from __future__ import annotations
@@ -38,14 +42,15 @@ class MegatronMPU:
     def get_model_parallel_group(self):
         return parallel_state.get_tensor_model_parallel_group()
 
+    # The ranks that reduce gradients together: data x sequence (context) parallel.
     def get_data_parallel_world_size(self):
-        return parallel_state.get_data_parallel_world_size()
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
 
     def get_data_parallel_rank(self):
-        return parallel_state.get_data_parallel_rank()
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
 
     def get_data_parallel_group(self):
-        return parallel_state.get_data_parallel_group()
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
     # newer DeepSpeed releases ask for these names too
     get_tensor_model_parallel_world_size = get_model_parallel_world_size
@@ -69,7 +74,10 @@ class BilevelModule(torch.nn.Module):
         return self.last_output.loss
 
 
-def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool = False) -> dict:
+def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool = False,
+                     sequence_parallel_size: int = 1) -> dict:
+    """``data_parallel_size``: replicas that read different samples; DeepSpeed's data-parallel group also holds
+    the sequence-parallel ranks, so its batch size counts them (it checks micro x accumulation x group)."""
     accumulation = options.global_batch_size // (options.micro_batch_size * data_parallel_size)
     zero = {"stage": options.zero_stage}
     if cuda and options.zero_stage > 0:
@@ -81,7 +89,7 @@ def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool
     return {
         "train_micro_batch_size_per_gpu": options.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": options.global_batch_size,
+        "train_batch_size": options.global_batch_size * sequence_parallel_size,
         "zero_optimization": zero,
         "gradient_clipping": options.grad_clip,
         # DeepSpeed's own bf16 mode stays off: it would hold the module in bf16. Every engine keeps fp32
@@ -108,7 +116,8 @@ class DeepSpeedEngine(EngineBase):
         self.module = BilevelModule(model, step_fn)
         self.engine, self.deepspeed_optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer,
-            config=deepspeed_config(options, topology.data_parallel_size, topology.device.type == "cuda"),
+            config=deepspeed_config(options, topology.data_parallel_size, topology.device.type == "cuda",
+                                    topology.sequence_parallel_size),
             mpu=MegatronMPU(), dist_init_required=False,
         )
 
@@ -116,10 +125,11 @@ class DeepSpeedEngine(EngineBase):
         set_learning_rate(self.deepspeed_optimizer, lr)
 
     def forward_backward(self, micro_batches, normalizer, step, sums) -> None:
-        # Each loss is already its share of the global batch: undo DeepSpeed's averaging over data ranks.
+        # Each loss is already its share of the global batch: undo DeepSpeed's averaging over data (and
+        # sequence) ranks.
         for micro_batch in micro_batches:
             loss = self.engine(micro_batch, normalizer, step)
-            self.engine.backward(loss * self.topology.data_parallel_size, scale_wrt_gas=False)
+            self.engine.backward(loss * self.topology.gradient_group_size, scale_wrt_gas=False)
             # Before the step: the step guard reads the loss.
             add_output(sums, self.module.last_output, self.options)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only

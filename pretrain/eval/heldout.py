@@ -31,6 +31,7 @@ class Evaluator:
 
     def __call__(self, batch: MaskedBatch, normalizer: LossNormalizer, prompt: MaskedBatch | None) -> torch.Tensor:
         adaptation = self.adaptation
+        batch = adaptation.whole_sequences(batch)
         with adaptation.autocast():
             attention = adaptation.attention(batch)
             with torch.no_grad():

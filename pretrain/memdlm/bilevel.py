@@ -37,6 +37,7 @@ import torch
 from data_pipeline.masking import MaskedBatch, hashed_uniform
 from data_pipeline.trajectory import ANCHOR, NO_NEXT, InnerStep
 from parallel.collectives import LossNormalizer
+from parallel.sequence import chunk_bounds, sum_over_sequence
 from pretrain.config import DiffusionConfig, MemoryConfig
 from pretrain.memdlm.objective import distill_row_loss, inner_sequence_weight, outer_sequence_scale
 from pretrain.model.attention import document_block_mask
@@ -166,6 +167,11 @@ class BilevelStep:
         return order
 
     # -- 0. inputs ---------------------------------------------------------------------------
+    def whole_sequences(self, batch: MaskedBatch) -> MaskedBatch:
+        """The batch as the model takes it: under sequence parallelism padded to a multiple of the
+        sequence-parallel size (``MaskedBatch.padded_to``: nothing about the losses changes)."""
+        return batch.padded_to(self.model.sequence_size)
+
     def noised_ids(self, batch: MaskedBatch, state_mask: torch.Tensor) -> torch.Tensor:
         """``[b, l]`` ids with the state's masked positions replaced by the mask token."""
         return torch.where(state_mask, self.mask_token_id, batch.input_ids)
@@ -187,6 +193,8 @@ class BilevelStep:
         param = next(self.model.parameters())
         dtype = torch.bfloat16 if self.memory.dtype == "bf16" else param.dtype
         fast = self.plan.initial(batch.num_sequences, self.seed, step, param.device, dtype)
+        if self.model.sequence_size > 1:
+            fast.tokens = chunk_bounds(batch.input_ids.shape[1], self.model.sequence_size, self.model.sequence_rank)
         if training and self.memory.inner_dropout > 0:
             fast.dropout = (self.memory.inner_dropout, self.seed, step, batch.sample_index.cpu())
         return fast
@@ -214,7 +222,8 @@ class BilevelStep:
         weight = inner_sequence_weight(self.memory, self.trajectory, p.step, state, batch.inner_pool, batch.t)
         num_scored = scored.sum(dim=1).to(torch.float64)
         scale = torch.where(num_scored > 0, weight / num_scored.clamp_min(1), 0.0)
-        return select_rows(batch.input_ids, scored, scale, batch.scored_rows(p.epoch_index, scored))
+        rows = select_rows(batch.input_ids, scored, scale, batch.scored_rows(p.epoch_index, scored))
+        return self.model.local_rows(rows, batch.input_ids.shape[1])
 
     @staticmethod
     def _for_pass(fast: FastWeights | None, pass_id: int) -> FastWeights | None:
@@ -259,6 +268,8 @@ class BilevelStep:
                 per_row = distill_row_loss(self.memory, outputs, teacher)
                 loss = (per_row.to(rows.scale.dtype) * rows.scale).sum().to(outputs.dtype)
             grads = torch.autograd.grad(loss, fast.leaves(), materialize_grads=True)
+        # Under sequence parallelism each rank has its tokens' share of every sequence's gradient.
+        grads = sum_over_sequence(list(grads), self.model.sequence_group)
         update = self.plan.sgd_step(fast, list(grads), self.memory.inner_lr, self.memory.inner_grad_clip)
         return update, loss.detach()
 
@@ -296,6 +307,7 @@ class BilevelStep:
         if by_source is not None:
             rows.group = batch.source_ids.to(rows.index.device)[rows.index // batch.input_ids.shape[1]]
             rows.group_sums = by_source
+        rows = self.model.local_rows(rows, batch.input_ids.shape[1])
         constant = fast.detach().for_pass(OUTER_PASS) if fast is not None else None
         return self.model.tail_loss(h, self.boundary, rows, attention, constant, entry=entry)
 
@@ -356,6 +368,7 @@ class BilevelStep:
         off): call it on ``for_adaptation(seed)``, whose inner weights are uniform as the reference evaluation's."""
         if not self.uses_memory:
             return None
+        batch = self.whole_sequences(batch)
         with self.autocast():
             attention = self.attention(batch)
             state = InnerState(self.initial_fast_weights(batch, step))
@@ -378,6 +391,7 @@ class BilevelStep:
                  record_fast_weights: bool = False) -> StepResult:
         model = self.model
         self.check_batch(batch)
+        batch = self.whole_sequences(batch)
         with self.autocast():
             attention = self.attention(batch)
             state = InnerState(self.initial_fast_weights(batch, step, training=True))

@@ -69,12 +69,15 @@ class FastWeights:
     """
 
     def __init__(self, tensors: dict[str, tuple[torch.Tensor, ...]], dropout: tuple | None = None,
-                 pass_id: int = 0):
+                 pass_id: int = 0, tokens: tuple[int, int] | None = None):
         self.tensors = tensors
         # --memory.inner_dropout in training: (p, seed, step, sample indices [b]); the masks also depend on
         # the pass (``for_pass``) and the site, so every layout drops the same elements.
         self.dropout = dropout
         self.pass_id = pass_id
+        # Under sequence parallelism: the token positions [start, end) this rank's inputs hold (dropout masks
+        # are drawn for whole sequences and cut to them).
+        self.tokens = tokens
 
     def get(self, name: str):
         return self.tensors.get(name)
@@ -85,11 +88,11 @@ class FastWeights:
     def with_leaves(self, leaves: list[torch.Tensor]) -> "FastWeights":
         it = iter(leaves)
         return FastWeights({name: tuple(next(it) for _ in site) for name, site in self.tensors.items()},
-                           self.dropout, self.pass_id)
+                           self.dropout, self.pass_id, self.tokens)
 
     def for_pass(self, pass_id: int) -> "FastWeights":
         """The same tensors, for the forward pass ``pass_id`` of a step (its dropout masks)."""
-        return FastWeights(self.tensors, self.dropout, pass_id)
+        return FastWeights(self.tensors, self.dropout, pass_id, self.tokens)
 
     def dropout_mask(self, site: "FastWeightSite", shape: torch.Size, device, dtype) -> torch.Tensor | None:
         """The scaled keep-mask ``[b, l, in_local]`` of ``site``'s input in this pass, or None (no dropout)."""
@@ -97,10 +100,11 @@ class FastWeights:
             return None
         p, seed, step, sample_index = self.dropout
         b, l, in_local = shape
+        start, end = self.tokens if self.tokens is not None else (0, l)
         masks = []
         for index in sample_index.tolist():
             generator = torch.Generator().manual_seed(_mix(_mix(seed, step, self.pass_id), site.index, index))
-            keep = torch.rand(l, site.in_features, generator=generator) >= p
+            keep = (torch.rand(end, site.in_features, generator=generator) >= p)[start:end]
             if site.parallel == "row" and site.tensor_parallel_size > 1:
                 keep = keep.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
             masks.append(keep)

@@ -21,6 +21,7 @@ from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from parallel.sequence import heads_to_tokens, tokens_to_heads
 from pretrain.model.attention import attend
 from pretrain.model.fast_weights import FastWeightSite, apply_fast_weight
 
@@ -148,7 +149,15 @@ class SelfAttention(ProjectionSet):
     key, value), head_dim]``, so a column split over tensor-parallel ranks keeps whole groups. With as many
     key/value heads as query heads that is ``[head, (q, k, v), head_dim]``. Query head ``i`` uses key/value
     head ``i // group`` (as Llama's ``repeat_kv``).
+
+    Under sequence parallelism (``sequence_group``, set by the model) the input holds this rank's chunk of
+    the tokens: the packed projection goes through one all-to-all that gives each rank every token of its
+    share of the key/value groups, attention runs on whole sequences, and the context comes back to the
+    token chunks by the reverse exchange (``parallel.sequence``). RoPE is applied after the exchange, at
+    the true positions.
     """
+
+    sequence_group = None
 
     def __init__(self, cfg, config: ModelParallelConfig, init_method, tensor_parallel_size: int):
         super().__init__()
@@ -173,21 +182,25 @@ class SelfAttention(ProjectionSet):
     entry_projections = ("qkv",)
 
     def forward(self, x, rope, attention_mask, fast=None, frozen=False, shared_base=None):
-        b, l, _ = x.shape
+        b, chunk, _ = x.shape
         group = self.group
         qkv = self.project("qkv", x, fast, frozen, shared_base).view(
-            b, l, self.num_kv_heads_local, group + 2, self.head_dim)
+            b, chunk, self.num_kv_heads_local, group + 2, self.head_dim)
+        qkv = tokens_to_heads(qkv, self.sequence_group)  # [b, l, kv heads here, group + 2, d]
+        l, kv_heads = qkv.shape[1], qkv.shape[2]
         queries_keys = qkv[:, :, :, :group + 1]
         if self.q_norm is not None:
             queries_keys = self._normed_queries_keys(queries_keys, frozen)
         cos, sin = rope
         # cos/sin: [l, d] (positions 0..l-1) or [b, l, d] (given positions) -> broadcast over heads.
         rotated = apply_rotary(queries_keys, cos[..., None, None, :], sin[..., None, None, :])
-        q = rotated[:, :, :, :group].reshape(b, l, self.num_heads_local, self.head_dim).transpose(1, 2)
+        q = rotated[:, :, :, :group].reshape(b, l, kv_heads * group, self.head_dim).transpose(1, 2)
         k = rotated[:, :, :, group].transpose(1, 2)  # [b, kv heads, l, d]
         v = qkv[:, :, :, group + 1].transpose(1, 2)
         context = attend(q, k, v, attention_mask, grouped=group > 1)
-        context = context.transpose(1, 2).reshape(b, l, self.num_heads_local * self.head_dim)
+        context = context.transpose(1, 2).reshape(b, l, kv_heads, group * self.head_dim)
+        context = heads_to_tokens(context, self.sequence_group)  # [b, chunk, kv heads of this TP rank, ...]
+        context = context.reshape(b, chunk, self.num_heads_local * self.head_dim)
         return self.project("out", context, fast, frozen)
 
     def _normed_queries_keys(self, queries_keys: torch.Tensor, frozen: bool) -> torch.Tensor:

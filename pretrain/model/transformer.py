@@ -5,10 +5,16 @@ embedding and the head (final norm + LM head). The bi-level step cuts that chain
 a prefix that ends before the first sub-block with fast weights, and a tail. The head runs
 only on the rows a loss needs (``rows``), because every loss here is zero elsewhere.
 
-The model never decides how it is parallelised. Its communication is tensor-parallel only: the
-megatron-core layers' own, the fused head's vocab-parallel cross entropy (all-reduces of the
-row maxima, predicted logits and sums over the tensor-parallel group) and the fast weights'
-reductions (``pretrain.model.fast_weights``); which ranks they talk to comes from ``parallel_state``.
+The model never decides how it is parallelised. Its communication is tensor- and sequence-parallel only:
+the megatron-core layers' own, the fused head's vocab-parallel cross entropy (all-reduces of the
+row maxima, predicted logits and sums over the tensor-parallel group), the fast weights'
+reductions (``pretrain.model.fast_weights``) and attention's all-to-all over the sequence-parallel group
+(``parallel.sequence``); which ranks they talk to comes from ``parallel_state``.
+
+Under sequence parallelism (S ranks) the model takes whole, padded sequences of ids ``[b, L]`` (``L`` a
+multiple of S) and keeps this rank's chunk of the tokens from the embedding on: activations are
+``[b, L/S, hidden]``, the rows a loss gathers are those of the chunk (``local_rows``), and its losses and
+gradients are this rank's share (the caller sums them over the group).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from parallel.megatron import (
     parallel_state,
     set_tensor_model_parallel_attributes,
 )
+from parallel.sequence import chunk_bounds, gather_tokens, padded_length
 from pretrain.config import ModelConfig
 from pretrain.model.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
@@ -53,6 +60,14 @@ class DiffusionTransformer(nn.Module):
                 f"model.ffn_hidden_size ({cfg.ffn_hidden_size}) and model.vocab_size ({cfg.vocab_size})"
             )
         self.layer_range = layers if layers is not None else range(cfg.num_layers)
+        sequence_parallel = parallel_state.model_parallel_is_initialized()
+        self.sequence_size = parallel_state.get_context_parallel_world_size() if sequence_parallel else 1
+        self.sequence_rank = parallel_state.get_context_parallel_rank() if sequence_parallel else 0
+        self.sequence_group = parallel_state.get_context_parallel_group() if self.sequence_size > 1 else None
+        if (cfg.key_value_heads // tensor_parallel_size) % self.sequence_size:
+            raise ValueError(
+                f"sequence-parallel size {self.sequence_size} must divide the key/value heads of a tensor-parallel "
+                f"rank ({cfg.key_value_heads} / {tensor_parallel_size})")
         mp_config = ModelParallelConfig(
             tensor_model_parallel_size=tensor_parallel_size,
             params_dtype=dtype,
@@ -70,6 +85,8 @@ class DiffusionTransformer(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size) for i in self.layer_range
         })
+        for layer in self.layers.values():
+            layer.attention.sequence_group = self.sequence_group
         if self.has_head:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
             self.lm_head = VocabParallelHead(
@@ -81,7 +98,9 @@ class DiffusionTransformer(nn.Module):
             if not (self.has_embedding and self.has_head):
                 raise ValueError("model.tie_embeddings needs the embedding and the head on one pipeline stage")
             self.lm_head.weight = self.embedding.weight  # one parameter, named embedding.weight
-        cos, sin = rotary_tables(cfg.seq_len, cfg.attention_head_dim, cfg.rope_theta, dtype, rope_scaling(cfg))
+        # Positions up to the padded length: padding added for sequence parallelism gets positions too.
+        cos, sin = rotary_tables(padded_length(cfg.seq_len, self.sequence_size), cfg.attention_head_dim,
+                                 cfg.rope_theta, dtype, rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.num_blocks = 2 * cfg.num_layers
@@ -100,6 +119,30 @@ class DiffusionTransformer(nn.Module):
             holder = layer.attention if site.module in ("qkv", "out") else layer.mlp
             holder.sites[site.module] = site
             holder.fast_scaling = plan.scaling
+
+    # -- sequence parallelism ----------------------------------------------------------------
+    def local_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk ``[b, L/S, ...]`` of whole sequences ``x [b, L, ...]`` (all of it without SP)."""
+        if self.sequence_size == 1:
+            return x
+        start, end = chunk_bounds(x.shape[1], self.sequence_size, self.sequence_rank)
+        return x[:, start:end]
+
+    def local_rows(self, rows: Rows, seq_len: int) -> Rows:
+        """The rows (token positions in the flattened ``[b * seq_len]`` whole sequences, with their targets and
+        scales) as this rank's model computes them: each replaced by the row that predicts it
+        (``predicting_rows``), and, under sequence parallelism, only those in this rank's chunk, numbered in
+        the flattened ``[b * seq_len / S]`` chunk. Under SP the count is known only on the device: a GPU
+        synchronises here once per loss."""
+        predicting = self.predicting_rows(rows.index, seq_len)
+        if self.sequence_size == 1:
+            return Rows(predicting, rows.targets, rows.scale, rows.group, rows.group_sums)
+        start, end = chunk_bounds(seq_len, self.sequence_size, self.sequence_rank)
+        position = predicting % seq_len
+        here = torch.nonzero((position >= start) & (position < end)).reshape(-1)
+        local = (predicting // seq_len) * (end - start) + position - start
+        return Rows(local[here], rows.targets[here], rows.scale[here],
+                    rows.group[here] if rows.group is not None else None, rows.group_sums)
 
     # -- the chain ---------------------------------------------------------------------------
     def rope(self, seq_len: int, positions: torch.Tensor | None = None):
@@ -131,8 +174,9 @@ class DiffusionTransformer(nn.Module):
         ``recompute``: keep only each sub-block's input for the backward and run it again there:
         every sub-block (``full``) or the attention ones (``selective``); ``none`` keeps everything.
         It only matters when a graph is being built. ``positions [b, l]``: RoPE positions other than
-        ``0..l-1`` (left-padded generation)."""
-        rope = self.rope(h.shape[1], positions)
+        ``0..l-1`` (left-padded generation). Under sequence parallelism ``h`` is this rank's chunk and
+        ``positions`` are those of the whole sequences."""
+        rope = self.rope(h.shape[1] * self.sequence_size, positions)
         for block in range(start, end):
             layer, sub = divmod(block, 2)
             args = (sub, h, rope, attention_mask, fast, frozen, entry if block == start else None)
@@ -169,8 +213,9 @@ class DiffusionTransformer(nn.Module):
 
     def prefix(self, input_ids: torch.Tensor, boundary: int, attention_mask=None,
                recompute: str = "none") -> torch.Tensor:
-        """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]``."""
-        h = self.embedding(input_ids)
+        """Embedding and sub-blocks ``[0, boundary)``: ``[b, l]`` ids -> ``[b, l, hidden]`` (``[b, l/S, hidden]``,
+        this rank's chunk, under sequence parallelism)."""
+        h = self.embedding(self.local_tokens(input_ids))
         return self.run_blocks(h, 0, boundary, attention_mask, recompute=recompute)
 
     def head(self, h: torch.Tensor, frozen: bool = False) -> torch.Tensor:
@@ -195,9 +240,10 @@ class DiffusionTransformer(nn.Module):
         entry: BlockEntry | None = None,
     ) -> torch.Tensor:
         """Sub-blocks ``[boundary, end)``, then ``sum(rows.scale * CE(logits, rows.targets))`` over the
-        gathered ``rows`` of ``h [b, l, hidden]``. The head runs on those rows only."""
+        gathered ``rows`` of ``h [b, l, hidden]`` (``rows`` from ``local_rows``). The head runs on those rows
+        only."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
-        selected = h.reshape(-1, h.shape[-1]).index_select(0, self.predicting_rows(rows.index, h.shape[1]))
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, rows.index)
         return self.lm_head(self.final_norm(selected, frozen), rows.targets, rows.scale, frozen=frozen,
                             row_group=rows.group, group_sums=rows.group_sums)
 
@@ -212,11 +258,11 @@ class DiffusionTransformer(nn.Module):
         entry: BlockEntry | None = None,
         kind: str = "logits",
     ) -> torch.Tensor:
-        """Sub-blocks ``[boundary, end)``, then at the rows ``index`` of ``h [b, l, hidden]``: the full-vocabulary
-        logits ``[n, vocab]`` (``logits``, gathered over tensor-parallel ranks), the final-normed hidden states
-        (``normed``) or the last sub-block's output before the final norm (``hidden``)."""
+        """Sub-blocks ``[boundary, end)``, then at the rows ``index`` (from ``local_rows``) of ``h``: the
+        full-vocabulary logits ``[n, vocab]`` (``logits``, gathered over tensor-parallel ranks), the final-normed
+        hidden states (``normed``) or the last sub-block's output before the final norm (``hidden``)."""
         h = self.run_blocks(h, boundary, self.num_blocks, attention_mask, fast, frozen, entry)
-        selected = h.reshape(-1, h.shape[-1]).index_select(0, self.predicting_rows(index, h.shape[1]))
+        selected = h.reshape(-1, h.shape[-1]).index_select(0, index)
         if kind == "hidden":
             return selected
         normed = self.final_norm(selected, frozen)
@@ -229,15 +275,38 @@ class DiffusionTransformer(nn.Module):
                 positions: torch.Tensor | None = None):
         """Vocab-parallel logits ``[b, l, vocab/tp]`` for every position (inference and export).
         ``attention_mask``: ``[b, l]`` key padding (true on real tokens) or an SDPA-shaped mask;
-        ``positions``: ``[b, l]`` RoPE positions (default ``0..l-1``)."""
+        ``positions``: ``[b, l]`` RoPE positions (default ``0..l-1``). Under sequence parallelism every rank
+        gives the same ids and gets every position's logits (the chunks are gathered)."""
+        length = input_ids.shape[1]
+        if self.sequence_size > 1:
+            input_ids, attention_mask, positions = self._pad_for_sequence_parallel(input_ids, attention_mask,
+                                                                                   positions)
         if attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = attention_mask.bool()[:, None, None, :]
-        h = self.embedding(input_ids)
+        h = self.embedding(self.local_tokens(input_ids))
         h = self.run_blocks(h, 0, self.num_blocks, attention_mask, fast, positions=positions)
-        logits = self.head(h)
+        logits = gather_tokens(self.head(h), self.sequence_group)[:, :length]
         if self.cfg.shifted_prediction:  # position i's logits come from row i - 1 (row 0 keeps its own)
             logits = torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
         return logits
+
+    def _pad_for_sequence_parallel(self, input_ids, attention_mask, positions):
+        """Ids (and a key-padding mask, positions) padded to a multiple of the sequence-parallel size; the
+        padding is never attended to."""
+        b, length = input_ids.shape
+        extra = padded_length(length, self.sequence_size) - length
+        if extra == 0:
+            return input_ids, attention_mask, positions
+        if attention_mask is None:
+            attention_mask = torch.ones(b, length, dtype=torch.bool, device=input_ids.device)
+        if attention_mask.dim() != 2:
+            raise ValueError("under sequence parallelism give forward() a [b, l] key-padding mask (or none) when "
+                             "the length is not a multiple of the sequence-parallel size")
+        attention_mask = nn.functional.pad(attention_mask.bool(), (0, extra), value=False)
+        input_ids = nn.functional.pad(input_ids, (0, extra), value=0)
+        if positions is not None:
+            positions = nn.functional.pad(positions, (0, extra), value=0)
+        return input_ids, attention_mask, positions
 
 
 def rope_scaling(cfg: ModelConfig) -> dict | None:

@@ -148,7 +148,7 @@ def open_data(cfg: RunConfig, topology: Topology, sources: list[Source], state):
         pin_memory=topology.device.type == "cuda",
     )
     os.environ.update(streaming_world)
-    readers_only = topology.tensor_parallel_size * topology.pipeline_parallel_size > 1
+    readers_only = topology.replica_size > 1
     return open_batches(sources, spec, cfg.train.micro_batch_size, reader,
                         topology.data_parallel_rank, topology.data_parallel_size, state,
                         barrier_group=topology.data_parallel_group if readers_only else None)

@@ -3,7 +3,7 @@ its fast-weight plan) and the engine that runs it on the layout, with the held-o
 bad-step guard. The trainer, the tests and the benchmarks all assemble them here, so there is one way.
 
 Engine choice: pipeline stages -> ``PipelineEngine`` (plain data parallelism across replicas);
-data parallelism or any ZeRO stage -> ``DeepSpeedEngine``; otherwise ``LocalEngine``.
+data or sequence parallelism or any ZeRO stage -> ``DeepSpeedEngine``; otherwise ``LocalEngine``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from parallel.engines.local import LocalEngine
 from parallel.engines.outer_optimizer import OuterOptimizer
 from parallel.engines.pipeline import PipelineEngine
 from parallel.engines.step_guard import StepGuard
-from parallel.layout import LayoutError, check_batch_split, check_tensor_split, check_world, stage_layers
+from parallel.layout import (
+    LayoutError,
+    check_batch_split,
+    check_sequence_split,
+    check_tensor_split,
+    check_world,
+    stage_layers,
+)
 from pretrain.config import SPIKE_MIN_HISTORY, ConfigError, RunConfig
 from pretrain.eval.heldout import Evaluator
 from pretrain.memdlm.bilevel import BilevelStep
@@ -40,6 +47,7 @@ class TrainingParts:
 def check_run_layout(cfg: RunConfig, world_size: int) -> None:
     """Refuse, with the sizes that would work, what a world size cannot run; callable before any rank starts."""
     tensor, pipeline = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
+    sequence = cfg.parallel.sequence_parallel_size
 
     def fits(t: int, p: int) -> bool:
         try:
@@ -48,20 +56,42 @@ def check_run_layout(cfg: RunConfig, world_size: int) -> None:
         except LayoutError:
             return False
 
-    check_world(world_size, tensor, pipeline, cfg.model.num_layers, fits)
+    check_world(world_size, tensor, pipeline, cfg.model.num_layers, fits, sequence)
     _check_split(cfg, world_size, tensor, pipeline)
+    check_sequence_parallel(cfg)
+
+
+def check_sequence_parallel(cfg: RunConfig) -> None:
+    """What sequence parallelism cannot be combined with (yet), each refused with what would work."""
+    sequence = cfg.parallel.sequence_parallel_size
+    if sequence == 1:
+        return
+    model = cfg.model
+    check_sequence_split(sequence, cfg.parallel.tensor_parallel_size, model.key_value_heads, model.num_heads)
+    if cfg.parallel.pipeline_parallel_size > 1:
+        raise LayoutError(
+            f"--parallel.sequence_parallel_size {sequence} with --parallel.pipeline_parallel_size "
+            f"{cfg.parallel.pipeline_parallel_size}: the pipeline's stages exchange whole activations, not "
+            "sequence chunks; use --parallel.pipeline_parallel_size 1 (tensor, sequence and data parallelism "
+            "with ZeRO compose)")
+    if cfg.train.compile:
+        raise LayoutError(
+            f"--train.compile true with --parallel.sequence_parallel_size {sequence}: the attention's all-to-all "
+            "is not traced into the compiled blocks yet; use --train.compile false")
 
 
 def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) -> None:
-    """The model and batch on ``tensor`` x ``pipeline`` (dividing ``world_size``)."""
+    """The model and batch on ``tensor`` x ``pipeline`` (x the configured sequence size, dividing
+    ``world_size``)."""
     model = cfg.model
-    check_world(world_size, tensor, pipeline, model.num_layers)
+    sequence = cfg.parallel.sequence_parallel_size
+    check_world(world_size, tensor, pipeline, model.num_layers, sequence=sequence)
     sizes = {"model.num_heads": model.num_heads, "model.ffn_hidden_size": model.ffn_hidden_size,
              "model.vocab_size": model.vocab_size}
     if model.num_kv_heads:
         sizes["model.num_kv_heads"] = model.num_kv_heads
     check_tensor_split(tensor, sizes)
-    data = world_size // (tensor * pipeline)
+    data = world_size // (tensor * pipeline * sequence)
     check_batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, data, pipeline)
     if pipeline > 1 and model.tie_embeddings:
         raise LayoutError(
@@ -139,7 +169,7 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, bilevel: BilevelSt
                                norm_listener=listener)
         return PipelineEngine(model, BilevelStage(bilevel, adaptation), outer, options, topology, guard=guard)
     evaluator = Evaluator(adaptation)
-    if topology.data_parallel_size > 1 or cfg.parallel.zero_stage > 0:
+    if topology.data_parallel_size > 1 or topology.sequence_parallel_size > 1 or cfg.parallel.zero_stage > 0:
         return DeepSpeedEngine(model, bilevel, optimizer, options, topology, evaluator, guard)
     outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group, norm_listener=listener)
     return LocalEngine(model, bilevel, outer, options, topology, evaluator, guard)

@@ -26,6 +26,10 @@ TP2 = ["--parallel.tensor_parallel_size", "2"]
 PP2 = ["--parallel.pipeline_parallel_size", "2"]
 
 
+def sequence(size: int) -> list[str]:
+    return ["--parallel.sequence_parallel_size", str(size)]
+
+
 def zero(stage: int) -> list[str]:
     return ["--parallel.zero_stage", str(stage)]
 
@@ -46,6 +50,11 @@ LAYOUTS = {  # name: (world size, options)
     "pp2-gpipe": (2, PP2 + ["--parallel.pipeline_schedule", "gpipe"] + micro(2)),
     "tp2-pp2": (4, TP2 + PP2 + micro(2)),
     "tp2-pp2-dp2": (8, TP2 + PP2 + micro(2)),
+    "sp2": (2, sequence(2) + micro(4)),
+    "sp4": (4, sequence(4) + micro(8)),
+    "tp2-sp2": (4, TP2 + sequence(2) + micro(4)),
+    "dp2-sp2-zero1": (4, sequence(2) + zero(1) + micro(2)),
+    "dp2-sp2-zero3": (4, sequence(2) + zero(3) + micro(4)),
 }
 
 
