@@ -27,13 +27,16 @@ class CollectiveCount:
         self.ranks = {name: tuple(dist.get_process_group_ranks(g)) for name, g in groups.items()}
         self.calls: dict[str, Counter] = {name: Counter() for name in groups}
         self.bytes: dict[str, int] = {name: 0 for name in groups}
+        self.bytes_by_op: dict[str, Counter] = {name: Counter() for name in groups}
 
     def record(self, op: str, group, tensors) -> None:
         ranks = tuple(range(dist.get_world_size())) if group is None else tuple(dist.get_process_group_ranks(group))
         for name, members in self.ranks.items():
             if members == ranks:
+                size = sum(t.numel() * t.element_size() for t in tensors)
                 self.calls[name][op] += 1
-                self.bytes[name] += sum(t.numel() * t.element_size() for t in tensors)
+                self.bytes[name] += size
+                self.bytes_by_op[name][op] += size
 
 
 def _tensors_of(args, kwargs) -> list[torch.Tensor]:

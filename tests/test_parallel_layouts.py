@@ -51,6 +51,22 @@ def test_more_two_rank_layouts_train_the_single_process_model(reference, data, t
 
 
 @pytest.mark.slow
+def test_sequence_parallel_layouts_train_the_single_process_model(reference, data, tmp_path):
+    """SP4, TP2 x SP2, DP2 x SP2 with ZeRO 1 and 3 (SP2 and resharding across SP sizes: tests/test_reshard.py)."""
+    _check_group(["sp4", "tp2-sp2", "dp2-sp2-zero1", "dp2-sp2-zero3"], reference, data, tmp_path)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_pads_a_length_it_does_not_divide(prepared_corpus, tmp_path):
+    """30 tokens over 4 sequence-parallel ranks: padded to 32, never attended to or scored (with inner dropout,
+    whose masks are cut to each rank's positions)."""
+    data = prepared_corpus(seq_len=30)
+    extra = ["--model.seq_len", "30", "--memory.inner_dropout", "0.1"]
+    reference = run_layouts(["single"], tmp_path / "single", data, extra)["single"]
+    assert_same_training(run_layouts(["sp4"], tmp_path / "sp4", data, extra)["sp4"], reference)
+
+
+@pytest.mark.slow
 def test_tp2_pp2_trains_the_single_process_model(reference, data, tmp_path):
     _check_group(["tp2-pp2"], reference, data, tmp_path)
 
@@ -78,7 +94,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_memory_variants_train_the_single_process_model_at_every_layout(variant, data, tmp_path):
     reference = run_layouts(["single"], tmp_path / "single", data, VARIANTS[variant])["single"]
-    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3"], reference, data, tmp_path, VARIANTS[variant])
+    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3", "sp2"], reference, data, tmp_path, VARIANTS[variant])
 
 
 def _check_group_with(names, reference, data, root, extra):
@@ -102,7 +118,7 @@ TIED = [*ALL_OPTIONS, "--model.tie_embeddings", "true"]
 @pytest.mark.slow
 def test_model_family_options_train_the_single_process_model_at_every_layout(data, tmp_path):
     reference = run_layouts(["single"], tmp_path / "single", data, ALL_OPTIONS)["single"]
-    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3"], reference, data, tmp_path, ALL_OPTIONS)
+    _check_group_with(["tp2", "pp2", "dp2-zero1", "dp2-zero3", "sp2"], reference, data, tmp_path, ALL_OPTIONS)
     tied = run_layouts(["single"], tmp_path / "single-tied", data, TIED)["single"]
     _check_group_with(["tp2", "dp2-zero2"], tied, data, tmp_path / "tied", TIED)
 

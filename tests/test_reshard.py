@@ -26,6 +26,9 @@ PAIRS = {  # name: (layout A, layout B)
     "tp2 -> pp2": ("tp2", "pp2"),
     "dp2-zero3 -> dp2-zero1": ("dp2-zero3", "dp2-zero1"),
     "pp2 -> dp2-zero3": ("pp2", "dp2-zero3"),
+    # Sequence parallelism: trained at SP2, resumed at SP1 and at SP4.
+    "sp2 -> single": ("sp2", "single"),
+    "sp2 -> sp4": ("sp2", "sp4"),
 }
 
 
