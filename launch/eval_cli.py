@@ -8,7 +8,13 @@ import json
 import sys
 
 from common.errors import UsageError
-from launch.generate_cli import add_checkpoint_options, add_generation_options, generation_config
+from launch.generate_cli import (
+    add_checkpoint_options,
+    add_generation_options,
+    generation_config,
+    is_reporting_rank,
+    relaunch_for_sequence_parallel,
+)
 from launch.messages import fail
 
 
@@ -36,7 +42,8 @@ def _kinds(text: str) -> list[str]:
 
 def eval_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="memdlm-eval", description="Evaluate a checkpoint in one process and print JSON. Tasks: heldout (the "
+        prog="memdlm-eval", description="Evaluate a checkpoint in one process (or over --sequence-parallel-size "
+        "ranks, for long contexts) and print JSON. Tasks: heldout (the "
         "MDLM loss, nats and bits per token, on a prepared dataset's validation split, with and without "
         "inference-time adaptation), loglik (log p(continuation | prompt) by Monte Carlo over masks), niah "
         "(exact-match accuracy on the synthetic needle-in-a-haystack suite by kind and context length).")
@@ -64,10 +71,14 @@ def eval_main(argv: list[str] | None = None) -> int:
     add_generation_options(parser)
     args = parser.parse_args(argv)
     try:
+        relaunched = relaunch_for_sequence_parallel(args, "launch.eval_cli", argv)
+        if relaunched is not None:
+            return relaunched
         result = _evaluate(args)
     except UsageError as err:
         return fail("memdlm-eval", str(err))
-    print(json.dumps(result, indent=2))
+    if is_reporting_rank():
+        print(json.dumps(result, indent=2))
     return 0
 
 
@@ -75,7 +86,8 @@ def _evaluate(args) -> dict:
     from pretrain.eval.inference import load_for_inference
 
     kinds, lengths = (_kinds(args.kinds), _lengths(args.lengths)) if args.task == "niah" else (None, None)
-    model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify)
+    model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify,
+                               sequence_parallel_size=args.sequence_parallel_size)
     modes = {"true": [True], "false": [False], "both": [False, True]}[args.adaptation]
     if args.task == "loglik":
         from pretrain.eval.likelihood import conditional_log_likelihood
@@ -111,7 +123,7 @@ def _heldout(model, args) -> dict:
 
     from data_pipeline.shards import read_manifest
     from data_pipeline.validation import validation_batches
-    from parallel.collectives import LossNormalizer
+    from parallel.collectives import LossNormalizer, sum_over
     from pretrain.eval.heldout import Evaluator, bits, evaluation_collates
 
     root = Path(args.data)
@@ -131,6 +143,7 @@ def _heldout(model, args) -> dict:
     sums = torch.zeros(2, dtype=torch.float64, device=device)
     for batch, prompt in zip(batches, prompts):
         sums += evaluator(batch.to(device), normalizer, prompt.to(device) if prompt is not None else None)
+    sum_over(sums, model.model.sequence_group)  # each sequence-parallel rank scored its chunk's tokens
     loss, adapted = sums.tolist()
     result = {"samples": total, "loss_nats_per_token": loss, "bits_per_token": bits(loss)}
     if adapt:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 
 from common.errors import UsageError
@@ -49,6 +51,29 @@ def add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true",
                         help="check only the sizes of the checkpoint's files, not their sha256 against the manifest "
                         "(faster for huge checkpoints; the default checks both)")
+    parser.add_argument("--sequence-parallel-size", type=int, default=1,
+                        help="split each sequence's tokens over this many ranks on this machine (long prompts: "
+                        "started through torchrun for you; every rank holds the weights; default 1)")
+
+
+def relaunch_for_sequence_parallel(args, module: str, argv: list[str] | None) -> int | None:
+    """With ``--sequence-parallel-size S`` > 1 outside torchrun: run this command again as S ranks on this machine
+    (torchrun) and return its exit code; otherwise None (this process does the work)."""
+    size = args.sequence_parallel_size
+    if size < 1:
+        raise UsageError(f"--sequence-parallel-size expects a positive integer, got {size}")
+    if size == 1 or "RANK" in os.environ:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={size}",
+               "-m", module, *(sys.argv[1:] if argv is None else argv)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // size)))
+    return subprocess.call(command, env=env)
+
+
+def is_reporting_rank() -> bool:
+    """Whether this process prints the results: always alone; rank 0 of sequence-parallel ranks."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def generation_config(args):
@@ -79,7 +104,8 @@ def read_prompts(args) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Generate text from a checkpoint (any parallel layout; it loads into one process) "
+        prog=PROG, description="Generate text from a checkpoint (any parallel layout; it loads into one process, or "
+        "into --sequence-parallel-size ranks) "
         "with the MDLM / LLaDA sampler: the prompt plus --gen.length mask tokens, unmasked over --gen.steps steps, "
         "most confident first, optionally in semi-autoregressive blocks. Prints one JSON line per prompt.")
     add_checkpoint_options(parser)
@@ -90,13 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     add_generation_options(parser)
     args = parser.parse_args(argv)
     try:
+        relaunched = relaunch_for_sequence_parallel(args, "launch.generate_cli", argv)
+        if relaunched is not None:
+            return relaunched
         cfg = generation_config(args)
         cfg.check()
         prompts = read_prompts(args)
         from pretrain.eval.inference import load_for_inference
         from pretrain.eval.sampling import generate
 
-        model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify)
+        model = load_for_inference(args.checkpoint, args.device, seed=args.seed, verify=not args.no_verify,
+                                   sequence_parallel_size=args.sequence_parallel_size)
         if model.tokenizer is None:
             raise UsageError(f"{args.checkpoint} has no tokenizer.json to encode prompts with")
         lines = []
@@ -112,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                                          "adapted": args.inference == "true"}))
     except UsageError as err:
         return fail(PROG, str(err))
+    if not is_reporting_rank():
+        return 0
     text = "\n".join(lines) + "\n"
     if args.output:
         with open(args.output, "w") as handle:

@@ -1,7 +1,9 @@
 """A trained checkpoint in one process, ready for generation and evaluation.
 
 Any checkpoint (whatever layout saved it: its DCP files are read at full size) loads into a model of
-tensor-parallel size 1 on the CPU or a GPU. Inference-time adaptation (docs/DESIGN.md section 2) runs the
+tensor-parallel size 1 on the CPU or a GPU, in one process or, for long prompts, over S sequence-parallel
+ranks (under torchrun; every rank holds the weights and a chunk of each sequence, and every rank gets the
+same logits, samples and results). Inference-time adaptation (docs/DESIGN.md section 2) runs the
 step's own inner update on the prompt: the prompt masked at ``memory.prompt_mask_ratio`` is the anchor,
 the pre-anchor states follow the training trajectory (scale ``memory.pre_anchor_scale``), the K inner
 SGD steps use uniform loss weights, clipping as in training; each sequence gets its own memory, reset
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from common.errors import UsageError
 from data_pipeline.masking import MaskedBatch, build_masked_batch
 from parallel.checkpoint.manifest import resolve_checkpoint
 from parallel.checkpoint.reading import read_weights
@@ -79,15 +82,20 @@ def adaptation_step(model: DiffusionTransformer, model_cfg: ModelConfig, memory:
     return bilevel.for_adaptation(seed)
 
 
-def load_for_inference(path: str | Path, device: str = "auto", seed: int = 0, verify: bool = True) -> InferenceModel:
-    """One process, tensor-parallel size 1 (a world-size-1 process group is created if there is none). The
-    checkpoint's files are checked against its manifest first (sha256 too unless ``verify`` is false)."""
+def load_for_inference(path: str | Path, device: str = "auto", seed: int = 0, verify: bool = True,
+                       sequence_parallel_size: int = 1) -> InferenceModel:
+    """Tensor-parallel size 1, in one process (a world-size-1 process group is created if there is none) or
+    over ``sequence_parallel_size`` ranks (the whole world, under torchrun). The checkpoint's files are checked
+    against its manifest first (sha256 too unless ``verify`` is false)."""
     from parallel.topology import initialize_topology
 
     folder = resolve_checkpoint(path, verify_hashes=verify)
     record = json.loads((folder / "config.json").read_text())
     model_cfg = ModelConfig(**record["model"])
-    topology = initialize_topology(device)
+    topology = initialize_topology(device, sequence_parallel_size=sequence_parallel_size)
+    if topology.world_size != sequence_parallel_size:
+        raise UsageError(f"inference runs on {sequence_parallel_size} sequence-parallel rank(s) but the world has "
+                         f"{topology.world_size}; start as many ranks as --sequence-parallel-size")
     model = DiffusionTransformer(model_cfg).to(topology.device)
     weights = read_weights(folder)
     with torch.no_grad():
