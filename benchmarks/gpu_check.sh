@@ -6,7 +6,10 @@
 #   4. benchmarks/step_cost.py on a ~1B Llama-shaped model (hidden 2048, 16 layers, seq 2048, bf16,
 #      recomputation, the largest micro-batch that fits): MemDLM/MDLM time ratio, mfu_model, tokens/s,
 #      peak memory with memory on and off;
-#   5. benchmarks/compile_speed.py on the same model: compiled (--train.compile) against eager.
+#   5. benchmarks/compile_speed.py on the same model: compiled (--train.compile) against eager;
+#   6. long context (issue #22): step_cost.py on the ~1B model at 16,384 and 32,768 tokens, one sequence, full
+#      recomputation (MFU, peak memory; a length that does not fit says so), and benchmarks/long_context.py at
+#      S = 1, 2, 4 sequence-parallel ranks when the machine has that many GPUs.
 # Results go to OUT_DIR (default: $OUT, else ./gpu_check_out): results.json and results.md, check.log (every
 # stage's output), gpu_tests.xml, default_job_metrics.jsonl, step_cost.json, environment.json. `--device cpu` runs the CPU-safe parts (the gpu tests skip; a short default job; the
 # small step_cost preset) in under 2 minutes.
@@ -83,6 +86,23 @@ timeout 240 $PY benchmarks/compile_speed.py "${COMPILED[@]}" 2>&1 | grep -v -E "
     > "$OUT_DIR/stage.log"
 echo "exit ${PIPESTATUS[0]}" >> "$OUT_DIR/stage.log"
 tail -10 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_DIR/stage.log"
+
+stage "long context"
+if [ "$DEVICE" = cuda ]; then
+    for LENGTH in 16384 32768; do
+        timeout 120 $PY benchmarks/step_cost.py --device cuda --preset 1b --seq-len "$LENGTH" --batch 1 \
+            --recompute full --rounds 2 --warmup 1 --memory-batch 1 --memory-rounds 1 \
+            --json "$OUT_DIR/long_context_$LENGTH.json" 2>&1 | grep -v -E "USDT|gpuGetDeviceCount" > "$OUT_DIR/stage.log"
+        echo "exit ${PIPESTATUS[0]} (seq $LENGTH)" >> "$OUT_DIR/stage.log"
+        tail -8 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"
+    done
+    timeout 120 $PY benchmarks/long_context.py --device cuda --length 16384 --skip-longest > "$OUT_DIR/stage.log" 2>&1
+else
+    timeout 120 $PY benchmarks/long_context.py --device cpu --length 1024 --sizes 1,2 --skip-longest \
+        > "$OUT_DIR/stage.log" 2>&1
+fi
+echo "exit $?" >> "$OUT_DIR/stage.log"
+tail -8 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_DIR/stage.log"
 
 stage "report"
 $PY benchmarks/gpu_report.py "$OUT_DIR"

@@ -17,7 +17,7 @@ same run); tokens/s; peak memory of one step with memory on and off, with and wi
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the torch profiler's memory timeline, tensors only).
 
 Usage: python benchmarks/step_cost.py [--device cpu|cuda] [--preset small|1b] [--batch N] [--rounds 12]
-       [--recompute none|full|selective] [--json FILE]
+       [--recompute none|full|selective] [--seq-len N] [--json FILE]
 """
 
 from __future__ import annotations
@@ -125,6 +125,8 @@ def main() -> None:
                              "recomputation mode fit)")
     parser.add_argument("--memory-rounds", type=int, default=3,
                         help="steps timed for each recomputation mode in the memory table")
+    parser.add_argument("--seq-len", type=int, default=0,
+                        help="tokens per sequence instead of the preset's (long context: with --batch 1)")
     parser.add_argument("--json", default="", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
@@ -136,7 +138,7 @@ def main() -> None:
         keep_freed_memory()
     topology = initialize_topology(args.device)
     device = topology.device
-    cfg = ModelConfig(**preset["model"])
+    cfg = ModelConfig(**{**preset["model"], **({"seq_len": args.seq_len} if args.seq_len else {})})
     batch = preset["batch"] if args.batch < 0 else args.batch
     search = batch == 0 and device.type == "cuda"
     bench = Bench(cfg, precision, recompute, topology, 32 if search else (batch or 8), args.num_batches)

@@ -277,3 +277,18 @@ def test_the_commands_say_what_is_wrong_in_one_line_and_exit_2(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--format llama cannot express this model: q/k/v biases" in err
     assert not (tmp_path / "as-llama").exists()
+
+
+def test_a_sequence_beyond_the_models_positions_needs_rope_scaling(tmp_path):
+    """Qwen2 (64 positions, no RoPE scaling) refuses --model.seq_len 128 with the size that works; Llama-3.1's
+    scaled RoPE may run longer than its config's positions."""
+    from pretrain.config import ConfigError
+
+    qwen, llama = tmp_path / "qwen2", tmp_path / "llama"
+    tiny("qwen2", qwen)
+    tiny("llama", llama)
+    assert resolve_init_from(build_config(["--model.init_from", str(qwen), "--model.seq_len", "64"]))
+    with pytest.raises(ConfigError, match="--model.seq_len 128 exceeds the 64 positions.*--model.seq_len 64 or less"):
+        resolve_init_from(build_config(["--model.init_from", str(qwen), "--model.seq_len", "128"]))
+    assert resolve_init_from(build_config(["--model.init_from", str(llama), "--model.seq_len", "128"])).model.seq_len \
+        == 128

@@ -206,7 +206,12 @@ def resolve_init_from(cfg: RunConfig) -> RunConfig:
         return cfg
     config = read_hf_config(Path(folder))
     fields = model_fields(config, folder)
-    fields.pop("seq_len")  # the run's sequence length is the user's (RoPE has no learned positions)
+    positions = fields.pop("seq_len")  # the run's sequence length is the user's, within the model's positions
+    if cfg.model.seq_len > positions and fields.get("rope_scaling", "none") == "none":
+        raise ConfigError(
+            f"--model.seq_len {cfg.model.seq_len} exceeds the {positions} positions {folder} was trained for "
+            "(max_position_embeddings), and its config has no RoPE scaling: use --model.seq_len "
+            f"{positions} or less, or a model whose config.json extends its positions (rope_scaling)")
     try:
         from data_pipeline.tokenizer import load_tokenizer
 
