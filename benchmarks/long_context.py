@@ -8,8 +8,9 @@ spawned ranks (gloo on CPU, nccl on GPUs), one sequence per step:
    size during the step above the resident size before it, with glibc told to return every allocation
    over 64 KiB to the system when freed, so the resident size follows the live tensors; CUDA: the
    allocator's peak above the memory allocated before the step), S x that over S = 1's (1.00 = falls as
-   1/S exactly), tokens/s, and the bytes the attention's all-to-alls and the inner loop's fast-weight
-   all-reduces send over the sequence-parallel group per step.
+   1/S exactly), tokens/s, and the bytes the attention's all-to-alls and the all-reduces send over the
+   sequence-parallel group per step (with one data-parallel replica the outer gradient reduction runs over the
+   same ranks, so its bytes are in that column with the inner loop's fast-weight gradients).
 2. The longest trainable sequence under a per-rank activation budget (``--budget-mib``; default: what
    one rank needs at ``--budget-length`` tokens): for each S, lengths in steps of ``--granularity`` are
    probed up (or down) from a first guess until the longest one within budget is found. On CPU the
@@ -169,7 +170,8 @@ def main() -> None:
     base = rows[sizes[0]]
     print(f"\n1. {args.length} tokens per sequence\n")
     print("| S | activations per rank MiB | S x activations / S=1's | tokens/s | all-to-all MiB/step/rank | "
-          "fast-weight all-reduce KiB/step/rank |")
+          "all-reduce over the S ranks KiB/step/rank (outer gradients, data x sequence = sequence here; inner "
+          "fast-weight gradients) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for s, row in rows.items():
         print(f"| {s} | {row['activations'] / 2**20:.1f} | {s * row['activations'] / base['activations']:.3f} | "

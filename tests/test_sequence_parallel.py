@@ -14,13 +14,13 @@ from tests.helpers.ranks import run_ranks
 MODEL = dict(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=64, seq_len=16)
 
 
-def _config(memory_enabled: bool):
+def _config(memory_enabled: bool, sequence: int = 2):
     from pretrain.config import MemoryConfig, ModelConfig, ParallelConfig, RunConfig, TrainConfig
 
     memory = MemoryConfig(enabled=memory_enabled, layer_fraction=0.5, masking_strategy="pmc", num_inner_steps=2)
     return RunConfig(model=ModelConfig(**MODEL), memory=memory,
                      train=TrainConfig(global_batch_size=4, micro_batch_size=2, seed=3),
-                     parallel=ParallelConfig(sequence_parallel_size=2))
+                     parallel=ParallelConfig(sequence_parallel_size=sequence))
 
 
 def _batch(cfg, data_rank):
@@ -47,16 +47,17 @@ def _count(rank, world):
         step = build_bilevel_step(cfg, model, topology, 255)
         engine = build_engine(cfg, model, step, topology)
         batch = _batch(cfg, topology.data_parallel_rank)
-        engine.train_step([batch], step=0, lr=1e-3)  # DeepSpeed sets up its buckets on the first step
+        first = engine.train_step([batch], step=0, lr=1e-3)  # DeepSpeed sets up its buckets on the first step
         groups = {"data": topology.data_parallel_group, "sequence": topology.sequence_parallel_group,
                   "gradient": topology.gradient_group}
         with counting(groups) as counter:
-            engine.train_step([batch], step=1, lr=1e-3)
+            second = engine.train_step([batch], step=1, lr=1e-3)
         fast = step.initial_fast_weights(batch.padded_to(2), 1)
         fast_bytes = sum(t.numel() * t.element_size() for t in fast.leaves()) if fast is not None else 0
         results[memory] = ({name: dict(counter.calls[name]) for name in groups},
                            {name: dict(counter.bytes_by_op[name]) for name in groups}, fast_bytes,
-                           step.num_inner_steps)
+                           step.num_inner_steps, [float(s.loss) for s in (first, second)],
+                           [float(s.grad_norm) for s in (first, second)])
         parallel_state.destroy_model_parallel()
     return results
 
@@ -70,8 +71,8 @@ def test_the_inner_loop_talks_to_the_sequence_ranks_only(counts):
     """Memory on adds, per inner step, one all-reduce of the fast-weight gradients (their size) over the sequence's
     ranks, plus that step's attention all-to-alls; data-parallel and gradient traffic is that of plain MDLM."""
     for rank, by_memory in enumerate(counts):
-        calls_on, bytes_on, fast_bytes, inner_steps = by_memory[True]
-        calls_off, bytes_off, _, _ = by_memory[False]
+        calls_on, bytes_on, fast_bytes, inner_steps, _, _ = by_memory[True]
+        calls_off, bytes_off, *_ = by_memory[False]
         assert inner_steps == 2 and fast_bytes > 0
         for group in ("data", "gradient"):
             assert calls_on[group] == calls_off[group] and bytes_on[group] == bytes_off[group], (rank, group)
@@ -79,9 +80,27 @@ def test_the_inner_loop_talks_to_the_sequence_ranks_only(counts):
         # (the step's statistics, added up over the sequence's ranks too, have one size with memory on and off)
         assert added == inner_steps * fast_bytes, (rank, added, fast_bytes)
         assert calls_on["sequence"]["all_to_all_single"] > calls_off["sequence"]["all_to_all_single"] > 0
-    calls, bytes_, fast_bytes, _ = counts[0][True]
+    calls, bytes_, fast_bytes, *_ = counts[0][True]
     print(f"DP2 x SP2, memory on: sequence group {calls['sequence']} {bytes_['sequence']}, fast weights "
           f"{fast_bytes} bytes per inner step; data group {bytes_['data']}; gradient group {bytes_['gradient']}")
+
+
+def test_losses_and_gradient_norms_are_those_of_one_process(counts, topology):
+    """Two steps at DP2 x SP2 (ZeRO 0: DeepSpeed keeps no norm, the engine measures it) give one process's losses
+    and gradient norms on the same global batch, memory on and off."""
+    from pretrain.train.factory import build_bilevel_step, build_engine, build_model
+
+    for memory in (True, False):
+        cfg = _config(memory, sequence=1)
+        model = build_model(cfg, topology)
+        engine = build_engine(cfg, model, build_bilevel_step(cfg, model, topology, 255), topology)
+        batches = [_batch(cfg, data_rank) for data_rank in range(2)]
+        stats = [engine.train_step(batches, step=step, lr=1e-3) for step in range(2)]
+        expected = [float(s.loss) for s in stats] + [float(s.grad_norm) for s in stats]
+        for by_memory in counts:
+            *_, losses, norms = by_memory[memory]
+            for ours, theirs in zip(losses + norms, expected):
+                assert ours == pytest.approx(theirs, rel=1e-5), (memory, losses, norms, stats)
 
 
 def test_padding_for_sequence_parallelism_changes_no_count():

@@ -23,6 +23,7 @@ import os
 import torch
 
 from parallel.checkpoint.sharded_state import ParameterState
+from parallel.collectives import grad_norm_and_clip
 from parallel.engines.base import EngineBase, add_output
 from parallel.engines.contract import EngineOptions, EvalFunction, StepFunction
 from parallel.engines.outer_optimizer import adam_parameter_state, load_adam_parameter_state, set_learning_rate
@@ -113,6 +114,7 @@ class DeepSpeedEngine(EngineBase):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         import deepspeed
 
+        self._norm = None  # the gradient norm measured here (ZeRO 0), when DeepSpeed keeps none
         self.module = BilevelModule(model, step_fn)
         self.engine, self.deepspeed_optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer,
@@ -132,11 +134,18 @@ class DeepSpeedEngine(EngineBase):
             self.engine.backward(loss * self.topology.gradient_group_size, scale_wrt_gas=False)
             # Before the step: the step guard reads the loss.
             add_output(sums, self.module.last_output, self.options)
+            if self.options.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+                # Without ZeRO, DeepSpeed clips but keeps no norm; the gradients are reduced by now.
+                self._norm = grad_norm_and_clip(list(self.model.parameters()), 0.0,
+                                                self.topology.tensor_parallel_group, None)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def apply_gradients(self) -> torch.Tensor:
         grad_norm = self.engine.get_global_grad_norm()  # DeepSpeed keeps it as a float or a tensor
-        return torch.as_tensor(float("nan") if grad_norm is None else grad_norm, dtype=torch.float64)
+        if grad_norm is None:
+            grad_norm = self._norm if self._norm is not None else float("nan")
+        self._norm = None
+        return torch.as_tensor(grad_norm, dtype=torch.float64)
 
     # -- checkpoints: per parameter, whatever the ZeRO stage -----------------------------------------
     def parameter_states(self, values: bool = True) -> dict[str, ParameterState]:
