@@ -59,9 +59,9 @@ def test_sequence_parallel_layouts_train_the_single_process_model(reference, dat
 @pytest.mark.slow
 def test_sequence_parallel_pads_a_length_it_does_not_divide(prepared_corpus, tmp_path):
     """30 tokens over 4 sequence-parallel ranks: padded to 32, never attended to or scored (with inner dropout,
-    whose masks are cut to each rank's positions)."""
+    whose masks are cut to each rank's positions, and attention within documents)."""
     data = prepared_corpus(seq_len=30)
-    extra = ["--model.seq_len", "30", "--memory.inner_dropout", "0.1"]
+    extra = ["--model.seq_len", "30", "--memory.inner_dropout", "0.1", "--data.document_attention", "true"]
     reference = run_layouts(["single"], tmp_path / "single", data, extra)["single"]
     assert_same_training(run_layouts(["sp4"], tmp_path / "sp4", data, extra)["sp4"], reference)
 

@@ -30,7 +30,7 @@ def _held(rank, world, layouts):
     for name in layouts:
         cfg = build_config([*OPTIONS, *LAYOUTS[name][1], "--model.mask_token_id", "499"])
         topology = initialize_topology("cpu", cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
-                                       cfg.model.num_layers)
+                                       cfg.model.num_layers, cfg.parallel.sequence_parallel_size)
         parts = build_training(cfg, topology, 499)
         params = list(parts.model.parameters())
         zero = getattr(parts.engine, "deepspeed_optimizer", None)
@@ -50,7 +50,7 @@ def _held(rank, world, layouts):
 
 
 @pytest.mark.parametrize("world,layouts", [(1, ["single"]), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2",
-                                                                  "dp2-zero3"])])
+                                                                  "dp2-zero3"]), (4, ["dp2-sp2-zero3"])])
 def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts):
     results = _held(0, 1, layouts) if world == 1 else run_ranks(_held, world, layouts)
     for rank_results in (results if world > 1 else [results]):
@@ -58,6 +58,7 @@ def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts):
             cfg = build_config([*OPTIONS, *LAYOUTS[name][1]])
             shapes = local_parameter_shapes(cfg, stage)
             count = sum(torch.Size(s).numel() for s in shapes)
+            # ZeRO partitions over every rank that holds the same weights: data x sequence parallel.
             zero, data = cfg.parallel.zero_stage, world // (cfg.parallel.tensor_parallel_size *
                                                              cfg.parallel.pipeline_parallel_size)
             planned = partition_elements(shapes, zero, data)

@@ -91,13 +91,14 @@ def partition_elements(shapes: list[tuple[int, ...]], zero_stage: int, data: int
 
 def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
     model, parallel, train, memory = cfg.model, cfg.parallel, cfg.train, cfg.memory
-    tensor, pipeline = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-    data = world_size // (tensor * pipeline)
+    tensor, pipeline, sequence = (parallel.tensor_parallel_size, parallel.pipeline_parallel_size,
+                                  parallel.sequence_parallel_size)
+    data = world_size // (tensor * pipeline * sequence)
     shapes = local_parameter_shapes(cfg, stage)
     matrices = sum(math.prod(s) for s in shapes if len(s) >= 2)
     vectors = sum(math.prod(s) for s in shapes if len(s) < 2)
     count, zero = matrices + vectors, parallel.zero_stage
-    partition = partition_elements(shapes, zero, data)
+    partition = partition_elements(shapes, zero, data * sequence)  # ZeRO shards over data x sequence ranks
     params_bytes = 4 * (partition if zero == 3 else count)
     grads_bytes = 4 * (partition if zero >= 2 else count)
     optimizer_bytes = 8 * count if zero == 0 else 12 * partition
@@ -114,7 +115,8 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
         # phi_0 .. phi_K are kept for the outer backward only through the last (detached): two copies live.
         fast = 2 * width * micro * per_layer * len(adapted_layers(model.num_layers, memory.layer_fraction))
     activation_width = 2 if train.precision == "bf16" else 4
-    tokens = micro * seq
+    # A sequence-parallel rank holds 1/S of the (padded) tokens; its attention holds every token for 1/S of the heads.
+    tokens = micro * -(-seq // sequence)
     if train.recompute == "full":
         per_layer_bytes = tokens * h * activation_width  # each layer's input
     else:  # residual stream, norms, q/k/v, attention output, the MLP's three wide tensors (a common estimate)
@@ -140,8 +142,10 @@ def format_plan(cfg: RunConfig, world_size: int, mfu: float = 0.4, peak_tflops: 
                 gpu_memory_gb: float = 0.0) -> str:
     """The plan as text, one line per pipeline stage."""
     tensor, pipeline = cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size
-    data = world_size // (tensor * pipeline)
-    lines = [f"plan: {world_size} ranks = tensor {tensor} x pipeline {pipeline} x data {data} (ZeRO "
+    sequence = cfg.parallel.sequence_parallel_size
+    data = world_size // (tensor * pipeline * sequence)
+    with_sequence = f" x sequence {sequence}" if sequence > 1 else ""
+    lines = [f"plan: {world_size} ranks = tensor {tensor}{with_sequence} x pipeline {pipeline} x data {data} (ZeRO "
              f"{cfg.parallel.zero_stage}), micro-batch {cfg.train.micro_batch_size} x {cfg.model.seq_len} tokens, "
              f"{cfg.train.precision}, recompute {cfg.train.recompute}; GiB per rank:",
              f"  {'stage':>5} {'layers':>9} {'params':>10} {'weights':>8} {'grads':>8} {'optim':>8} {'fast':>8} "
