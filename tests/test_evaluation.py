@@ -278,6 +278,7 @@ def test_pipeline_scores_the_adapted_loss_as_one_process_when_training_without_m
     assert any(set(single) <= set(figures) for figures in piped)
 
 
+@pytest.mark.slow
 def test_sequence_parallel_evaluation_and_generation_give_the_one_process_results(trained, prepared_corpus, capsys):
     """``--sequence-parallel-size 2`` (two ranks through torchrun, each holding half of every sequence): the held-out
     losses with and without adaptation and adapted generation from a prompt whose length 2 does not divide equal one

@@ -171,8 +171,9 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
         logger.write(
             f"model: {full_parameter_count(cfg.model) / 1e6:.2f}M parameters ({local_parameters / 1e6:.2f}M on "
             f"this rank), memory {'on' if cfg.memory.enabled else 'off'}; layout: {topology.world_size} ranks = "
-            f"tensor {topology.tensor_parallel_size} x sequence {topology.sequence_parallel_size} x pipeline "
-            f"{topology.pipeline_parallel_size} x data "
+            f"tensor {topology.tensor_parallel_size}"
+            + (f" x sequence {topology.sequence_parallel_size}" if topology.sequence_parallel_size > 1 else "")
+            + f" x pipeline {topology.pipeline_parallel_size} x data "
             f"{topology.data_parallel_size} (ZeRO {cfg.parallel.zero_stage}); data: {manifest['num_samples']} "
             f"samples of {cfg.model.seq_len} tokens ({cfg.data.format}) in {data_root}"
             + (f" and {len(sources) - 1} more source(s)" if len(sources) > 1 else "")
