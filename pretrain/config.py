@@ -8,6 +8,7 @@ Checks live in ``__post_init__`` and raise ``ConfigError`` naming the field and 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,22 @@ class ModelConfig:
     shifted_prediction: bool = param(
         False, "position i predicts token i+1 (Dream, initialised from an autoregressive model): every loss, the "
         "sampler and inference-time adaptation read the logits one position to the left (position 0 its own)")
+    moe_num_experts: int = param(0, "routed experts of each mixture-of-experts MLP; 0 = dense MLPs everywhere")
+    moe_top_k: int = param(2, "experts each token is routed to")
+    moe_ffn_hidden_size: int = param(0, "each routed expert's SwiGLU inner width (0 = ffn_hidden_size)")
+    moe_score: str = param("softmax", "router scores: softmax over the experts (Qwen-MoE, OLMoE, LLaDA-MoE) or "
+                           "sigmoid (DeepSeek-V3, LLaDA2)", ("softmax", "sigmoid"))
+    moe_num_groups: int = param(1, "group-limited routing: experts split into this many groups, each scored by "
+                                "the sum of its two best scores (1 = off)")
+    moe_topk_groups: int = param(1, "group-limited routing: only the experts of this many best groups are chosen")
+    moe_norm_topk: bool = param(False, "renormalise the chosen experts' weights to sum to 1 (sigmoid scores "
+                                "always are)")
+    moe_routed_scaling: float = param(1.0, "the routed experts' weights are multiplied by this")
+    moe_shared_ffn_hidden_size: int = param(0, "inner width of a shared expert every token goes through "
+                                            "(0 = none); fast weights on an MoE layer's MLP sit on it")
+    moe_shared_expert_gate: bool = param(False, "scale the shared expert by sigmoid(x . g) (Qwen2-MoE)")
+    moe_first_dense_layers: int = param(0, "the first layers keep a dense MLP of ffn_hidden_size "
+                                        "(DeepSeek's first_k_dense_replace)")
     head_chunk_rows: int = param(
         0, "rows of the LM head and its loss computed at once, so no logits block exceeds rows x vocabulary; "
         "0 = automatic (at most 128 MiB of fp32 logits per tensor-parallel rank, 1024 rows at most)")
@@ -114,6 +131,8 @@ class ModelConfig:
         _check(self.head_dim >= 0 and self.head_dim % 2 == 0, "model.head_dim",
                f"must be 0 or a positive even number (RoPE), got {self.head_dim}")
         _check(self.head_chunk_rows >= 0, "model.head_chunk_rows", "must be >= 0 (0: automatic)")
+        if self.moe_num_experts:
+            self._check_moe()
         _check(self.rope_scaling_factor >= 1 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0,
                "model.rope_scaling_factor", "llama3 scaling needs factor >= 1 and high_freq_factor > "
                "low_freq_factor > 0")
@@ -122,6 +141,36 @@ class ModelConfig:
             "model.mask_token_id",
             f"{self.mask_token_id} is outside the vocabulary [0, {self.vocab_size}); use -1 for the tokenizer's",
         )
+
+    def _check_moe(self) -> None:
+        experts, groups = self.moe_num_experts, self.moe_num_groups
+        _check(experts > 0, "model.moe_num_experts", "must be >= 0")
+        _check(1 <= self.moe_top_k <= experts, "model.moe_top_k",
+               f"{self.moe_top_k} must lie in [1, {experts}] (the routed experts)")
+        _check(groups >= 1 and experts % groups == 0, "model.moe_num_groups",
+               f"{groups} groups do not split {experts} experts evenly; pick a divisor of {experts}")
+        _check(1 <= self.moe_topk_groups <= groups, "model.moe_topk_groups",
+               f"{self.moe_topk_groups} must lie in [1, {groups}] (moe_num_groups)")
+        _check(self.moe_top_k <= self.moe_topk_groups * (experts // groups), "model.moe_top_k",
+               f"{self.moe_top_k} experts cannot be chosen from {self.moe_topk_groups} group(s) of "
+               f"{experts // groups}; raise moe_topk_groups")
+        _check(self.moe_ffn_hidden_size >= 0 and self.moe_shared_ffn_hidden_size >= 0, "model.moe_ffn_hidden_size",
+               "must be >= 0")
+        _check(0 <= self.moe_first_dense_layers < self.num_layers, "model.moe_first_dense_layers",
+               f"must lie in [0, {self.num_layers}) (some layer must be a mixture of experts)")
+        _check(self.moe_routed_scaling > 0, "model.moe_routed_scaling", "must be positive")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_num_experts > 0 and layer >= self.moe_first_dense_layers
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def mlp_width(self, layer: int) -> int:
+        """The inner width of layer ``layer``'s dense MLP, or of its shared expert (0: none) if it is an MoE layer
+        (where fast weights on MLP projections sit)."""
+        return self.moe_shared_ffn_hidden_size if self.is_moe_layer(layer) else self.ffn_hidden_size
 
     @property
     def attention_head_dim(self) -> int:
@@ -479,6 +528,12 @@ class EvalConfig:
         _check(self.micro_batch_size >= 1, "eval.micro_batch_size", "must be positive")
 
 
+def adapted_layers(num_layers: int, layer_fraction: float) -> range:
+    """The layers that carry fast weights: ``[floor(L * (1 - f)), L)``, at least the last one."""
+    start = min(int(math.floor(num_layers * (1.0 - layer_fraction) + 1e-9)), num_layers - 1)
+    return range(start, num_layers)
+
+
 @dataclass
 class ParallelConfig:
     """Tensor x sequence x pipeline x data parallelism; data-parallel size = world size / (tensor x sequence x
@@ -548,6 +603,18 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        model, memory = self.model, self.memory
+        mlp_sites = [m for m in memory.target_module_list if m in ("gate", "up", "down")]
+        if model.moe_num_experts and memory.enabled and mlp_sites and not model.moe_shared_ffn_hidden_size:
+            layers = adapted_layers(model.num_layers, memory.layer_fraction)
+            moe = [layer for layer in layers if model.is_moe_layer(layer)]
+            _check(not moe, "memory.target_modules",
+                   f"fast weights on {','.join(mlp_sites)} of layers {moe}, mixture-of-experts layers without a shared "
+                   "expert, have nowhere to sit (routed experts carry none yet): give the model a shared expert "
+                   "(--model.moe_shared_ffn_hidden_size), or --memory.target_modules qkv,out, or keep those layers "
+                   "dense (--model.moe_first_dense_layers)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

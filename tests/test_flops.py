@@ -86,3 +86,38 @@ def test_executed_flops_of_every_variant_equal_torchs_flop_counter(topology, var
     assert memory_step == (variant != "probability-off")
     counted = count_flops(lambda: step(batch, normalizer, step_number).loss.backward())
     assert executed_flops(TINY, memory, 4, batch.row_counts, uses_memory=memory_step) == counted
+
+
+TINY_MOE = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, ffn_hidden_size=48, seq_len=16,
+                       moe_num_experts=4, moe_top_k=2, moe_ffn_hidden_size=24, moe_shared_ffn_hidden_size=40,
+                       moe_shared_expert_gate=True, moe_score="sigmoid")
+MOE_CASES = {
+    "mdlm": dict(enabled=False),
+    "memdlm": dict(),
+    "both-layers": dict(layer_fraction=1.0, target_modules="up,down,out", masking_strategy="pmc", num_inner_steps=2),
+    "gate-only-dense-delta": dict(target_modules="gate", adapter="full", share_anchor_prefix=False),
+}
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+@pytest.mark.parametrize("case", list(MOE_CASES))
+def test_executed_flops_of_a_mixture_of_experts_equal_torchs_flop_counter(topology, case, recompute):
+    """Routed experts run on the tokens routed to them (top-k of each), the router and the shared expert on all:
+    the count by formula equals torch's on real steps, with fast weights on the shared expert."""
+    from pretrain.train.factory import build_bilevel_step, build_model
+
+    memory = MemoryConfig(**{"layer_fraction": 0.5, **MOE_CASES[case]})
+    cfg = RunConfig(model=TINY_MOE, memory=memory, train=TrainConfig(recompute=recompute))
+    step = build_bilevel_step(cfg, build_model(cfg, topology), topology, 63)
+    ids = np.random.default_rng(0).integers(0, 63, size=(4, 16))
+    batch = build_masked_batch(ids, np.arange(4), seed=0, epoch=0, trajectory=memory.trajectory)
+    normalizer = LossNormalizer.of([batch.maskable])
+    counted = count_flops(lambda: step(batch, normalizer, 0).loss.backward())
+    rows = batch.row_counts if memory.enabled else batch.row_counts[-1:]
+    assert executed_flops(TINY_MOE, memory, 4, rows, recompute) == counted
+
+
+def test_model_flops_of_a_mixture_of_experts_count_the_active_parameters():
+    # Per layer: attention 32x96 + 32x32 = 4096; MLP: router 32x4 = 128, 2 of 4 experts x 3 x 32 x 24 = 4608,
+    # shared 3 x 32 x 40 = 3840 and its gate 32 -> 8608 active (of 13216); head 2048; attention 12 x 2 x 16 x 32.
+    assert model_flops_per_token(TINY_MOE) == 6 * (2 * (4096 + 8608) + 2048) + 12288

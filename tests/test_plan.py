@@ -19,7 +19,7 @@ OPTIONS = [*LAYOUT_OPTIONS, "--model.qkv_bias", "true", "--model.qk_norm", "true
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.toml"))
 
 
-def _held(rank, world, layouts):
+def _held(rank, world, layouts, extra=()):
     """Per layout: (elements of parameters this rank holds, elements of its optimizer partition, elements of each
     Adam moment), from the engine itself."""
     from parallel.megatron import parallel_state
@@ -28,7 +28,7 @@ def _held(rank, world, layouts):
 
     held = {}
     for name in layouts:
-        cfg = build_config([*OPTIONS, *LAYOUTS[name][1], "--model.mask_token_id", "499"])
+        cfg = build_config([*OPTIONS, *extra, *LAYOUTS[name][1], "--model.mask_token_id", "499"])
         topology = initialize_topology("cpu", cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
                                        cfg.model.num_layers, cfg.parallel.sequence_parallel_size)
         parts = build_training(cfg, topology, 499)
@@ -49,13 +49,18 @@ def _held(rank, world, layouts):
     return held
 
 
-@pytest.mark.parametrize("world,layouts", [(1, ["single"]), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2",
-                                                                  "dp2-zero3"]), (4, ["dp2-sp2-zero3"])])
-def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts):
-    results = _held(0, 1, layouts) if world == 1 else run_ranks(_held, world, layouts)
+MOE = ["--model.moe_num_experts", "4", "--model.moe_ffn_hidden_size", "32", "--model.moe_shared_ffn_hidden_size",
+       "64", "--model.moe_shared_expert_gate", "true", "--model.moe_first_dense_layers", "1"]
+
+
+@pytest.mark.parametrize("world,layouts,extra", [(1, ["single"], []), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2",
+                                                                            "dp2-zero3"], []),
+                                                 (4, ["dp2-sp2-zero3"], []), (2, ["tp2", "dp2-zero3"], MOE)])
+def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts, extra):
+    results = _held(0, 1, layouts, extra) if world == 1 else run_ranks(_held, world, layouts, extra)
     for rank_results in (results if world > 1 else [results]):
         for name, (stage, weights, partition, moments) in rank_results.items():
-            cfg = build_config([*OPTIONS, *LAYOUTS[name][1]])
+            cfg = build_config([*OPTIONS, *extra, *LAYOUTS[name][1]])
             shapes = local_parameter_shapes(cfg, stage)
             count = sum(torch.Size(s).numel() for s in shapes)
             # ZeRO partitions over every rank that holds the same weights: data x sequence parallel.

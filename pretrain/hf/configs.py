@@ -59,6 +59,10 @@ def _refuse(cfg: ModelConfig, family: str) -> None:
         problems.append(f"{cfg.rope_scaling} RoPE scaling")
     if family == "qwen2" and cfg.head_dim and cfg.head_dim * cfg.num_heads != cfg.hidden_size:
         problems.append(f"head_dim {cfg.head_dim} apart from hidden_size / num_heads")
+    if cfg.moe_num_experts:
+        raise HuggingFaceFormatError(
+            "this checkpoint is a mixture-of-experts model, which no export format holds yet; its weights stay in "
+            "the checkpoint, which memdlm-generate, memdlm-eval and --train.resume read")
     if problems:
         raise HuggingFaceFormatError(f"--format {family} cannot express this model: {'; '.join(problems)}; choose "
                                      "another --format (memdlm holds every option)")

@@ -23,6 +23,7 @@ from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
+from pretrain.config import adapted_layers
 
 MODULE_PARALLELISM = {"qkv": "column", "gate": "column", "up": "column", "out": "row", "down": "row"}
 # Sub-block of a layer that holds each module: 0 = attention, 1 = MLP.
@@ -53,12 +54,6 @@ class FastWeightSite:
     def block(self) -> int:
         """Index of the sub-block (2 per layer) that holds this site."""
         return 2 * self.layer + MODULE_SUBBLOCK[self.module]
-
-
-def adapted_layers(num_layers: int, layer_fraction: float) -> range:
-    """Layers ``[floor(L * (1 - f)), L)``, at least the last one."""
-    start = min(int(math.floor(num_layers * (1.0 - layer_fraction) + 1e-9)), num_layers - 1)
-    return range(start, num_layers)
 
 
 class FastWeights:
@@ -248,11 +243,15 @@ def _mix(seed: int, step: int, index: int) -> int:
 def build_fast_weight_plan(model_cfg, memory_cfg, tensor_parallel_size: int = 1,
                            tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
     """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
-    h, ffn = model_cfg.hidden_size, model_cfg.ffn_hidden_size
-    shapes = {"qkv": (h, model_cfg.qkv_size), "out": (model_cfg.attention_size, h), "gate": (h, ffn),
-              "up": (h, ffn), "down": (ffn, h)}
+    h = model_cfg.hidden_size
+
+    def shape(layer: int, module: str) -> tuple[int, int]:
+        ffn = model_cfg.mlp_width(layer)  # an MoE layer's MLP fast weights sit on its shared expert
+        return {"qkv": (h, model_cfg.qkv_size), "out": (model_cfg.attention_size, h), "gate": (h, ffn),
+                "up": (h, ffn), "down": (ffn, h)}[module]
+
     places = [(layer, module) for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
               for module in ("qkv", "out", "gate", "up", "down") if module in memory_cfg.target_module_list]
-    sites = [FastWeightSite(layer, module, *shapes[module], tensor_parallel_size, tensor_parallel_rank, index)
+    sites = [FastWeightSite(layer, module, *shape(layer, module), tensor_parallel_size, tensor_parallel_rank, index)
              for index, (layer, module) in enumerate(places)]
     return FastWeightPlan(sites, memory_cfg.adapter, memory_cfg.lora_rank, memory_cfg.lora_alpha, tensor_parallel_group)

@@ -24,6 +24,7 @@ from parallel.megatron import (
 from parallel.sequence import heads_to_tokens, tokens_to_heads
 from pretrain.model.attention import attend
 from pretrain.model.fast_weights import FastWeightSite, apply_fast_weight
+from pretrain.model.moe import MixtureOfExperts
 
 
 class RMSNorm(nn.Module):
@@ -242,15 +243,21 @@ class SwiGLU(ProjectionSet):
 
 
 class TransformerLayer(nn.Module):
-    """Pre-norm layer as two sub-blocks: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``."""
+    """Pre-norm layer as two sub-blocks: ``h + attn(norm(h))`` then ``h + mlp(norm(h))``; the MLP is a mixture
+    of experts (``pretrain.model.moe``) on the layers ``cfg.is_moe_layer`` names."""
 
-    def __init__(self, cfg, config: ModelParallelConfig, init_method, tensor_parallel_size: int):
+    def __init__(self, cfg, config: ModelParallelConfig, init_method, tensor_parallel_size: int, index: int = 0):
         super().__init__()
         dtype = config.params_dtype
         self.attention_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
         self.attention = SelfAttention(cfg, config, init_method, tensor_parallel_size)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
+        if cfg.is_moe_layer(index):
+            shared = cfg.moe_shared_ffn_hidden_size
+            self.mlp = MixtureOfExperts(cfg, dtype, tensor_parallel_size, self.attention.out.tp_group,
+                                        SwiGLU(cfg.hidden_size, shared, config, init_method) if shared else None)
+        else:
+            self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
 
     def subblock_parts(self, index: int):
         return (self.attention_norm, self.attention) if index == 0 else (self.mlp_norm, self.mlp)

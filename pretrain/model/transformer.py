@@ -40,6 +40,7 @@ from pretrain.config import ModelConfig
 from pretrain.model.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
 from pretrain.model.layers import BlockEntry, RMSNorm, RowLinear, TransformerLayer, rotary_tables
+from pretrain.model.moe import MixtureOfExperts
 from pretrain.model.rows import Rows
 
 
@@ -83,7 +84,7 @@ class DiffusionTransformer(nn.Module):
         # A dict keyed by the global layer index keeps parameter names ("layers.7.mlp...") the
         # same whichever stage holds the layer.
         self.layers = nn.ModuleDict({
-            str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size) for i in self.layer_range
+            str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size, i) for i in self.layer_range
         })
         for layer in self.layers.values():
             layer.attention.sequence_group = self.sequence_group
@@ -117,6 +118,8 @@ class DiffusionTransformer(nn.Module):
                 continue  # held by another pipeline stage
             layer = self.layer(site.layer)
             holder = layer.attention if site.module in ("qkv", "out") else layer.mlp
+            if isinstance(holder, MixtureOfExperts):  # an MoE layer's MLP fast weights sit on its shared expert
+                holder = holder.shared_expert
             holder.sites[site.module] = site
             holder.fast_scaling = plan.scaling
 
@@ -376,7 +379,7 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
             param.zero_()
             continue
         std = cfg.init_std
-        if name.endswith(("attention.out.weight", "mlp.down.weight")):
+        if name.endswith(("attention.out.weight", "down.weight", "experts.down")):
             std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         sharded = getattr(param, "tensor_model_parallel", False) and tensor_parallel_size > 1
         dim = getattr(param, "partition_dim", 0)
@@ -392,10 +395,23 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
 
 def full_parameter_count(cfg: ModelConfig) -> int:
     """Parameters of the whole model, whatever part of it one rank holds."""
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    per_layer = h * cfg.qkv_size + cfg.attention_size * h + 3 * h * f + 2 * h
-    per_layer += (cfg.qkv_size if cfg.qkv_bias else 0) + (2 * cfg.attention_head_dim if cfg.qk_norm else 0)
-    return (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * h + cfg.num_layers * per_layer + h
+    h = cfg.hidden_size
+    attention = h * cfg.qkv_size + cfg.attention_size * h + 2 * h
+    attention += (cfg.qkv_size if cfg.qkv_bias else 0) + (2 * cfg.attention_head_dim if cfg.qk_norm else 0)
+    mlps = sum(mlp_parameter_count(cfg, layer) for layer in range(cfg.num_layers))
+    return (1 if cfg.tie_embeddings else 2) * cfg.vocab_size * h + cfg.num_layers * attention + mlps + h
+
+
+def mlp_parameter_count(cfg: ModelConfig, layer: int, active: bool = False) -> int:
+    """Parameters of layer ``layer``'s MLP: dense, or the router, the routed experts (only the ``moe_top_k`` a
+    token uses when ``active``) and the shared expert (with its gate)."""
+    h = cfg.hidden_size
+    if not cfg.is_moe_layer(layer):
+        return 3 * h * cfg.ffn_hidden_size
+    experts = cfg.moe_top_k if active else cfg.moe_num_experts
+    shared = 3 * h * cfg.moe_shared_ffn_hidden_size + (h if cfg.moe_shared_expert_gate and
+                                                          cfg.moe_shared_ffn_hidden_size else 0)
+    return h * cfg.moe_num_experts + experts * 3 * h * cfg.expert_ffn_hidden_size + shared
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -28,14 +28,18 @@ import torch
 from data_pipeline.trajectory import ANCHOR
 from pretrain.config import MemoryConfig, ModelConfig
 from pretrain.model.fast_weights import adapted_layers
+from pretrain.model.transformer import mlp_parameter_count
 
 # Dense bf16 tensor-core peak per GPU, in FLOP/s (NVIDIA data sheets; SXM parts).
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
 
 def model_flops_per_token(cfg: ModelConfig) -> float:
+    """``6 N + 12 L l h``: ``N`` the matrix parameters a token uses (a mixture of experts counts its router, the
+    ``moe_top_k`` experts a token goes to and the shared expert, not the others)."""
     h, layers = cfg.hidden_size, cfg.num_layers
-    matmul = layers * (h * cfg.qkv_size + cfg.attention_size * h + 3 * h * cfg.ffn_hidden_size) + h * cfg.vocab_size
+    mlps = sum(mlp_parameter_count(cfg, layer, active=True) for layer in range(layers))
+    matmul = layers * (h * cfg.qkv_size + cfg.attention_size * h) + mlps + h * cfg.vocab_size
     return 6.0 * matmul + 12.0 * layers * cfg.seq_len * cfg.attention_size
 
 
@@ -43,9 +47,7 @@ class _Layout:
     """Per-token forward FLOPs of each sub-block's pieces, and where the fast weights sit."""
 
     def __init__(self, cfg: ModelConfig, memory: MemoryConfig, seq_len: int):
-        h, f = cfg.hidden_size, cfg.ffn_hidden_size
-        self.shapes = {"qkv": (h, cfg.qkv_size), "out": (cfg.attention_size, h), "gate": (h, f), "up": (h, f),
-                       "down": (f, h)}
+        self.cfg = cfg
         self.core = 4.0 * seq_len * cfg.attention_size  # attention scores and weighted sum, per token, forward
         self.num_blocks = 2 * cfg.num_layers
         self.sites = set()
@@ -56,37 +58,56 @@ class _Layout:
         self.boundary = min((b for b, _ in self.sites), default=self.num_blocks)
         self.memory = memory
 
-    @staticmethod
-    def projections(block: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(entry projections that read the normed input, the rest) of a sub-block."""
-        return (("qkv",), ("out",)) if block % 2 == 0 else (("gate", "up"), ("down",))
+    def is_moe(self, block: int) -> bool:
+        return block % 2 == 1 and self.cfg.is_moe_layer(block // 2)
 
-    def base(self, name: str) -> float:
-        i, o = self.shapes[name]
+    def projections(self, block: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(entry projections that read the normed input and are shared between passes, the rest) of a sub-block;
+        a mixture of experts shares none: its routed experts (``routed``) and its shared expert's projections."""
+        if block % 2 == 0:
+            return ("qkv",), ("out",)
+        if self.is_moe(block):
+            return (), ("routed",) + (("gate", "up", "down") if self.cfg.moe_shared_ffn_hidden_size else ())
+        return ("gate", "up"), ("down",)
+
+    def shape(self, name: str, block: int) -> tuple[int, int]:
+        cfg, h = self.cfg, self.cfg.hidden_size
+        if name in ("qkv", "out"):
+            return (h, cfg.qkv_size) if name == "qkv" else (cfg.attention_size, h)
+        f = cfg.mlp_width(block // 2)
+        return (f, h) if name == "down" else (h, f)
+
+    def base(self, name: str, block: int) -> float:
+        cfg = self.cfg
+        if name == "routed":  # the router, the chosen experts' SwiGLUs and a shared expert's gate, per token
+            h = cfg.hidden_size
+            gate = h if cfg.moe_shared_expert_gate and cfg.moe_shared_ffn_hidden_size else 0
+            return 2.0 * (h * cfg.moe_num_experts + cfg.moe_top_k * 3 * h * cfg.expert_ffn_hidden_size + gate)
+        i, o = self.shape(name, block)
         return 2.0 * i * o
 
-    def fast(self, name: str) -> float:
+    def fast(self, name: str, block: int) -> float:
         """Forward FLOPs of the fast weights on one projection, per token."""
-        i, o = self.shapes[name]
+        i, o = self.shape(name, block)
         if self.memory.adapter == "full":
             return 2.0 * i * o
         return 2.0 * self.memory.lora_rank * (i + o)
 
-    def fast_grads(self, name: str) -> float:
+    def fast_grads(self, name: str, block: int) -> float:
         """The fast weights' own gradients: LoRA ``dB``, ``d(x A^T)`` and ``dA``; a dense delta's ``d delta``."""
-        i, o = self.shapes[name]
+        i, o = self.shape(name, block)
         if self.memory.adapter == "full":
             return 2.0 * i * o
         return 2.0 * self.memory.lora_rank * (2 * o + i)
 
-    def fast_input_grad(self, name: str) -> float:
+    def fast_input_grad(self, name: str, block: int) -> float:
         """What the fast-weight path adds to an input gradient in the inner backward (``d(x A^T) A``)."""
-        i, o = self.shapes[name]
+        i, o = self.shape(name, block)
         return 2.0 * i * o if self.memory.adapter == "full" else 2.0 * self.memory.lora_rank * i
 
-    def fast_outer(self, name: str) -> float:
+    def fast_outer(self, name: str, block: int) -> float:
         """The fast-weight path in the outer backward (the fast weights are constants there)."""
-        return self.fast(name)
+        return self.fast(name, block)
 
     def forward(self, blocks, with_fast: bool, skip_entry_of: int | None = None) -> float:
         total = 0.0
@@ -94,15 +115,15 @@ class _Layout:
             entry, rest = self.projections(block)
             for name in entry + rest:
                 if not (block == skip_entry_of and name in entry):
-                    total += self.base(name)
+                    total += self.base(name, block)
                 if with_fast and (block, name) in self.sites:
-                    total += self.fast(name)
+                    total += self.fast(name, block)
             if block % 2 == 0:
                 total += self.core
         return total
 
     def entry(self, block: int) -> float:
-        return sum(self.base(name) for name in self.projections(block)[0])
+        return sum(self.base(name, block) for name in self.projections(block)[0])
 
     def inner_backward(self, blocks) -> float:
         """``autograd.grad`` of an inner loss w.r.t. the fast weights only (the tail's input carries no
@@ -110,26 +131,43 @@ class _Layout:
         total, blocks = 0.0, list(blocks)
         for position, block in enumerate(blocks):
             below = any(b in blocks[:position] for b, _ in self.sites)  # a site in an earlier tail block
+            if self.is_moe(block):
+                total += self._moe_inner_backward(block, below)
+                continue
             entry, rest = self.projections(block)
             inner_sites = [n for n in entry if (block, n) in self.sites]
             # The projection(s) after the entry: their input gradient is needed for entry sites or below.
             need_rest_input = bool(inner_sites) or below
             for name in rest:
                 if (block, name) in self.sites:
-                    total += self.fast_grads(name)
+                    total += self.fast_grads(name, block)
                     if need_rest_input:
-                        total += self.fast_input_grad(name)
+                        total += self.fast_input_grad(name, block)
                 if need_rest_input:
-                    total += self.base(name)
+                    total += self.base(name, block)
             if block % 2 == 0 and need_rest_input:
                 total += 2.0 * self.core
             for name in entry:
                 if (block, name) in self.sites:
-                    total += self.fast_grads(name)
+                    total += self.fast_grads(name, block)
                     if below:
-                        total += self.fast_input_grad(name)
+                        total += self.fast_input_grad(name, block)
                 if below:
-                    total += self.base(name)
+                    total += self.base(name, block)
+        return total
+
+    def _moe_inner_backward(self, block: int, below: bool) -> float:
+        """A mixture of experts in the inner backward: the shared expert's fast-weight gradients; the input gradient
+        of its down projection when a site before it (its gate or up, or an earlier block) needs it; the rest of its
+        input gradients, and the routed experts' and the router's, only for a site in an earlier block."""
+        sites = [name for name in ("gate", "up", "down") if (block, name) in self.sites]
+        total = sum(self.fast_grads(name, block) for name in sites)
+        if self.cfg.moe_shared_ffn_hidden_size and (below or {"gate", "up"} & set(sites)):
+            total += self.base("down", block) + (self.fast_input_grad("down", block) if "down" in sites else 0.0)
+        if below:
+            total += self.base("routed", block)
+            for name in ("gate", "up") if self.cfg.moe_shared_ffn_hidden_size else ():
+                total += self.base(name, block) + (self.fast_input_grad(name, block) if name in sites else 0.0)
         return total
 
     def outer_backward_without_fast(self, blocks) -> float:
@@ -137,7 +175,7 @@ class _Layout:
         total = 0.0
         for block in blocks:
             entry, rest = self.projections(block)
-            total += sum(2.0 * self.base(name) for name in entry + rest)
+            total += sum(2.0 * self.base(name, block) for name in entry + rest)
             if block % 2 == 0:
                 total += 2.0 * self.core
         return total
@@ -148,9 +186,9 @@ class _Layout:
         for block in blocks:
             entry, rest = self.projections(block)
             for name in entry + rest:
-                total += 2.0 * self.base(name)
+                total += 2.0 * self.base(name, block)
                 if (block, name) in self.sites:
-                    total += self.fast_outer(name)
+                    total += self.fast_outer(name, block)
             if block % 2 == 0:
                 total += 2.0 * self.core
         return total

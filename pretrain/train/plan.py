@@ -62,11 +62,19 @@ def local_parameter_shapes(cfg: RunConfig, stage: int) -> list[tuple[int, ...]]:
     shapes: list[tuple[int, ...]] = []
     if layers.start == 0:
         shapes.append((vocab // tensor, h))
-    for _ in layers:
+    for layer in layers:
         shapes += [(h,), (model.qkv_size // tensor, h)]
         shapes += [(model.qkv_size // tensor,)] if model.qkv_bias else []
         shapes += [(model.attention_head_dim,)] * 2 if model.qk_norm else []
-        shapes += [(h, model.attention_size // tensor), (h,), (f // tensor, h), (f // tensor, h), (h, f // tensor)]
+        shapes += [(h, model.attention_size // tensor), (h,)]
+        if not model.is_moe_layer(layer):
+            shapes += [(f // tensor, h), (f // tensor, h), (h, f // tensor)]
+            continue
+        experts, width, shared = model.moe_num_experts, model.expert_ffn_hidden_size // tensor, \
+            model.moe_shared_ffn_hidden_size // tensor
+        shapes += [(experts, h), (experts, width, h), (experts, width, h), (experts, h, width)]
+        if shared:
+            shapes += [(shared, h), (shared, h), (h, shared)] + ([(1, h)] if model.moe_shared_expert_gate else [])
     if layers.stop == model.num_layers:
         shapes.append((h,))
         if not model.tie_embeddings:
@@ -106,14 +114,17 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
     micro, seq, h = train.micro_batch_size, model.seq_len, model.hidden_size
     fast = 0
     if memory.enabled and layers.stop == model.num_layers:
-        sizes = {"qkv": (h, model.qkv_size // tensor), "out": (model.attention_size // tensor, h),
-                 "gate": (h, model.ffn_hidden_size // tensor), "up": (h, model.ffn_hidden_size // tensor),
-                 "down": (model.ffn_hidden_size // tensor, h)}
-        per_layer = sum(memory.lora_rank * (a + b) if memory.adapter == "lora" else a * b
-                        for a, b in (sizes[m] for m in memory.target_module_list))
+        def sizes(layer):  # an MoE layer's MLP fast weights sit on its shared expert
+            ffn = model.mlp_width(layer) // tensor
+            return {"qkv": (h, model.qkv_size // tensor), "out": (model.attention_size // tensor, h),
+                    "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+
+        elements = sum(memory.lora_rank * (a + b) if memory.adapter == "lora" else a * b
+                       for layer in adapted_layers(model.num_layers, memory.layer_fraction)
+                       for a, b in (sizes(layer)[m] for m in memory.target_module_list))
         width = 2 if memory.dtype == "bf16" else 4
         # phi_0 .. phi_K are kept for the outer backward only through the last (detached): two copies live.
-        fast = 2 * width * micro * per_layer * len(adapted_layers(model.num_layers, memory.layer_fraction))
+        fast = 2 * width * micro * elements
     activation_width = 2 if train.precision == "bf16" else 4
     # A sequence-parallel rank holds 1/S of the (padded) tokens; its attention holds every token for 1/S of the heads.
     tokens = micro * -(-seq // sequence)

@@ -1,0 +1,136 @@
+"""Mixture-of-experts MLP: a router, routed SwiGLU experts and an optional shared expert.
+
+Written here rather than taken from megatron-core's ``MoELayer``: on a CPU that layer needs four CUDA-only
+calls patched out (its all-to-all dispatcher's streams, the router's device move and buffers, the
+sequence-parallel gathers its dispatchers allocate on ``cuda``), and its dispatcher carries hidden states
+only, while per-sequence fast weights on routed experts need each routed token's sequence. The math
+follows the families' published routers:
+
+- scores: ``softmax`` over the experts (Qwen2/3-MoE, OLMoE, LLaDA-MoE) or ``sigmoid`` (DeepSeek-V3,
+  LLaDA2); with ``moe_num_groups`` > 1 the experts are split into groups, each scored by the sum of its
+  two best scores, and only the best ``moe_topk_groups`` groups are eligible (group-limited routing);
+- the ``moe_top_k`` best eligible experts are chosen; their weights are their scores, renormalised to sum
+  to 1 when ``moe_norm_topk`` (sigmoid routers always are), then multiplied by ``moe_routed_scaling``;
+- the output is ``sum_j w_j * expert_j(x)`` plus the shared expert's (ungated, or gated by
+  ``sigmoid(x . g)`` as Qwen2-MoE's ``shared_expert_gate``).
+
+Experts are stacked tensors ``gate/up [E, F, H]`` and ``down [E, H, F]``. Tensor parallelism splits each
+expert's inner width F like a dense MLP (gate/up by rows, down by columns, the output all-reduced); the
+router is replicated. Tokens are grouped by expert and each expert runs one matmul chain on its tokens;
+experts that receive none still run (on zero rows), so every expert weight gets a gradient (zero) in every
+step and every engine sees the same parameters with gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from parallel.megatron import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+    set_tensor_model_parallel_attributes,
+)
+
+
+def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, topk_groups: int = 1,
+          normalize: bool = False, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [T, E]`` -> (weights ``[T, k]``, chosen experts ``[T, k]``, scores ``[T, E]``), in fp32 or wider."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    scores = logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
+    eligible = scores
+    if num_groups > 1:
+        tokens, experts = scores.shape
+        grouped = scores.view(tokens, num_groups, experts // num_groups)
+        group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, groups]
+        best = group_scores.topk(topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        eligible = grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
+    chosen = eligible.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, chosen)
+    if normalize or (score == "sigmoid" and top_k > 1):
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, chosen, scores
+
+
+class RoutedExperts(nn.Module):
+    """``E`` SwiGLU experts as stacked weights; this tensor-parallel rank's share of each expert's inner width."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, tensor_parallel_size: int, dtype,
+                 tensor_parallel_group):
+        super().__init__()
+        local = ffn_hidden // tensor_parallel_size
+        self.gate = nn.Parameter(torch.empty(num_experts, local, hidden, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(num_experts, local, hidden, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden, local, dtype=dtype))
+        for param, dim in ((self.gate, 1), (self.up, 1), (self.down, 2)):
+            set_tensor_model_parallel_attributes(param, True, dim, 1)
+        self.tp_group = tensor_parallel_group
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, frozen: bool = False):
+        """``x [T, H]``, each token's ``weights`` and ``chosen`` experts ``[T, k]`` -> ``[T, H]`` (all-reduced over
+        tensor-parallel ranks; the caller makes ``x``'s and the weights' gradients whole)."""
+        gate, up, down = (p.detach() if frozen else p for p in (self.gate, self.up, self.down))
+        tokens, top_k = chosen.shape
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
+        token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)[order]
+        counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()  # a device sync on GPUs
+        routed = x.index_select(0, token_of)
+        outputs, start = [], 0
+        for expert, count in enumerate(counts):
+            part = routed[start:start + count]
+            inner = F.silu(part @ gate[expert].t()) * (part @ up[expert].t())
+            outputs.append(inner @ down[expert].t())
+            start += count
+        scaled = torch.cat(outputs) * weights.reshape(-1)[order].to(x.dtype)[:, None]
+        out = torch.zeros_like(x).index_add(0, token_of, scaled)
+        return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+
+
+class MixtureOfExperts(nn.Module):
+    """The MLP sub-block of an MoE layer: ``[b, l, H]`` -> ``[b, l, H]``. ``shared_expert`` is a ``SwiGLU`` (the
+    caller builds it, so fast weights can sit on it as on a dense MLP) or ``None``."""
+
+    entry_projections: tuple[str, ...] = ()  # nothing reads the normed input before the router decides
+
+    def __init__(self, cfg, dtype, tensor_parallel_size: int, tensor_parallel_group, shared_expert: nn.Module | None):
+        super().__init__()
+        self.cfg = cfg
+        self.router = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias=False, dtype=dtype)
+        self.experts = RoutedExperts(cfg.moe_num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size,
+                                     tensor_parallel_size, dtype, tensor_parallel_group)
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
+                                   if shared_expert is not None and cfg.moe_shared_expert_gate else None)
+        self.tp_group = tensor_parallel_group
+        self.last_counts: torch.Tensor | None = None  # tokens per expert in the last forward (detached)
+
+    @property
+    def sites(self) -> dict:
+        """Fast-weight sites: those of the shared expert (routed experts carry none)."""
+        return self.shared_expert.sites if self.shared_expert is not None else {}
+
+    def base_projection(self, name, x, frozen):  # pragma: no cover - no entry projections
+        raise KeyError(name)
+
+    def forward(self, x: torch.Tensor, fast=None, frozen: bool = False, shared_base=None) -> torch.Tensor:
+        cfg = self.cfg
+        b, l, hidden = x.shape
+        # Each tensor-parallel rank's expert outputs are partial sums, so the gradients they send to the routing
+        # weights, the router and the input are partial too: both go through the copy (its backward all-reduces).
+        flat = copy_to_tensor_model_parallel_region(x.reshape(-1, hidden), group=self.tp_group)
+        router = self.router.weight.detach() if frozen else copy_to_tensor_model_parallel_region(
+            self.router.weight, group=self.tp_group)
+        weights, chosen, _ = route(F.linear(flat, router), cfg.moe_top_k, cfg.moe_score, cfg.moe_num_groups,
+                                   cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling)
+        self.last_counts = torch.bincount(chosen.reshape(-1), minlength=cfg.moe_num_experts).detach()
+        out = self.experts(flat, weights, chosen, frozen).view(b, l, hidden)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x, fast, frozen)
+            if self.shared_expert_gate is not None:
+                gate = self.shared_expert_gate.weight.detach() if frozen else self.shared_expert_gate.weight
+                shared = torch.sigmoid(F.linear(x, gate)) * shared
+            out = out + shared
+        return out
