@@ -53,9 +53,10 @@ MOE = ["--model.moe_num_experts", "4", "--model.moe_ffn_hidden_size", "32", "--m
        "64", "--model.moe_shared_expert_gate", "true", "--model.moe_first_dense_layers", "1"]
 
 
-@pytest.mark.parametrize("world,layouts,extra", [(1, ["single"], []), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2",
-                                                                            "dp2-zero3"], []),
-                                                 (4, ["dp2-sp2-zero3"], []), (2, ["tp2", "dp2-zero3"], MOE)])
+@pytest.mark.parametrize("world,layouts,extra", [
+    (1, ["single"], []), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3"], []),
+    pytest.param(4, ["dp2-sp2-zero3"], [], marks=pytest.mark.slow),
+    pytest.param(2, ["tp2", "dp2-zero3"], MOE, marks=pytest.mark.slow)])
 def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts, extra):
     results = _held(0, 1, layouts, extra) if world == 1 else run_ranks(_held, world, layouts, extra)
     for rank_results in (results if world > 1 else [results]):
