@@ -3,6 +3,8 @@
 Presets:
 - ``small`` (CPU default): hidden 256, 10 layers, FFN 1536, vocab 8192 (18.6M parameters), sequence 256,
   batch 8, fp32;
+- ``moe-small``: the same shape with 9 mixture-of-experts layers (8 experts of width 384, top 2 by sigmoid
+  scores in 2 groups, a shared expert of width 384, a dense first layer), fast weights on the shared expert;
 - ``1b`` (GPU): a Llama-shaped ~1B model, hidden 2048, 16 layers, 16 heads, FFN 5632, vocab 32000,
   sequence 2048, bf16, activation recomputation; the micro-batch is the largest that fits (memory on,
   with recomputation) unless ``--batch`` is given.
@@ -16,7 +18,7 @@ against the device's peak (data-sheet bf16 peak on known GPUs, else a 2048^3 mat
 same run); tokens/s; peak memory of one step with memory on and off, with and without recomputation
 (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the torch profiler's memory timeline, tensors only).
 
-Usage: python benchmarks/step_cost.py [--device cpu|cuda] [--preset small|1b] [--batch N] [--rounds 12]
+Usage: python benchmarks/step_cost.py [--device cpu|cuda] [--preset small|moe-small|1b] [--batch N] [--rounds 12]
        [--recompute none|full|selective] [--seq-len N] [--json FILE]
 """
 
@@ -47,6 +49,13 @@ PRESETS = {
                              seq_len=256), batch=8, precision="fp32", recompute="none"),
     "1b": dict(model=dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, ffn_hidden_size=5632,
                           seq_len=2048), batch=0, precision="bf16", recompute="full"),
+    # A small mixture of experts (LLaDA2-shaped: sigmoid router, groups, a shared expert, a dense first layer);
+    # the fast weights sit on the last layer's shared expert.
+    "moe-small": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536,
+                                 seq_len=256, moe_num_experts=8, moe_top_k=2, moe_ffn_hidden_size=384,
+                                 moe_shared_ffn_hidden_size=384, moe_score="sigmoid", moe_num_groups=2,
+                                 moe_topk_groups=1, moe_routed_scaling=2.5, moe_first_dense_layers=1),
+                      batch=8, precision="fp32", recompute="none"),
 }
 
 
