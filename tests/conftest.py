@@ -43,6 +43,14 @@ def prepared_corpus(tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The small raw test corpus (``tests.helpers.data.write_corpus``), written once per module."""
+    from tests.helpers.data import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
 @pytest.fixture
 def tiny(prepared_corpus):
     """``tiny(changes)``: the tiny run's options on the small prepared corpus (``tests.helpers.TINY``)."""

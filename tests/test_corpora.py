@@ -22,7 +22,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.prepare import PrepareOptions, merge_parts, prepare_dataset
 from launch.prepare_cli import main as prepare_main
 from tests.helpers import BUNDLED_CORPUS, ROOT
-from tests.helpers.data import SEQ_LEN, VOCAB, write_corpus
+from tests.helpers.data import SEQ_LEN, VOCAB
 
 
 def options(input_path, output, **changes) -> PrepareOptions:
@@ -33,11 +33,6 @@ def options(input_path, output, **changes) -> PrepareOptions:
 
 def shard_hashes(manifest: dict) -> dict:
     return {name: [s["sha256"] for s in entry["shards"]] for name, entry in manifest["formats"].items()}
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,7 @@ from data_pipeline.loader import open_streaming_dataset
 from data_pipeline.readers import MaskingCollate, MaskingSpec
 from data_pipeline.shards import decode_webdataset_sample
 from data_pipeline.trajectory import TrajectorySpec
-from tests.helpers.data import SEQ_LEN, VOCAB, prepare, write_corpus
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_corpus(tmp_path_factory.mktemp("corpus"))
+from tests.helpers.data import SEQ_LEN, VOCAB, prepare
 
 
 @pytest.fixture(scope="module")
