@@ -82,7 +82,7 @@ def check_sequence_split(sequence: int, tensor: int, num_kv_heads: int, num_head
     if sequence > 1 and local % sequence:
         sizes = [d for d in divisors(local)]
         raise LayoutError(
-            f"--parallel.sequence_parallel_size {sequence} does not divide the {local} key/value heads of a "
+            f"sequence-parallel size {sequence} does not divide the {local} key/value heads of a "
             f"tensor-parallel rank ({num_kv_heads} heads / tensor-parallel size {tensor}; {num_heads} query heads): "
             f"the all-to-all gives each sequence-parallel rank whole heads; sizes that work: "
             f"{', '.join(map(str, sizes))}")

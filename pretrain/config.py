@@ -83,8 +83,8 @@ class ModelConfig:
     moe_num_groups: int = param(1, "group-limited routing: experts split into this many groups, each scored by "
                                 "the sum of its two best scores (1 = off)")
     moe_topk_groups: int = param(1, "group-limited routing: only the experts of this many best groups are chosen")
-    moe_norm_topk: bool = param(False, "renormalise the chosen experts' weights to sum to 1 (sigmoid scores "
-                                "always are)")
+    moe_norm_topk: bool = param(False, "renormalise the chosen experts' weights to sum to 1 (norm_topk_prob; "
+                                "LLaDA2 and DeepSeek-V3 set it)")
     moe_routed_scaling: float = param(1.0, "the routed experts' weights are multiplied by this")
     moe_shared_ffn_hidden_size: int = param(0, "inner width of a shared expert every token goes through "
                                             "(0 = none); fast weights on an MoE layer's MLP sit on it")
@@ -606,6 +606,9 @@ class RunConfig:
 
     def __post_init__(self):
         model, memory = self.model, self.memory
+        _check(not (model.moe_num_experts and self.train.compile), "train.compile",
+               "a mixture-of-experts model's routed experts see different token counts every step, which a compiled "
+               "block would recompile for; use --train.compile false with --model.moe_num_experts")
         mlp_sites = [m for m in memory.target_module_list if m in ("gate", "up", "down")]
         if model.moe_num_experts and memory.enabled and mlp_sites and not model.moe_shared_ffn_hidden_size:
             layers = adapted_layers(model.num_layers, memory.layer_fraction)

@@ -28,7 +28,7 @@ def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normaliz
                     eligible[g * size:(g + 1) * size] = float("-inf")
         index = eligible.sort(descending=True, stable=True).indices[:top_k]
         w = scores[index]
-        if normalize or (score == "sigmoid" and top_k > 1):
+        if normalize:
             w = w / w.sum()
         weights.append(w * scaling)
         chosen.append(index)
@@ -39,7 +39,8 @@ def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normaliz
 @pytest.mark.parametrize("options", [
     dict(top_k=2, score="softmax"),
     dict(top_k=2, score="softmax", normalize=True),
-    dict(top_k=3, score="sigmoid", num_groups=4, topk_groups=2, scaling=2.5),
+    dict(top_k=3, score="sigmoid", num_groups=4, topk_groups=2, normalize=True, scaling=2.5),
+    dict(top_k=2, score="sigmoid", num_groups=2, topk_groups=1),
     dict(top_k=1, score="sigmoid"),
 ])
 def test_routing_is_the_published_routers(options):
@@ -201,6 +202,26 @@ def test_moe_options_that_cannot_work_are_refused():
             build_config(_options({**MOE, **change}))
     with pytest.raises(ConfigError, match="shared expert"):  # fast weights on MLP modules need somewhere to sit
         build_config(_options(MOE))
+    with pytest.raises(ConfigError, match="--train.compile"):  # the routed experts' sizes change every step
+        build_config(_options({**MOE, "memory.enabled": False}) + ["--train.compile", "true"])
+    from parallel.layout import LayoutError
+    from pretrain.train.factory import check_run_layout
+
+    with pytest.raises(LayoutError, match="does not divide --model.moe_ffn_hidden_size 25"):
+        check_run_layout(build_config(_options({**MOE, "memory.enabled": False, "model.moe_ffn_hidden_size": 25})
+                                      + ["--parallel.tensor_parallel_size", "2"]), 2)
+
+
+@pytest.mark.fast
+def test_an_expert_width_left_at_0_is_the_dense_width(topology):
+    from pretrain.model.transformer import count_parameters, full_parameter_count
+    from pretrain.train.factory import build_model
+
+    options = {key: value for key, value in MOE.items() if key != "model.moe_ffn_hidden_size"}
+    cfg = build_config(_options({**options, "memory.target_modules": "qkv,out"}))
+    model = build_model(cfg, topology)
+    assert model.layer(1).mlp.experts.gate.shape == (4, 48, 32)
+    assert count_parameters(model) == full_parameter_count(cfg.model)
 
 
 def test_exporting_a_mixture_of_experts_is_refused_in_one_line():

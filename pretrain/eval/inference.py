@@ -87,11 +87,13 @@ def load_for_inference(path: str | Path, device: str = "auto", seed: int = 0, ve
     """Tensor-parallel size 1, in one process (a world-size-1 process group is created if there is none) or
     over ``sequence_parallel_size`` ranks (the whole world, under torchrun). The checkpoint's files are checked
     against its manifest first (sha256 too unless ``verify`` is false)."""
+    from parallel.layout import check_sequence_split
     from parallel.topology import initialize_topology
 
     folder = resolve_checkpoint(path, verify_hashes=verify)
     record = json.loads((folder / "config.json").read_text())
     model_cfg = ModelConfig(**record["model"])
+    check_sequence_split(sequence_parallel_size, 1, model_cfg.key_value_heads, model_cfg.num_heads)
     topology = initialize_topology(device, sequence_parallel_size=sequence_parallel_size)
     if topology.world_size != sequence_parallel_size:
         raise UsageError(f"inference runs on {sequence_parallel_size} sequence-parallel rank(s) but the world has "

@@ -10,7 +10,8 @@ follows the families' published routers:
   LLaDA2); with ``moe_num_groups`` > 1 the experts are split into groups, each scored by the sum of its
   two best scores, and only the best ``moe_topk_groups`` groups are eligible (group-limited routing);
 - the ``moe_top_k`` best eligible experts are chosen; their weights are their scores, renormalised to sum
-  to 1 when ``moe_norm_topk`` (sigmoid routers always are), then multiplied by ``moe_routed_scaling``;
+  to 1 when ``moe_norm_topk`` (DeepSeek-V3's ``norm_topk_prob``; LLaDA2's code always does), then multiplied
+  by ``moe_routed_scaling``;
 - the output is ``sum_j w_j * expert_j(x)`` plus the shared expert's (ungated, or gated by
   ``sigmoid(x . g)`` as Qwen2-MoE's ``shared_expert_gate``).
 
@@ -49,7 +50,7 @@ def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, top
         eligible = grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
     chosen = eligible.topk(top_k, dim=-1).indices
     weights = scores.gather(1, chosen)
-    if normalize or (score == "sigmoid" and top_k > 1):
+    if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, chosen, scores
 
@@ -99,7 +100,7 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias=False, dtype=dtype)
-        self.experts = RoutedExperts(cfg.moe_num_experts, cfg.hidden_size, cfg.moe_ffn_hidden_size,
+        self.experts = RoutedExperts(cfg.moe_num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size,
                                      tensor_parallel_size, dtype, tensor_parallel_group)
         self.shared_expert = shared_expert
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)

@@ -90,6 +90,10 @@ def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) ->
              "model.vocab_size": model.vocab_size}
     if model.num_kv_heads:
         sizes["model.num_kv_heads"] = model.num_kv_heads
+    if model.moe_num_experts:
+        sizes["model.moe_ffn_hidden_size"] = model.expert_ffn_hidden_size
+        if model.moe_shared_ffn_hidden_size:
+            sizes["model.moe_shared_ffn_hidden_size"] = model.moe_shared_ffn_hidden_size
     check_tensor_split(tensor, sizes)
     data = world_size // (tensor * pipeline * sequence)
     check_batch_split(cfg.train.global_batch_size, cfg.train.micro_batch_size, data, pipeline)
