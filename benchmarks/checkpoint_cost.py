@@ -43,13 +43,14 @@ def _run(rank, world, port, out_dir, device_name, model_name, threads):
     from parallel.checkpoint.checkpointer import Checkpointer
     from parallel.topology import initialize_topology, shutdown_topology
     from pretrain.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig
-    from pretrain.train.factory import build_training
+    from pretrain.train.factory import build_training, check_run_layout
 
     micro = GLOBAL_BATCH // world
     cfg = RunConfig(model=ModelConfig(**MODELS[model_name]),
                     train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=micro),
                     parallel=ParallelConfig(zero_stage=1 if world > 1 else 0))
     topology = initialize_topology(device_name, 1, 1, cfg.model.num_layers)
+    check_run_layout(cfg, topology.world_size)  # what the trainer checks at a start
     engine = build_training(cfg, topology, cfg.model.vocab_size - 1).engine
     ids = np.random.default_rng(rank).integers(0, cfg.model.vocab_size - 1, size=(micro, cfg.model.seq_len))
     batch = build_masked_batch(ids, np.arange(micro) + rank * micro, seed=0, epoch=0, num_inner_steps=2,

@@ -26,7 +26,7 @@ from data_pipeline.source import resolve_dataset  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
 from pretrain.config import RunConfig  # noqa: E402
 from pretrain.train.cpu_memory import keep_freed_memory  # noqa: E402
-from pretrain.train.factory import build_training  # noqa: E402
+from pretrain.train.factory import build_training, check_run_layout  # noqa: E402
 
 
 def main() -> None:
@@ -58,6 +58,7 @@ def main() -> None:
     del stream
 
     # 2. The training step of the default model on the same batches.
+    check_run_layout(cfg, 1)  # what the trainer checks at a start
     engine = build_training(cfg, initialize_topology("cpu"), manifest["mask_token_id"]).engine
 
     def train_step(i: int) -> None:

@@ -85,12 +85,13 @@ def _run(rank, world, port, out_dir, device_name, length, threads):
     torch.set_num_threads(threads)
     from parallel.comm_accounting import counting, install
     from parallel.topology import initialize_topology, shutdown_topology
-    from pretrain.train.factory import build_training
+    from pretrain.train.factory import build_training, check_run_layout
 
     install()
     cfg = _config(length, world, device_name)
     topology = initialize_topology(device_name, 1, 1, cfg.model.num_layers, sequence_parallel_size=world)
     device = topology.device
+    check_run_layout(cfg, topology.world_size)  # what the trainer checks at a start
     engine = build_training(cfg, topology, cfg.model.vocab_size - 1).engine
     batches = [_batch(cfg, step).to(device) for step in range(3)]
     engine.train_step([batches[0]], 0, 1e-4)  # warm-up: buffers, DeepSpeed's buckets

@@ -87,7 +87,7 @@ def _run(rank, world, port, out_dir, device_name, zero_stage, steps, threads):
     torch.set_num_threads(threads)
     from parallel.topology import initialize_topology, shutdown_topology
     from pretrain.config import ParallelConfig, RunConfig, TrainConfig
-    from pretrain.train.factory import build_training
+    from pretrain.train.factory import build_training, check_run_layout
 
     micro = GLOBAL_BATCH // 2
     cfg = RunConfig(train=TrainConfig(global_batch_size=GLOBAL_BATCH, micro_batch_size=micro,
@@ -95,6 +95,7 @@ def _run(rank, world, port, out_dir, device_name, zero_stage, steps, threads):
                     parallel=ParallelConfig(zero_stage=zero_stage))
     topology = initialize_topology(device_name, 1, 1, cfg.model.num_layers)
     device = topology.device
+    check_run_layout(cfg, topology.world_size)  # what the trainer checks at a start
     engine = build_training(cfg, topology, cfg.model.vocab_size - 1).engine
     per_rank = GLOBAL_BATCH // (micro * world)
     batches = [b.to(device) for b in _batches(cfg, per_rank, rank * per_rank)]
