@@ -103,6 +103,9 @@ def main() -> None:
     parser.add_argument("--models", default="default,100m", help="comma list of: " + ", ".join(MODELS))
     parser.add_argument("--ranks", default="1,2", help="comma list of world sizes (2 = DP2 ZeRO 1)")
     args = parser.parse_args()
+    unknown = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     cores = os.cpu_count() or 2
     print(f"device {args.device}; global batch {GLOBAL_BATCH} x 128 tokens, memory on; times in seconds")
     print("\n| model | ranks | step | save (sync) | save / step | load | load / step | bytes written per rank "
