@@ -132,24 +132,29 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor
     return norm
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather along the last dimension; the backward keeps this rank's slice (megatron's own gather
-    allocates on a CUDA device, so it cannot run on the CPU)."""
+class _Gather(torch.autograd.Function):
+    """All-gather along one dimension; the backward keeps this rank's slice (megatron's own gather allocates on
+    a CUDA device, so it cannot run on the CPU)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.rank, ctx.width = group, dist.get_rank(group), x.shape[-1]
+    def forward(ctx, x, group, dim: int):
+        ctx.rank, ctx.width, ctx.dim = dist.get_rank(group), x.shape[dim], dim
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[..., ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width].contiguous(), None
+        return grad.narrow(ctx.dim, ctx.rank * ctx.width, ctx.width).contiguous(), None, None
+
+
+def gather_along(x: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """``x`` split over ``group`` along ``dim`` (in rank order), whole on every rank (with its gradient's slice)."""
+    if group_size(group) == 1:
+        return x
+    return _Gather.apply(x, group, dim)
 
 
 def gather_last_dim(x: torch.Tensor, group) -> torch.Tensor:
-    """``x`` split over ``group`` along its last dimension, whole on every rank (with its gradient's slice)."""
-    if group_size(group) == 1:
-        return x
-    return _GatherLastDim.apply(x, group)
+    """``x`` split over ``group`` along its last dimension (a tensor-parallel shard), whole on every rank."""
+    return gather_along(x, group, x.dim() - 1)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from parallel.collectives import group_size
+from parallel.collectives import gather_along, group_size
 
 
 def padded_length(length: int, size: int) -> int:
@@ -68,26 +68,9 @@ def heads_to_tokens(x: torch.Tensor, group, head_dim: int = 2) -> torch.Tensor:
     return _AllToAll.apply(x, group, 1, head_dim)
 
 
-class _GatherTokens(torch.autograd.Function):
-    """All-gather of ``[b, l/S, ...]`` chunks into ``[b, l, ...]``; the backward keeps this rank's chunk."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.rank, ctx.chunk = dist.get_rank(group), x.shape[1]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x.contiguous(), group=group)
-        return torch.cat(parts, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[:, ctx.rank * ctx.chunk:(ctx.rank + 1) * ctx.chunk].contiguous(), None
-
-
 def gather_tokens(x: torch.Tensor, group) -> torch.Tensor:
     """This rank's chunk ``[b, l/S, ...]`` of every sequence -> the whole sequences ``[b, l, ...]``."""
-    if group_size(group) == 1:
-        return x
-    return _GatherTokens.apply(x, group)
+    return gather_along(x, group, 1)
 
 
 @torch.no_grad()
