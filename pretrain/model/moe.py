@@ -106,7 +106,6 @@ class MixtureOfExperts(nn.Module):
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
                                    if shared_expert is not None and cfg.moe_shared_expert_gate else None)
         self.tp_group = tensor_parallel_group
-        self.last_counts: torch.Tensor | None = None  # tokens per expert in the last forward (detached)
 
     @property
     def sites(self) -> dict:
@@ -126,7 +125,6 @@ class MixtureOfExperts(nn.Module):
             self.router.weight, group=self.tp_group)
         weights, chosen, _ = route(F.linear(flat, router), cfg.moe_top_k, cfg.moe_score, cfg.moe_num_groups,
                                    cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling)
-        self.last_counts = torch.bincount(chosen.reshape(-1), minlength=cfg.moe_num_experts).detach()
         out = self.experts(flat, weights, chosen, frozen).view(b, l, hidden)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, fast, frozen)
