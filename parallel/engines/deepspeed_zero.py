@@ -92,7 +92,8 @@ def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": options.global_batch_size * sequence_parallel_size,
         "zero_optimization": zero,
-        "gradient_clipping": options.grad_clip,
+        # Without ZeRO, DeepSpeed clips but keeps no norm: the engine measures and clips in one pass itself.
+        "gradient_clipping": options.grad_clip if options.zero_stage > 0 else 0.0,
         # DeepSpeed's own bf16 mode stays off: it would hold the module in bf16. Every engine keeps fp32
         # parameters (the masters), fp32 optimizer state and fp32 gradients, and computes under bf16
         # autocast (the step's own context), so gradients are also reduced in fp32.
@@ -135,8 +136,8 @@ class DeepSpeedEngine(EngineBase):
             # Before the step: the step guard reads the loss.
             add_output(sums, self.module.last_output, self.options)
             if self.options.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
-                # Without ZeRO, DeepSpeed clips but keeps no norm; the gradients are reduced by now.
-                self._norm = grad_norm_and_clip(list(self.model.parameters()), 0.0,
+                # The gradients are reduced by now: their norm, and the clipping DeepSpeed is not asked to do.
+                self._norm = grad_norm_and_clip(list(self.model.parameters()), self.options.grad_clip,
                                                 self.topology.tensor_parallel_group, None)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
