@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -68,12 +69,15 @@ def median(values) -> float:
     return statistics.median(values)
 
 
-def peak_step_memory(fn, device: torch.device, baseline_bytes: int | None = None) -> dict:
+def peak_step_memory(fn, device: torch.device, baseline_bytes: int | None = None, cpu: str = "profiler") -> dict:
     """Peak memory of one call of ``fn`` (bytes): ``before`` (what was allocated when it started),
     ``peak`` and ``activations`` (= peak - before: activations, gradients and temporaries).
 
-    CUDA: the caching allocator's counters. CPU: the torch profiler's memory timeline (tensors created
-    and freed during the call; ``before`` = ``baseline_bytes``, e.g. the model's parameters)."""
+    CUDA: the caching allocator's counters. CPU, ``cpu="profiler"``: the torch profiler's memory timeline
+    (tensors created and freed during the call; ``before`` = ``baseline_bytes``, e.g. the model's parameters);
+    ``cpu="resident"``: the process's peak resident set size during the call above its resident size before
+    it (Linux; meaningful when freed memory goes back to the system, e.g. with ``MALLOC_MMAP_THRESHOLD_``
+    low, and where the profiler cannot follow the call, as across DeepSpeed's engine)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
@@ -81,6 +85,12 @@ def peak_step_memory(fn, device: torch.device, baseline_bytes: int | None = None
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
+        return {"before": before, "peak": peak, "activations": peak - before}
+    if cpu == "resident":
+        Path("/proc/self/clear_refs").write_text("5")  # the peak resident size restarts from the current one
+        before = _resident_bytes("VmRSS")
+        fn()
+        peak = _resident_bytes("VmHWM")
         return {"before": before, "peak": peak, "activations": peak - before}
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
@@ -96,3 +106,10 @@ def peak_step_memory(fn, device: torch.device, baseline_bytes: int | None = None
         highest = max(highest, live)
     before = baseline_bytes or 0
     return {"before": before, "peak": before + highest, "activations": highest}
+
+
+def _resident_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")

@@ -57,32 +57,11 @@ def _batch(cfg, step: int):
     return build_masked_batch(ids, np.array([step]), seed=0, epoch=0, trajectory=cfg.memory.trajectory)
 
 
-def _resident_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def step_activation_bytes(fn, device: torch.device) -> int:
-    """Memory one call of ``fn`` needs above what was held before it (see the module's docstring)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    Path("/proc/self/clear_refs").write_text("5")  # the peak resident size restarts from the current one
-    before = _resident_kib("VmRSS")
-    fn()
-    return (_resident_kib("VmHWM") - before) * 1024
-
-
 def _run(rank, world, port, out_dir, device_name, length, threads):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(threads)
+    from benchmarks.common import peak_step_memory
     from parallel.comm_accounting import counting, install
     from parallel.topology import initialize_topology, shutdown_topology
     from pretrain.train.factory import build_training, check_run_layout
@@ -95,7 +74,8 @@ def _run(rank, world, port, out_dir, device_name, length, threads):
     engine = build_training(cfg, topology, cfg.model.vocab_size - 1).engine
     batches = [_batch(cfg, step).to(device) for step in range(3)]
     engine.train_step([batches[0]], 0, 1e-4)  # warm-up: buffers, DeepSpeed's buckets
-    activations = step_activation_bytes(lambda: engine.train_step([batches[1]], 1, 1e-4), device)
+    activations = peak_step_memory(lambda: engine.train_step([batches[1]], 1, 1e-4), device,
+                                   cpu="resident")["activations"]
     groups = {"sequence": topology.sequence_parallel_group} if world > 1 else {}
     with counting(groups) as counter:
         if device.type == "cuda":
