@@ -30,7 +30,7 @@ class EngineBase:
         # Statistics live on the ranks that computed them; these groups add them up (in order): the data ranks'
         # micro-batches, and each sequence-parallel rank's share of its sequences.
         self.statistics_groups = [topology.data_parallel_group]
-        if getattr(topology, "sequence_parallel_size", 1) > 1:
+        if topology.sequence_parallel_size > 1:
             self.statistics_groups.append(topology.sequence_parallel_group)
 
     def train_step(self, micro_batches: Sequence[MaskedBatch], step: int, lr: float) -> StepStats:

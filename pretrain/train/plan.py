@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 from parallel.layout import stage_layers
+from parallel.sequence import padded_length
 from pretrain.config import RunConfig
 from pretrain.model.fast_weights import adapted_layers
 from pretrain.model.transformer import head_chunk_rows
@@ -127,7 +128,7 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
         fast = 2 * width * micro * elements
     activation_width = 2 if train.precision == "bf16" else 4
     # A sequence-parallel rank holds 1/S of the (padded) tokens; its attention holds every token for 1/S of the heads.
-    tokens = micro * -(-seq // sequence)
+    tokens = micro * padded_length(seq, sequence) // sequence
     if train.recompute == "full":
         per_layer_bytes = tokens * h * activation_width  # each layer's input
     else:  # residual stream, norms, q/k/v, attention output, the MLP's three wide tensors (a common estimate)
