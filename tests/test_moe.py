@@ -1,7 +1,7 @@
 """Mixture-of-experts layers: the router and the experts against plain references written here, the whole model's
 logits against transformers' own Qwen3-MoE and Qwen2-MoE (tiny random models, bidirectional attention), and
-training with fast weights on the shared expert at TP2 (and DP2 with ZeRO 1 and 3, SP2: slow tier) against one
-process."""
+training with fast weights on the shared expert at TP2, PP2, DP2 with ZeRO 1 and 3 and SP2 against one process
+(slow tier)."""
 
 import pytest
 import torch
@@ -172,19 +172,12 @@ TRAIN = {"model.moe_num_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_hidden
          "model.moe_topk_groups": 1, "model.moe_routed_scaling": 2.0}
 
 
-def test_moe_training_with_fast_weights_on_the_shared_expert_at_tp2(prepared_corpus, tmp_path):
-    data = prepared_corpus()
-    extra = _options(TRAIN)
-    reference = run_layouts(["single"], tmp_path / "single", data, extra)["single"]
-    assert_same_training(run_layouts(["tp2"], tmp_path / "tp2", data, extra)["tp2"], reference)
-
-
 @pytest.mark.slow
-def test_moe_training_at_other_layouts(prepared_corpus, tmp_path):
+def test_moe_training_with_fast_weights_on_the_shared_expert_at_every_layout(prepared_corpus, tmp_path):
     data = prepared_corpus()
     extra = _options(TRAIN)
     reference = run_layouts(["single"], tmp_path / "single", data, extra)["single"]
-    results = run_layouts(["pp2", "dp2-zero1", "dp2-zero3", "sp2"], tmp_path / "two", data, extra)
+    results = run_layouts(["tp2", "pp2", "dp2-zero1", "dp2-zero3", "sp2"], tmp_path / "two", data, extra)
     for name, result in results.items():
         try:
             assert_same_training(result, reference)
