@@ -11,16 +11,17 @@ from launch.config_cli import build_config
 from tests.helpers.layouts import assert_same_training, run_layouts
 
 
-def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normalize=False, scaling=1.0):
-    """Token by token, in float64: the families' routing as their published code states it."""
+def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normalize=False, scaling=1.0, bias=None):
+    """Token by token, in float64: the families' routing as their published code states it (a bias chooses,
+    never weighs)."""
     weights, chosen = [], []
     for row in logits.double():
         scores = row.softmax(0) if score == "softmax" else row.sigmoid()
-        eligible = scores.clone()
+        eligible = scores.clone() if bias is None else scores + bias
         groups = num_groups
         if groups > 1:
             size = len(row) // groups
-            group_scores = torch.stack([scores[g * size:(g + 1) * size].sort(descending=True).values[:2].sum()
+            group_scores = torch.stack([eligible[g * size:(g + 1) * size].sort(descending=True).values[:2].sum()
                                         for g in range(groups)])
             kept = set(group_scores.sort(descending=True).indices[:topk_groups].tolist())
             for g in range(groups):
@@ -42,11 +43,15 @@ def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normaliz
     dict(top_k=3, score="sigmoid", num_groups=4, topk_groups=2, normalize=True, scaling=2.5),
     dict(top_k=2, score="sigmoid", num_groups=2, topk_groups=1),
     dict(top_k=1, score="sigmoid"),
+    dict(top_k=2, score="sigmoid", num_groups=4, topk_groups=2, normalize=True, scaling=2.5, bias=True),
+    dict(top_k=2, score="softmax", bias=True),
 ])
 def test_routing_is_the_published_routers(options):
     from pretrain.model.moe import route
 
     logits = torch.randn(64, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if options.get("bias"):  # large enough to change choices
+        options = {**options, "bias": torch.randn(8, generator=torch.Generator().manual_seed(2)).double() * 0.3}
     weights, chosen, _ = route(logits, **options)
     ref_weights, ref_chosen = _reference_route(logits, **options)
     assert torch.equal(chosen.sort(dim=1).values, ref_chosen.sort(dim=1).values)
@@ -169,20 +174,49 @@ def test_logits_equal_transformers_moe_models(family, topology):
 
 TRAIN = {"model.moe_num_experts": 4, "model.moe_top_k": 2, "model.moe_ffn_hidden_size": 64,
          "model.moe_shared_ffn_hidden_size": 64, "model.moe_score": "sigmoid", "model.moe_num_groups": 2,
-         "model.moe_topk_groups": 1, "model.moe_routed_scaling": 2.0}
+         "model.moe_topk_groups": 1, "model.moe_routed_scaling": 2.0, "model.moe_expert_bias": True,
+         "model.moe_bias_update_rate": 0.01}
+
+
+def _routing_of(out_dir):
+    """A run's expert biases at step 3 and its per-step ``moe`` records."""
+    import json
+
+    from tests.helpers import read_metrics
+
+    state = json.loads((out_dir / "checkpoints" / "step_000003" / "train_state.json").read_text())
+    return state["parts"]["routing"]["expert_bias"], [record["moe"] for record in read_metrics(out_dir)]
+
+
+def _assert_same_routing(ours, theirs):
+    assert any(value != 0 for row in theirs[0] for value in row), "the biases must have moved"
+    assert ours[0] == theirs[0]  # the biases move by +-rate on integer token counts: identical or wrong
+    for mine, reference in zip(ours[1], theirs[1]):
+        assert mine.keys() == reference.keys()
+        for key, value in reference.items():
+            if key == "aux_loss":
+                assert mine[key] == pytest.approx(value, rel=1e-5)
+                continue
+            for stat, number in value.items():
+                assert mine[key][stat] == pytest.approx(number, rel=1e-5, abs=1e-9), (key, stat)
 
 
 @pytest.mark.slow
 def test_moe_training_with_fast_weights_on_the_shared_expert_at_every_layout(prepared_corpus, tmp_path):
+    """Losses, final weights, expert biases and router statistics equal one process's; the balancing loss
+    everywhere but with pipeline stages (refused there), expert-bias balancing everywhere."""
     data = prepared_corpus()
-    extra = _options(TRAIN)
-    reference = run_layouts(["single"], tmp_path / "single", data, extra)["single"]
-    results = run_layouts(["tp2", "pp2", "dp2-zero1", "dp2-zero3", "sp2"], tmp_path / "two", data, extra)
-    for name, result in results.items():
-        try:
-            assert_same_training(result, reference)
-        except AssertionError as err:
-            raise AssertionError(f"layout {name}: {err}") from err
+    for layouts, extra in ((["tp2", "dp2-zero1", "dp2-zero3", "sp2"], {"model.moe_aux_loss_coeff": 0.01}),
+                           (["pp2"], {})):
+        root = tmp_path / layouts[0]
+        reference = run_layouts(["single"], root, data, _options({**TRAIN, **extra}))["single"]
+        results = run_layouts(layouts, root, data, _options({**TRAIN, **extra}))
+        for name, result in results.items():
+            try:
+                assert_same_training(result, reference)
+                _assert_same_routing(_routing_of(root / name), _routing_of(root / "single"))
+            except AssertionError as err:
+                raise AssertionError(f"layout {name}: {err}") from err
 
 
 def test_moe_options_that_cannot_work_are_refused():
@@ -224,3 +258,109 @@ def test_exporting_a_mixture_of_experts_is_refused_in_one_line():
     cfg = ModelConfig(**{key.split(".", 1)[1]: value for key, value in MOE.items()})
     with pytest.raises(HuggingFaceFormatError, match="mixture-of-experts model, which no export format holds"):
         export_config(cfg, "memdlm", {}, {}, "float32")
+
+
+def _balancing_reference(scores, chosen, valid, num_sequences, coeff, top_k, sigmoid):
+    """The sequence-wise balancing loss written out sequence by sequence (``scores [b, l, E]``)."""
+    total = 0.0
+    for s in range(scores.shape[0]):
+        tokens = [t for t in range(scores.shape[1]) if valid[s, t]]
+        experts = scores.shape[2]
+        counts = [sum(int(e in chosen[s, t].tolist()) for t in tokens) for e in range(experts)]
+        probs = [scores[s, t] / scores[s, t].sum() if sigmoid else scores[s, t] for t in tokens]
+        mean_prob = torch.stack(probs).mean(dim=0)
+        total = total + experts / top_k * sum(counts[e] / len(tokens) * mean_prob[e] for e in range(experts))
+    return coeff * total / num_sequences
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_the_balancing_loss_and_the_expert_biases_are_the_plain_formulas(score, topology):
+    """The loss (value and gradient to the router, padding left out) against a loop over sequences, float64; the
+    biases choose experts without weighing them, and move by the update rate against the load."""
+    from pretrain.model.moe import route
+    from pretrain.train.factory import build_model
+
+    cfg = build_config(_options({**MOE, "memory.target_modules": "qkv,out", "model.moe_score": score,
+                                 "model.moe_aux_loss_coeff": 0.1, "model.moe_expert_bias": True,
+                                 "model.moe_bias_update_rate": 0.01}))
+    model = build_model(cfg, topology).double()
+    moe, routing = model.layer(1).mlp, model.routing
+    routing.bias[1] = torch.tensor([0.3, -0.2, 0.0, 0.1])
+    x = torch.randn(2, 6, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    valid = torch.ones(2, 6, dtype=torch.bool)
+    valid[1, 4:] = False  # padding: neither counted nor scored
+    routing.begin_pass(valid, torch.tensor(5.0, dtype=torch.float64))
+    moe(x)
+    loss = routing.end_pass()
+    (grad,) = torch.autograd.grad(loss, moe.router.weight)
+
+    weight = moe.router.weight.detach().requires_grad_()
+    logits = (x @ weight.t()).reshape(12, 4)
+    _, chosen, scores = route(logits, 2, score, bias=routing.bias[1].double())
+    unbiased = route(logits.detach(), 2, score)[1]
+    assert not torch.equal(chosen.sort(1).values, unbiased.sort(1).values), "the bias must change some choice"
+    expected = _balancing_reference(scores.view(2, 6, 4), chosen.view(2, 6, 2), valid, 5.0, 0.1, 2,
+                                    score == "sigmoid")
+    (expected_grad,) = torch.autograd.grad(expected, weight)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-14)
+
+    counts = torch.zeros(4, dtype=torch.float64)
+    counts.index_add_(0, chosen[valid.reshape(-1)].reshape(-1), torch.ones(20, dtype=torch.float64))
+    assert torch.equal(routing.counts[1], counts) and int(routing.counts[0].sum()) == 0  # layer 0 did not run
+    before = routing.bias.clone()
+    table = routing.finish_step([], applied=True)
+    assert torch.equal(routing.bias[1], before[1] + (0.01 * torch.sign(counts.mean() - counts)).float())
+    assert torch.equal(routing.bias[0], before[0])  # equal (zero) loads: no move
+    torch.testing.assert_close(table[1, :2], torch.stack([counts.min(), counts.max()]) / counts.mean())
+    assert float(table[-1, 0]) == pytest.approx(float(expected), rel=1e-12)
+    assert int(routing.counts.sum()) == 0  # reset for the next step
+    with torch.no_grad():  # evaluation is not recorded
+        routing.begin_pass(None, torch.tensor(1.0))
+        moe(x)
+        assert routing.end_pass() is None and int(routing.counts.sum()) == 0
+
+
+def test_balancing_in_training_is_logged_kept_in_checkpoints_and_resumes_exactly(tiny, tmp_path):
+    """Expert biases and the balancing loss in a real run: every step's ``moe`` record, the biases in the
+    checkpoint, and a run stopped after step 2 and resumed equal to one that never stopped."""
+    import json
+
+    from parallel.checkpoint.reading import read_weights
+    from pretrain.train.trainer import train
+    from tests.helpers import read_metrics
+
+    moe = {"model.moe_num_experts": 4, "model.moe_top_k": 2, "model.moe_shared_ffn_hidden_size": 32,
+           "model.moe_score": "sigmoid", "model.moe_expert_bias": True, "model.moe_bias_update_rate": 0.01,
+           "model.moe_aux_loss_coeff": 0.01, "model.moe_first_dense_layers": 1, "train.steps": 3,
+           "checkpoint.every": 1, "optim.warmup_steps": 1}
+
+    def run(name, steps, **changes):
+        out = tmp_path / name
+        return train(build_config(tiny({**moe, "train.steps": steps, **changes}) + ["--train.out_dir", str(out)])), out
+
+    _, whole = run("whole", 3)
+    _, stopped = run("resumed", 2)
+    _, without = run("without", 1, **{"model.moe_aux_loss_coeff": 0.0})
+    router = "layers.1.mlp.router.weight"  # the balancing loss trains the router
+    assert not torch.equal(read_weights(without / "checkpoints" / "step_000001")[router],
+                           read_weights(stopped / "checkpoints" / "step_000001")[router])
+    _, resumed = run("resumed", 3)
+    records = read_metrics(whole)
+    assert len(records) == 3
+    for record in records:
+        load = record["moe"]["layer_1"]
+        assert load["load_min"] <= 1.0 <= load["load_max"] and 0 < load["load_entropy"] <= 1
+        assert record["moe"]["aux_loss"] > 0
+    assert records[0]["moe"]["layer_1"]["bias_abs_mean"] == pytest.approx(0.01, rel=1e-6)  # every load unequal
+    saved = json.loads((whole / "checkpoints" / "step_000003" / "train_state.json").read_text())
+    bias = torch.tensor(saved["parts"]["routing"]["expert_bias"])
+    assert bias.shape == (1, 4) and float(bias.abs().max()) > 0
+    assert json.loads((resumed / "checkpoints" / "step_000003" / "train_state.json").read_text())["parts"][
+        "routing"] == saved["parts"]["routing"]
+    assert read_metrics(resumed)[-1]["loss"] == pytest.approx(records[-1]["loss"], rel=1e-6)
+    ours, theirs = read_weights(resumed / "checkpoints" / "step_000003"), read_weights(whole / "checkpoints" /
+                                                                                        "step_000003")
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-6, atol=1e-8)

@@ -53,6 +53,10 @@ class RunConfig:
         check(not (model.moe_num_experts and self.train.compile), "train.compile",
                "a mixture-of-experts model's routed experts see different token counts every step, which a compiled "
                "block would recompile for; use --train.compile false with --model.moe_num_experts")
+        check(not (model.moe_aux_loss_coeff and self.parallel.pipeline_parallel_size > 1), "model.moe_aux_loss_coeff",
+               "the balancing loss is added to the outer loss, which only the last pipeline stage computes; with "
+               "pipeline stages balance by expert bias instead (--model.moe_expert_bias true "
+               "--model.moe_aux_loss_coeff 0)")
         mlp_sites = [m for m in memory.target_module_list if m in ("gate", "up", "down")]
         if model.moe_num_experts and memory.enabled and mlp_sites and not model.moe_shared_ffn_hidden_size:
             layers = adapted_layers(model.num_layers, memory.layer_fraction)

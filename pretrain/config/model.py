@@ -51,6 +51,14 @@ class ModelConfig:
     moe_shared_expert_gate: bool = param(False, "scale the shared expert by sigmoid(x . g) (Qwen2-MoE)")
     moe_first_dense_layers: int = param(0, "the first layers keep a dense MLP of ffn_hidden_size "
                                         "(DeepSeek's first_k_dense_replace)")
+    moe_expert_bias: bool = param(False, "auxiliary-loss-free balancing (DeepSeek-V3, LLaDA2): a per-expert bias "
+                                  "added to the scores to choose experts (not to weight them), moved after every "
+                                  "step toward equal load by moe_bias_update_rate; kept in checkpoints")
+    moe_bias_update_rate: float = param(1e-3, "expert-bias balancing: the bias of an over-loaded expert drops, "
+                                        "an under-loaded one's rises, by this much per step")
+    moe_aux_loss_coeff: float = param(0.0, "weight of the sequence-wise load-balancing loss added to the outer "
+                                      "loss (E/k x sum_e tokens_e/L x mean score_e per sequence; 1 when balanced); "
+                                      "0 = off")
     head_chunk_rows: int = param(
         0, "rows of the LM head and its loss computed at once, so no logits block exceeds rows x vocabulary; "
         "0 = automatic (at most 128 MiB of fp32 logits per tensor-parallel rank, 1024 rows at most)")
@@ -119,6 +127,8 @@ class ModelConfig:
         check(0 <= self.moe_first_dense_layers < self.num_layers, "model.moe_first_dense_layers",
                f"must lie in [0, {self.num_layers}) (some layer must be a mixture of experts)")
         check(self.moe_routed_scaling > 0, "model.moe_routed_scaling", "must be positive")
+        check(self.moe_bias_update_rate >= 0, "model.moe_bias_update_rate", "must be >= 0")
+        check(self.moe_aux_loss_coeff >= 0, "model.moe_aux_loss_coeff", "must be >= 0 (0: off)")
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe_num_experts > 0 and layer >= self.moe_first_dense_layers

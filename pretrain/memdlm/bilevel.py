@@ -379,6 +379,13 @@ class BilevelStep:
         return state.fast.detach()
 
     # -- the whole step on one model --------------------------------------------------------------
+    def begin_routed_pass(self, batch: MaskedBatch, normalizer: LossNormalizer | None) -> None:
+        """Tell the model's MoE layers (``pretrain.model.routing``) which of this rank's tokens are real and how
+        many sequences the global batch has, before a pass that trains the base model."""
+        valid = batch.key_padding_mask
+        self.model.routing.begin_pass(self.model.local_tokens(valid) if valid is not None else None,
+                                      normalizer.num_sequences if normalizer is not None else None)
+
     def check_batch(self, batch: MaskedBatch) -> None:
         expected = self.trajectory.num_states
         if self.uses_memory and batch.inner_masks.shape[0] != expected:
@@ -405,17 +412,24 @@ class BilevelStep:
                         history.append(state.fast.clone_values())
             # 4-5. The anchor prefix once, with grad; the last inner step; the outer loss with phi_K.
             x_t = self.noised_ids(batch, batch.anchor_mask)
-            h_anchor = model.prefix(x_t, self.boundary, attention, recompute=self.recompute)
-            inner_h = None
-            if state.fast is not None and self.separate_inner_prefix:
-                with torch.no_grad():
-                    inner_h = model.prefix(self.noised_ids(batch, batch.inner_anchor), self.boundary, attention)
-            objective, logged, inner_sum, fast, by_source = self.anchor_loss(h_anchor, batch, normalizer, state,
-                                                                             attention, inner_h)
+            self.begin_routed_pass(batch, normalizer)
+            try:
+                h_anchor = model.prefix(x_t, self.boundary, attention, recompute=self.recompute)
+                inner_h = None
+                if state.fast is not None and self.separate_inner_prefix:
+                    with torch.no_grad():
+                        inner_h = model.prefix(self.noised_ids(batch, batch.inner_anchor), self.boundary,
+                                               attention)
+                objective, logged, inner_sum, fast, by_source = self.anchor_loss(h_anchor, batch, normalizer,
+                                                                                 state, attention, inner_h)
+            finally:
+                balancing = model.routing.end_pass()
+        reported = logged if self.memory.base_weight > 0 and fast is not None else None
+        if balancing is not None:  # the MoE balancing loss trains the base model too; the MDLM loss is reported
+            objective, reported = objective + balancing.to(objective.dtype), logged
         if inner_sum is not None:
             inner_loss_sums.append(inner_sum)
             if record_fast_weights:
                 history.append(fast.clone_values())
         return StepResult(objective, inner_loss_sums, history,
-                          logged_loss=logged if self.memory.base_weight > 0 and fast is not None else None,
-                          loss_by_source=by_source)
+                          logged_loss=reported, loss_by_source=by_source)

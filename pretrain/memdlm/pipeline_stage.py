@@ -41,8 +41,12 @@ class BilevelStage:
         return self.model.run_blocks(h, self.first_block, end, attention, recompute=self.bilevel.recompute)
 
     def forward(self, x: torch.Tensor, batch: MaskedBatch) -> torch.Tensor:
-        with self.bilevel.autocast():
-            return self._run(x, self.last_block, self.bilevel.attention(batch))
+        self.bilevel.begin_routed_pass(self.bilevel.whole_sequences(batch), None)
+        try:
+            with self.bilevel.autocast():
+                return self._run(x, self.last_block, self.bilevel.attention(batch))
+        finally:
+            self.model.routing.end_pass()
 
     # -- training ----------------------------------------------------------------------------------------
     def sweeps(self, step: int) -> list:
@@ -79,10 +83,14 @@ class BilevelStage:
 
     def anchor_loss(self, x, batch: MaskedBatch, normalizer: LossNormalizer, state: InnerState | None):
         attention = self.bilevel.attention(batch)
-        with self.bilevel.autocast():
-            h = self._run(x, self.bilevel.boundary, attention)
-            objective, logged, inner_sum, _, by_source = self.bilevel.anchor_loss(
-                h, batch, normalizer, state, attention, getattr(state, "inner_h", None))
+        self.bilevel.begin_routed_pass(self.bilevel.whole_sequences(batch), None)
+        try:
+            with self.bilevel.autocast():
+                h = self._run(x, self.bilevel.boundary, attention)
+                objective, logged, inner_sum, _, by_source = self.bilevel.anchor_loss(
+                    h, batch, normalizer, state, attention, getattr(state, "inner_h", None))
+        finally:
+            self.model.routing.end_pass()
         return objective, logged, inner_sum, by_source
 
     # -- evaluation ----------------------------------------------------------------------------------------

@@ -255,7 +255,8 @@ class TransformerLayer(nn.Module):
         if cfg.is_moe_layer(index):
             shared = cfg.moe_shared_ffn_hidden_size
             self.mlp = MixtureOfExperts(cfg, dtype, tensor_parallel_size, self.attention.out.tp_group,
-                                        SwiGLU(cfg.hidden_size, shared, config, init_method) if shared else None)
+                                        SwiGLU(cfg.hidden_size, shared, config, init_method) if shared else None,
+                                        layer=index)
         else:
             self.mlp = SwiGLU(cfg.hidden_size, cfg.ffn_hidden_size, config, init_method)
 

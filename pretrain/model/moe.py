@@ -36,14 +36,17 @@ from parallel.megatron import (
 
 
 def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, topk_groups: int = 1,
-          normalize: bool = False, scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``logits [T, E]`` -> (weights ``[T, k]``, chosen experts ``[T, k]``, scores ``[T, E]``), in fp32 or wider."""
+          normalize: bool = False, scaling: float = 1.0, bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``logits [T, E]`` -> (weights ``[T, k]``, chosen experts ``[T, k]``, scores ``[T, E]``), in fp32 or wider.
+    ``bias [E]``: added to the scores for choosing the groups and the experts only (auxiliary-loss-free
+    balancing); the weights are the unbiased scores."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     scores = logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
-    eligible = scores
+    eligible = scores if bias is None else scores + bias.to(scores.dtype)
     if num_groups > 1:
         tokens, experts = scores.shape
-        grouped = scores.view(tokens, num_groups, experts // num_groups)
+        grouped = eligible.view(tokens, num_groups, experts // num_groups)
         group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(dim=-1)  # [T, groups]
         best = group_scores.topk(topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
@@ -96,9 +99,12 @@ class MixtureOfExperts(nn.Module):
 
     entry_projections: tuple[str, ...] = ()  # nothing reads the normed input before the router decides
 
-    def __init__(self, cfg, dtype, tensor_parallel_size: int, tensor_parallel_group, shared_expert: nn.Module | None):
+    def __init__(self, cfg, dtype, tensor_parallel_size: int, tensor_parallel_group, shared_expert: nn.Module | None,
+                 layer: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
+        self.routing = None  # the model's ``pretrain.model.routing.Routing`` (biases, counts, balancing loss)
         self.router = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias=False, dtype=dtype)
         self.experts = RoutedExperts(cfg.moe_num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size,
                                      tensor_parallel_size, dtype, tensor_parallel_group)
@@ -123,8 +129,12 @@ class MixtureOfExperts(nn.Module):
         flat = copy_to_tensor_model_parallel_region(x.reshape(-1, hidden), group=self.tp_group)
         router = self.router.weight.detach() if frozen else copy_to_tensor_model_parallel_region(
             self.router.weight, group=self.tp_group)
-        weights, chosen, _ = route(F.linear(flat, router), cfg.moe_top_k, cfg.moe_score, cfg.moe_num_groups,
-                                   cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling)
+        routing = self.routing
+        bias = routing.bias[routing.slot(self.layer)] if routing is not None else None
+        weights, chosen, scores = route(F.linear(flat, router), cfg.moe_top_k, cfg.moe_score, cfg.moe_num_groups,
+                                        cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling, bias)
+        if routing is not None and routing.records(frozen):
+            routing.record(self.layer, scores, chosen, b)
         out = self.experts(flat, weights, chosen, frozen).view(b, l, hidden)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, fast, frozen)

@@ -41,6 +41,7 @@ from pretrain.model.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
 from pretrain.model.layers import BlockEntry, RMSNorm, RowLinear, TransformerLayer, rotary_tables
 from pretrain.model.moe import MixtureOfExperts
+from pretrain.model.routing import Routing
 from pretrain.model.rows import Rows
 
 
@@ -86,8 +87,12 @@ class DiffusionTransformer(nn.Module):
         self.layers = nn.ModuleDict({
             str(i): TransformerLayer(cfg, mp_config, unused, tensor_parallel_size, i) for i in self.layer_range
         })
+        self.routing = Routing(cfg)  # expert biases, routed-token counts, the balancing loss (MoE layers)
+        self.routing.sequence_group = self.sequence_group
         for layer in self.layers.values():
             layer.attention.sequence_group = self.sequence_group
+            if isinstance(layer.mlp, MixtureOfExperts):
+                layer.mlp.routing = self.routing
         if self.has_head:
             self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
             self.lm_head = VocabParallelHead(
@@ -109,6 +114,13 @@ class DiffusionTransformer(nn.Module):
 
     def layer(self, index: int) -> TransformerLayer:
         return self.layers[str(index)]
+
+    def _apply(self, fn, *args, **kwargs):  # ``.to(device)`` moves the routing table with the weights
+        super()._apply(fn, *args, **kwargs)
+        device = self.rope_cos.device
+        if self.routing.bias.device != device:
+            self.routing.to(device)
+        return self
 
     # -- fast weights ----------------------------------------------------------------------
     def attach_fast_weights(self, plan: FastWeightPlan) -> None:

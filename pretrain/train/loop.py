@@ -22,6 +22,7 @@ from parallel.topology import Topology
 from pretrain.config import RunConfig
 from pretrain.eval.heldout import bits
 from pretrain.memdlm.bilevel import uses_memory_at
+from pretrain.model.routing import ROUTING_PART
 from pretrain.train.data_feed import DataFeed, Validation, has_validation
 from pretrain.train.flops import executed_flops, model_flops_per_token, peak_flops
 from pretrain.train.optim import learning_rate
@@ -120,6 +121,9 @@ class TrainingLoop:
         counts = self.source_tokens(micro_batches)
         stop, flops, counts = _control(stop_requested(), flops, self.topology, counts)
         extra = self.judge(stats.verdict)
+        balance = self.finish_routing(stats.verdict is None or stats.verdict.accepted)
+        if balance is not None:
+            extra["moe"] = balance  # a device tensor until ``flush`` reads it
         if self.source_names:
             for name, count in zip(self.source_names, counts):
                 self.state.tokens_by_source[name] = self.state.tokens_by_source.get(name, 0) + int(count)
@@ -132,6 +136,20 @@ class TrainingLoop:
         if len(self.pending) >= self.cfg.logging.every:
             self.flush()
         return stop
+
+    def finish_routing(self, applied: bool):
+        """The MoE layers' step (``pretrain.model.routing``): routed-token counts summed over the data, sequence
+        and pipeline ranks, expert biases moved when the update was applied. ``None`` without MoE layers."""
+        routing = getattr(self.engine.model, "routing", None)
+        if routing is None or routing.counts.numel() == 0:
+            return None
+        topology = self.topology
+        groups = [topology.data_parallel_group]
+        if topology.sequence_parallel_size > 1:
+            groups.append(topology.sequence_parallel_group)
+        if topology.pipeline_parallel_size > 1:
+            groups.append(topology.pipeline_parallel_group)
+        return routing.finish_step(groups, applied)
 
     def source_tokens(self, micro_batches) -> list[float]:
         """A mixture's real tokens per source in this step's micro-batches (counted by the reading ranks)."""
@@ -163,6 +181,8 @@ class TrainingLoop:
                                                                                values.loss_by_source)
                                             if math.isfinite(value)}
             record.update(extra)
+            if "moe" in record:
+                record["moe"] = self.engine.model.routing.describe(record["moe"])
             self.logger.log(record)
             self.losses.append(values.loss)
             self.step_seconds.append(seconds)
@@ -193,6 +213,8 @@ class TrainingLoop:
                 "checkpoint to return to; save more often (--checkpoint.every) or lower the learning rate")
         saved = self.checkpointer.load(folder, self.engine, restore_registered=False)
         self.state.updates = TrainState.from_dict(saved.parts[TRAIN_PART]).updates
+        if ROUTING_PART in saved.parts:  # the expert biases belong with the weights they were learnt for
+            self.engine.model.routing.load_state_dict(saved.parts[ROUTING_PART])
         self.bad_steps.accepted()
         self.logger.write(f"step {self.completed}: {self.cfg.guard.max_bad_steps_in_row} skipped updates in a row: "
                           f"rolled back to {folder.name}; training goes on with the next data")

@@ -27,6 +27,7 @@ from parallel.checkpoint.checkpointer import TRAIN_PART, Checkpointer
 from parallel.topology import Topology, initialize_topology, launched_world_size
 from pretrain.config import ConfigError, RunConfig
 from pretrain.hf.importer import check_data_tokenizer, load_hf_weights, resolve_init_from
+from pretrain.model.routing import ROUTING_PART
 from pretrain.model.transformer import count_parameters, full_parameter_count
 from pretrain.train.cpu_memory import keep_freed_memory
 from pretrain.train.data_feed import STREAMING_WORLD, DataFeed, prepare_data, restored_environment
@@ -157,6 +158,8 @@ def _train(cfg: RunConfig, topology: Topology, stop_requested: Callable[[], bool
             load_hf_weights(model, Path(cfg.model.init_from), cfg.model, topology.tensor_parallel_size,
                             topology.tensor_parallel_rank)
         engine = build_training(cfg, topology, mask_id, model).engine
+        if cfg.model.moe_num_experts:
+            checkpointer.register(ROUTING_PART, model.routing)  # the expert biases
         if checkpoint is not None:
             checkpointer.load(checkpoint, engine)  # weights, optimizer, ``state`` and the data positions
         if state.step >= cfg.train.steps:
