@@ -11,9 +11,10 @@ from launch.config_cli import build_config
 from tests.helpers.layouts import assert_same_training, run_layouts
 
 
-def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normalize=False, scaling=1.0, bias=None):
+def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normalize=False, scaling=1.0, bias=None,
+                     bias_in_weights=False):
     """Token by token, in float64: the families' routing as their published code states it (a bias chooses,
-    never weighs)."""
+    and weighs only as LLaDA-MoE's code has it)."""
     weights, chosen = [], []
     for row in logits.double():
         scores = row.softmax(0) if score == "softmax" else row.sigmoid()
@@ -28,7 +29,7 @@ def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normaliz
                 if g not in kept:
                     eligible[g * size:(g + 1) * size] = float("-inf")
         index = eligible.sort(descending=True, stable=True).indices[:top_k]
-        w = scores[index]
+        w = (scores + bias)[index] if bias_in_weights else scores[index]
         if normalize:
             w = w / w.sum()
         weights.append(w * scaling)
@@ -45,6 +46,7 @@ def _reference_route(logits, top_k, score, num_groups=1, topk_groups=1, normaliz
     dict(top_k=1, score="sigmoid"),
     dict(top_k=2, score="sigmoid", num_groups=4, topk_groups=2, normalize=True, scaling=2.5, bias=True),
     dict(top_k=2, score="softmax", bias=True),
+    dict(top_k=2, score="softmax", bias=True, bias_in_weights=True),
 ])
 def test_routing_is_the_published_routers(options):
     from pretrain.model.moe import route

@@ -22,6 +22,8 @@ class ModelConfig:
     seq_len: int = param(128, "training sequence length and the longest sequence the model takes")
     rope_theta: float = param(10000.0, "rotary embedding base")
     head_dim: int = param(0, "size of each attention head; 0 = hidden_size / num_heads (Qwen3 sets it apart)")
+    rope_fraction: float = param(1.0, "share of each head's dimensions that RoPE rotates, the first ones "
+                                 "(partial_rotary_factor; LLaDA2: 0.5)")
     qkv_bias: bool = param(False, "biases on the query/key/value projections (Qwen2, Dream)")
     qk_norm: bool = param(False, "RMSNorm of each query and key head before RoPE (Qwen3)")
     rope_scaling: str = param("none", "RoPE frequency scaling: none, or llama3 (Llama-3.1's; the rope_* fields)",
@@ -54,6 +56,8 @@ class ModelConfig:
     moe_expert_bias: bool = param(False, "auxiliary-loss-free balancing (DeepSeek-V3, LLaDA2): a per-expert bias "
                                   "added to the scores to choose experts (not to weight them), moved after every "
                                   "step toward equal load by moe_bias_update_rate; kept in checkpoints")
+    moe_bias_in_weights: bool = param(False, "the expert bias also adds to the chosen experts' weights, not only "
+                                      "to the choice (LLaDA-MoE's published code does)")
     moe_bias_update_rate: float = param(1e-3, "expert-bias balancing: the bias of an over-loaded expert drops, "
                                         "an under-loaded one's rises, by this much per step")
     moe_aux_loss_coeff: float = param(0.0, "weight of the sequence-wise load-balancing loss added to the outer "
@@ -63,7 +67,8 @@ class ModelConfig:
         0, "rows of the LM head and its loss computed at once, so no logits block exceeds rows x vocabulary; "
         "0 = automatic (at most 128 MiB of fp32 logits per tensor-parallel rank, 1024 rows at most)")
     family: str = param("memdlm", "the checkpoint family the model came from (memdlm-export-hf's default format); "
-                        "set by --model.init_from", ("memdlm", "llama", "qwen2", "qwen3", "llada", "dream"))
+                        "set by --model.init_from", ("memdlm", "llama", "qwen2", "qwen3", "llada", "dream", "llada_moe",
+                                                              "llada2"))
     norm_eps: float = param(1e-5, "RMSNorm epsilon")
     init_std: float = param(0.02, "std of the normal initialisation of all weight matrices")
     mask_token_id: int = param(-1, "id of the mask token; -1 takes the tokenizer's <|mask|> token")
@@ -98,6 +103,9 @@ class ModelConfig:
         check(self.init_std > 0, "model.init_std", "must be positive")
         check(self.head_dim >= 0 and self.head_dim % 2 == 0, "model.head_dim",
                f"must be 0 or a positive even number (RoPE), got {self.head_dim}")
+        check(0 < self.rope_fraction <= 1 and self.rotary_dim % 2 == 0 and self.rotary_dim > 0,
+               "model.rope_fraction", f"{self.rope_fraction} of the head size {self.attention_head_dim} must be a "
+               "positive even number of dimensions")
         check(self.head_chunk_rows >= 0, "model.head_chunk_rows", "must be >= 0 (0: automatic)")
         if self.moe_num_experts:
             self._check_moe()
@@ -145,6 +153,11 @@ class ModelConfig:
     @property
     def attention_head_dim(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dimensions of each head RoPE rotates (the first ones)."""
+        return int(self.attention_head_dim * self.rope_fraction)
 
     @property
     def key_value_heads(self) -> int:

@@ -21,6 +21,7 @@ import torch
 from tokenizers import Tokenizer
 
 from common.errors import UsageError
+from parallel.checkpoint.checkpointer import read_saved_state
 from parallel.checkpoint.manifest import resolve_checkpoint
 from parallel.checkpoint.reading import read_tensors
 from parallel.checkpoint.safe_reader import SafeFileSystemReader
@@ -36,6 +37,7 @@ from pretrain.hf.files import (
     write_tokenizer,
 )
 from pretrain.hf.names import NAMINGS, to_family
+from pretrain.model.routing import ROUTING_PART
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,8 +83,9 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
 
         return TensorGroup(nbytes, produce)
 
+    groups = [group(n) for n in names] + _expert_bias_groups(checkpoint, cfg, family, naming, target)
     with StagedDirectory(out_dir, "memdlm-export-hf", overwrite) as folder:
-        index = write_safetensors(folder, [group(n) for n in names], max_shard_bytes, progress)
+        index = write_safetensors(folder, groups, max_shard_bytes, progress)
         write_json(folder, "config.json", config)
         write_json(folder, "generation_config.json", {
             "_from_model_config": False, "mask_token_id": config["mask_token_id"],
@@ -101,11 +104,28 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, dtype: str = "float32",
     return out_dir
 
 
+def _expert_bias_groups(checkpoint: Path, cfg: ModelConfig, family: str, naming, target) -> list[TensorGroup]:
+    """Each MoE layer's expert bias (a checkpoint keeps them in ``train_state.json``, not among the tensors),
+    where the family has them: LLaDA2 always, LLaDA-MoE when its code adds them (``moe_bias_in_weights``)."""
+    if not naming.expert_bias or (family == "llada_moe" and not cfg.moe_bias_in_weights):
+        return []
+    state = read_saved_state(checkpoint)
+    table = torch.tensor(state.parts.get(ROUTING_PART, {}).get("expert_bias") or [], dtype=torch.float32)
+    layers = range(cfg.moe_first_dense_layers, cfg.num_layers)
+    if table.numel() == 0:
+        table = torch.zeros(len(layers), cfg.moe_num_experts)
+    groups = []
+    for row, layer in zip(table, layers):
+        (name,) = naming.names(f"layers.{layer}.mlp.expert_bias")
+        groups.append(TensorGroup(row.numel() * 4, lambda name=name, row=row: [(name, row.clone())]))
+    return groups
+
+
 def _published_code(family: str, code_from: Path | None) -> list[Path]:
     """The family's published modeling files from ``--code-from`` (checked before anything is written)."""
     if code_from is None:
         return []
-    if family not in ("llada", "dream"):
+    if family not in PUBLISHED_CODE or family == "memdlm":
         raise UsageError(f"--code-from: the {family} format needs no modeling files (it is a transformers class or "
                          "ours)")
     wanted = PUBLISHED_CODE[family][2]

@@ -41,7 +41,7 @@ from pretrain.hf.files import (
     write_safetensors,
     write_tokenizer,
 )
-from pretrain.hf.names import LLAMA_STYLE, NAMINGS, Naming, merge_qkv
+from pretrain.hf.names import LLAMA_STYLE, NAMINGS, Naming, from_family
 
 
 class HuggingFaceTensors:
@@ -114,9 +114,9 @@ def read_hf_config(folder: Path, option: str = "--model.init_from") -> dict:
     return config
 
 
-def _source_name(ours: str, naming: Naming, tensors: HuggingFaceTensors) -> list[str]:
+def _source_name(ours: str, naming: Naming, tensors: HuggingFaceTensors, num_experts: int = 0) -> list[str]:
     """The checkpoint's tensor(s) for one of ours: the head of a tied checkpoint is its embedding."""
-    names = naming.names(ours)
+    names = naming.names(ours, num_experts)
     if ours == "lm_head.weight" and names[0] not in tensors:
         return [naming.embedding]
     missing = [n for n in names if n not in tensors]
@@ -141,6 +141,10 @@ def import_hf(hf_dir: Path, out_dir: Path, max_shard_bytes: int = DEFAULT_SHARD_
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config = read_hf_config(hf_dir, "memdlm-import-hf")
     fields = model_fields(config, str(hf_dir))
+    if fields.get("moe_num_experts"):
+        raise HuggingFaceFormatError(
+            f"memdlm-import-hf: {hf_dir} is a mixture of experts ({fields['family']}), which our own format does not "
+            f"hold; start from it directly with --model.init_from {hf_dir} (its tokenizer.json needs a mask token)")
     source = ModelConfig(**fields)
     naming = NAMINGS[family_of(config, str(hf_dir))]
     tokenizer_file = hf_dir / "tokenizer.json"
@@ -249,14 +253,22 @@ def load_hf_weights(model: torch.nn.Module, folder: Path, cfg: ModelConfig, tens
     naming = NAMINGS[family_of(config, str(folder))]  # the folder's own names (an import is Llama-named)
     tensors = HuggingFaceTensors(Path(folder))
     for name, param in model.named_parameters():
-        sources = _source_name(name, naming, tensors)
+        sources = _source_name(name, naming, tensors, cfg.moe_num_experts)
         dim = partition_dim(param)
-        if len(sources) == 3:  # q, k, v: merged in our layout, then split like the fused projection
-            value = merge_qkv(*(tensors.get(s) for s in sources), cfg)
-            value = value.chunk(tensor_parallel_size, dim=0)[tensor_parallel_rank]
+        if len(sources) > 1 or name.endswith(("attention.qkv.weight", "attention.qkv.bias")):
+            # q, k, v merged in our layout (or experts stacked), then split like our tensor
+            value = from_family(name, [tensors.get(s) for s in sources], cfg)
+            if dim is not None:
+                value = value.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
         else:
             value = tensors.get_part(sources[0], dim, tensor_parallel_size, tensor_parallel_rank)
         if tuple(value.shape) != tuple(param.shape):
             raise UsageError(f"--model.init_from: {sources[0]} has shape {tuple(value.shape)} on this rank, the "
                              f"model expects {tuple(param.shape)} for {name}")
         param.copy_(value.to(param.dtype))
+    routing = getattr(model, "routing", None)
+    if naming.expert_bias and routing is not None:  # every MoE layer's row of the routing table (all stages)
+        for layer in range(cfg.moe_first_dense_layers, cfg.num_layers):
+            name = naming.names(f"layers.{layer}.mlp.expert_bias")[0]
+            if name in tensors:  # LLaDA-MoE keeps one only when its biases are on
+                routing.bias[routing.slot(layer)] = tensors.get(name).to(routing.bias.dtype)

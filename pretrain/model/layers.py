@@ -65,10 +65,14 @@ def llama3_frequencies(inv_freq: torch.Tensor, factor: float, low_freq_factor: f
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., d]`` by position; ``cos``/``sin`` broadcast to it (``[l, 1, ..., d]``).
+    """Rotate ``x [..., d]`` by position; ``cos``/``sin`` broadcast to it (``[l, 1, ..., r]``, ``r`` <= d: the
+    first ``r`` dimensions of each head rotate in the rotate-half convention, the rest are unchanged).
 
     The tables take ``x``'s dtype (bf16 under autocast: fp32 tables would promote q and k to fp32),
     and ``x`` is made contiguous first, so the elementwise kernels run vectorised rather than strided."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:  # partial rotary: the first ``rotary`` dimensions turn, the others pass (LLaDA2)
+        return torch.cat([apply_rotary(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     x = x.contiguous()
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     half = x.shape[-1] // 2

@@ -36,11 +36,11 @@ from parallel.megatron import (
 
 
 def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, topk_groups: int = 1,
-          normalize: bool = False, scaling: float = 1.0, bias: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+          normalize: bool = False, scaling: float = 1.0, bias: torch.Tensor | None = None,
+          bias_in_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``logits [T, E]`` -> (weights ``[T, k]``, chosen experts ``[T, k]``, scores ``[T, E]``), in fp32 or wider.
     ``bias [E]``: added to the scores for choosing the groups and the experts only (auxiliary-loss-free
-    balancing); the weights are the unbiased scores."""
+    balancing); the weights are the unbiased scores, unless ``bias_in_weights`` (LLaDA-MoE's code)."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     scores = logits.softmax(dim=-1) if score == "softmax" else logits.sigmoid()
     eligible = scores if bias is None else scores + bias.to(scores.dtype)
@@ -52,7 +52,7 @@ def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, top
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         eligible = grouped.masked_fill(~keep[..., None], float("-inf")).view(tokens, experts)
     chosen = eligible.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, chosen)
+    weights = (eligible if bias_in_weights and bias is not None else scores).gather(1, chosen)
     if normalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, chosen, scores
@@ -132,7 +132,8 @@ class MixtureOfExperts(nn.Module):
         routing = self.routing
         bias = routing.bias[routing.slot(self.layer)] if routing is not None else None
         weights, chosen, scores = route(F.linear(flat, router), cfg.moe_top_k, cfg.moe_score, cfg.moe_num_groups,
-                                        cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling, bias)
+                                        cfg.moe_topk_groups, cfg.moe_norm_topk, cfg.moe_routed_scaling, bias,
+                                        cfg.moe_bias_in_weights)
         if routing is not None and routing.records(frozen):
             routing.record(self.layer, scores, chosen, b)
         out = self.experts(flat, weights, chosen, frozen).view(b, l, hidden)

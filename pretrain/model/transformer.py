@@ -105,7 +105,7 @@ class DiffusionTransformer(nn.Module):
                 raise ValueError("model.tie_embeddings needs the embedding and the head on one pipeline stage")
             self.lm_head.weight = self.embedding.weight  # one parameter, named embedding.weight
         # Positions up to the padded length: padding added for sequence parallelism gets positions too.
-        cos, sin = rotary_tables(padded_length(cfg.seq_len, self.sequence_size), cfg.attention_head_dim,
+        cos, sin = rotary_tables(padded_length(cfg.seq_len, self.sequence_size), cfg.rotary_dim,
                                  cfg.rope_theta, dtype, rope_scaling(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
