@@ -110,21 +110,32 @@ def is_tensor_parallel(param: torch.nn.Parameter) -> bool:
 
 @torch.no_grad()
 def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor_group,
-                       pipeline_group) -> torch.Tensor:
-    """Global gradient norm over a model split by tensor and pipeline parallelism (a 0-d float64 tensor on
-    the gradients' device), then clipping to ``max_norm`` (0: off).
+                       pipeline_group, expert_group=None) -> torch.Tensor:
+    """Global gradient norm over a model split by tensor, pipeline and expert parallelism (a 0-d float64 tensor
+    on the gradients' device), then clipping to ``max_norm`` (0: off).
 
     Tensor-parallel shards are summed over the tensor group; replicated parameters (norms) count
-    once; pipeline stages add up over the pipeline group. The clip multiplies by
-    ``min(1, max_norm / (norm + 1e-6))`` on the device: no host branch, no synchronisation.
+    once; experts split over the expert group (``expert_parallel_size``) add up over it; pipeline stages add up
+    over the pipeline group. The clip multiplies by ``min(1, max_norm / (norm + 1e-6))`` on the device: no host
+    branch, no synchronisation.
     """
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
     zero = torch.zeros((), dtype=torch.float64, device=grads[0].device)
-    sharded = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if is_tensor_parallel(p)), zero)
-    replicated = sum((g.double().pow(2).sum() for p, g in zip(params, grads) if not is_tensor_parallel(p)), zero)
+
+    def squares(keep) -> torch.Tensor:
+        return sum((g.double().pow(2).sum() for p, g in zip(params, grads) if keep(p)), zero)
+
+    def split_over_experts(p) -> bool:
+        return getattr(p, "expert_parallel_size", 1) > 1
+
+    experts = squares(split_over_experts)
+    sharded = squares(lambda p: is_tensor_parallel(p) and not split_over_experts(p))
+    replicated = squares(lambda p: not is_tensor_parallel(p))
+    sum_over(experts, tensor_group)
+    sum_over(experts, expert_group)
     sum_over(sharded, tensor_group)
-    total = sum_over(sharded + replicated, pipeline_group)
+    total = sum_over(sharded + replicated + experts, pipeline_group)
     norm = total.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).to(grads[0].dtype)  # exactly 1 under the clip

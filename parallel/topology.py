@@ -34,6 +34,16 @@ class Topology:
     data_parallel_size: int
     device: torch.device
     sequence_parallel_size: int = 1
+    expert_parallel_size: int = 1  # ranks that split the routed experts, out of the data x sequence ranks
+
+    @property
+    def expert_parallel_group(self):
+        return parallel_state.get_expert_model_parallel_group()
+
+    @property
+    def expert_data_parallel_group(self):
+        """The ranks that hold the same experts (data x sequence / expert): expert gradients are summed there."""
+        return parallel_state.get_expert_data_parallel_group()
 
     @property
     def tensor_parallel_group(self):
@@ -107,7 +117,7 @@ class Topology:
     def layout(self) -> dict:
         return {"world_size": self.world_size, "tensor": self.tensor_parallel_size,
                 "pipeline": self.pipeline_parallel_size, "data": self.data_parallel_size,
-                "sequence": self.sequence_parallel_size}
+                "sequence": self.sequence_parallel_size, "expert": self.expert_parallel_size}
 
     @functools.cached_property
     def control_group(self):
@@ -148,6 +158,18 @@ class Topology:
         mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=("pipeline", "data", "tensor"))
         return mesh["data", "tensor"]
 
+    def expert_mesh(self):
+        """A ``DeviceMesh`` over this pipeline stage's ranks with dims (expert data, expert, tensor): the data x
+        sequence ranks split as megatron splits them for experts (the expert rank varies fastest). Collective."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        experts = self.expert_parallel_size
+        shape = (self.pipeline_parallel_size, self.data_parallel_size * self.sequence_parallel_size // experts,
+                 experts, self.tensor_parallel_size)
+        mesh = init_device_mesh(self.device.type, shape,
+                                mesh_dim_names=("pipeline", "expert_data", "expert", "tensor"))
+        return mesh["expert_data", "expert", "tensor"]
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -169,7 +191,8 @@ def launched_world_size() -> int:
 
 
 def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1,
-                        num_layers: int | None = None, sequence_parallel_size: int = 1) -> Topology:
+                        num_layers: int | None = None, sequence_parallel_size: int = 1,
+                        expert_parallel_size: int = 1) -> Topology:
     resolved = resolve_device(device)
     backend = "nccl" if resolved.type == "cuda" else "gloo"
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -192,6 +215,7 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pip
             tensor_model_parallel_size=tensor_parallel_size,
             pipeline_model_parallel_size=pipeline_parallel_size,
             context_parallel_size=sequence_parallel_size,
+            expert_model_parallel_size=expert_parallel_size,
         )
     topology = Topology(
         rank=dist.get_rank(),
@@ -202,6 +226,7 @@ def initialize_topology(device: str = "auto", tensor_parallel_size: int = 1, pip
         data_parallel_size=world_size // (tensor_parallel_size * pipeline_parallel_size * sequence_parallel_size),
         device=resolved,
         sequence_parallel_size=sequence_parallel_size,
+        expert_parallel_size=expert_parallel_size,
     )
     topology.model_parallel_cpu_group  # noqa: B018 - a collective to create: every rank now, at the same point
     return topology

@@ -221,6 +221,36 @@ def test_moe_training_with_fast_weights_on_the_shared_expert_at_every_layout(pre
                 raise AssertionError(f"layout {name}: {err}") from err
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("layouts", [["dp2-ep2-zero0", "dp2-ep2-zero1", "dp2-ep2-zero2", "sp2-ep2"],
+                                     ["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"]])
+def test_expert_parallel_training_equals_one_process(layouts, prepared_corpus, tmp_path):
+    """Experts split over 2 or 4 ranks (tokens dispatched by all-to-all), with ZeRO 0-2, tensor and sequence
+    parallelism: losses, final weights (gathered by the checkpoint), expert biases and router statistics equal
+    one process's. 8 experts, top 2 of 2 groups, fast weights on the shared expert, the balancing loss on."""
+    data = prepared_corpus()
+    extra = _options({**TRAIN, "model.moe_num_experts": 8, "model.moe_aux_loss_coeff": 0.01})
+    reference = run_layouts(["single"], tmp_path, data, extra)["single"]
+    results = run_layouts(layouts, tmp_path, data, extra)
+    for name, result in results.items():
+        try:
+            assert_same_training(result, reference)
+            _assert_same_routing(_routing_of(tmp_path / name), _routing_of(tmp_path / "single"))
+            experts = int(name.split("ep")[1][0])
+            assert _expert_pieces(tmp_path / name) == experts  # each rank wrote its own experts
+        except AssertionError as err:
+            raise AssertionError(f"layout {name}: {err}") from err
+
+
+def _expert_pieces(out_dir) -> int:
+    """How many distinct pieces along the expert dimension a checkpoint holds of one routed-expert tensor."""
+    from parallel.checkpoint.safe_reader import SafeFileSystemReader
+
+    metadata = SafeFileSystemReader(str(out_dir / "checkpoints" / "step_000003")).read_metadata()
+    chunks = metadata.state_dict_metadata["model.layers.3.mlp.experts.gate"].chunks
+    return len({chunk.offsets[0] for chunk in chunks})
+
+
 def test_moe_options_that_cannot_work_are_refused():
     from pretrain.config import ConfigError
 
@@ -366,3 +396,75 @@ def test_balancing_in_training_is_logged_kept_in_checkpoints_and_resumes_exactly
                                                                                         "step_000003")
     for name, value in theirs.items():
         torch.testing.assert_close(ours[name], value, rtol=1e-6, atol=1e-8)
+
+
+LLADA2_SHAPED = {**TRAIN, "model.moe_num_experts": 8, "model.moe_ffn_hidden_size": 32,
+                 "model.moe_shared_ffn_hidden_size": 32, "model.moe_norm_topk": True, "model.moe_routed_scaling": 2.5,
+                 "model.moe_first_dense_layers": 1, "model.head_dim": 32, "model.qk_norm": True,
+                 "model.rope_fraction": 0.5}
+RESUMES = {  # name: (layout of steps 1-3, layout of steps 4-6)
+    "ep2 x dp2 -> ep1": ("dp4-ep2-zero1", "single"),
+    "ep2 -> ep4": ("dp2-ep2-zero1", "dp4-ep4-zero2"),
+    "ep1 -> ep2": ("single", "dp2-ep2-zero2"),
+}
+
+
+def _train_runs(rank, world, runs):
+    """``(key, args, stop after)`` in turn on these ranks: each run's losses by key."""
+    from parallel.megatron import parallel_state
+    from pretrain.train.trainer import train
+
+    losses = {}
+    for key, args, stop in runs:
+        calls = iter(range(1, 100))
+        summary = train(build_config(args), (lambda: next(calls) >= stop) if stop else (lambda: False))
+        losses[key] = summary.losses
+        parallel_state.destroy_model_parallel()
+    return losses
+
+
+@pytest.mark.slow
+def test_a_llada2_shaped_model_resumes_exactly_at_other_expert_parallel_sizes(prepared_corpus, tmp_path):
+    """A LLaDA2-shaped MoE (sigmoid routing in 2 groups, renormalised and scaled by 2.5, expert biases, a shared
+    expert carrying the fast weights, a dense first layer, query/key norms, half-rotary heads of their own size)
+    trains 3 of 6 steps with MemDLM at one expert-parallel size and resumes at another: the six losses, the
+    final weights and the expert biases equal six uninterrupted steps of one process."""
+    from parallel.checkpoint.reading import read_weights
+    from tests.helpers.layouts import LAYOUT_OPTIONS, LAYOUTS, relative
+    from tests.helpers.ranks import run_ranks
+
+    data, extra = str(prepared_corpus()), _options({**LLADA2_SHAPED, "train.steps": 6})
+
+    def args(layout, folder):
+        return [*LAYOUT_OPTIONS, *LAYOUTS[layout][1], *extra, "--train.out_dir", str(folder), "--data.path", data]
+
+    def runs(phase, world):
+        return [(f"{name}/{phase}", args(pair[phase], tmp_path / name.replace(" ", "")), 3 if phase == 0 else 0)
+                for name, pair in RESUMES.items() if LAYOUTS[pair[phase]][0] == world]
+
+    losses = _train_runs(0, 1, [("reference", args("single", tmp_path / "reference"), 0)] + runs(0, 1))
+    losses.update(run_ranks(_train_runs, 4, runs(0, 4))[0])
+    losses.update(run_ranks(_train_runs, 2, runs(0, 2) + runs(1, 2))[0])
+    losses.update(run_ranks(_train_runs, 4, runs(1, 4))[0])
+    losses.update(_train_runs(0, 1, runs(1, 1)))
+    reference = read_weights(tmp_path / "reference" / "checkpoints" / "step_000006")
+    bias = _routing_of_step(tmp_path / "reference", 6)
+    assert any(value != 0 for row in bias for value in row)
+    for name in RESUMES:
+        folder = tmp_path / name.replace(" ", "")
+        both = losses[f"{name}/0"] + losses[f"{name}/1"]
+        assert len(both) == 6, (name, both)
+        for ours, theirs in zip(both, losses["reference"]):
+            assert abs(ours - theirs) / abs(theirs) < 1e-5, (name, both, losses["reference"])
+        weights = read_weights(folder / "checkpoints" / "step_000006")
+        assert set(weights) == set(reference)
+        for key in reference:
+            assert relative(weights[key], reference[key]) < 1e-5, (name, key)
+        assert _routing_of_step(folder, 6) == bias, name
+
+
+def _routing_of_step(out_dir, step):
+    import json
+
+    state = json.loads((out_dir / "checkpoints" / f"step_{step:06d}" / "train_state.json").read_text())
+    return state["parts"]["routing"]["expert_bias"]

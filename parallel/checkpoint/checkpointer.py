@@ -47,7 +47,7 @@ from parallel.checkpoint.manifest import (
 )
 from parallel.checkpoint.rng import load_rng_states, save_rng_states
 from parallel.checkpoint.safe_reader import SafeFileSystemReader
-from parallel.checkpoint.sharded_state import all_finite, checkpoint_dict, partition_dim
+from parallel.checkpoint.sharded_state import all_finite, checkpoint_dict, partition_dim, split_over_experts
 
 TRAIN_STATE = "train_state.json"
 LEGACY_TRAIN_STATE = "trainer_state.pt"  # format memdlm-dcp-1
@@ -134,6 +134,7 @@ class Checkpointer:
         # thread while training uses the default group (nccl on GPUs).
         self.group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         self._mesh = None
+        self._expert_mesh = None
         self._pending = None  # (future of this rank's file hashes, step, staging folder, started)
         self._hasher = ThreadPoolExecutor(max_workers=1) if asynchronous else None
 
@@ -145,9 +146,12 @@ class Checkpointer:
     def _state_dict(self, engine, values: bool = True):
         if self._mesh is None:
             self._mesh = self.topology.stage_mesh()
+            if getattr(self.topology, "expert_parallel_size", 1) > 1:
+                self._expert_mesh = self.topology.expert_mesh()
         states = engine.parameter_states(values)
         dims = {name: partition_dim(p) for name, p in engine.model.named_parameters()}
-        return states, checkpoint_dict(states, dims, self._mesh)
+        experts = frozenset(name for name, p in engine.model.named_parameters() if split_over_experts(p))
+        return states, checkpoint_dict(states, dims, self._mesh, self._expert_mesh, experts)
 
     # -- save -----------------------------------------------------------------------------------
     def save(self, step: int, engine) -> SaveReport:

@@ -11,9 +11,10 @@ Per parameter (names carry global layer indices, so they do not depend on the pi
 
 A tensor split over tensor-parallel ranks is a ``DTensor`` over the stage's (data, tensor) mesh with
 ``[Replicate(), Shard(partition dim)]`` and its logical (unsplit) shape; a replicated one has
-``[Replicate(), Replicate()]``. DCP writes every piece once (replicas are deduplicated) and, on
-load, hands each rank the slice its layout needs, which is what makes a checkpoint resume at any
-tensor, pipeline, data or ZeRO layout.
+``[Replicate(), Replicate()]``; routed experts split over expert-parallel ranks are over the (expert data,
+expert, tensor) mesh with ``[Replicate(), Shard(0), Shard(partition dim)]``. DCP writes every piece once
+(replicas are deduplicated) and, on load, hands each rank the slice its layout needs, which is what makes a
+checkpoint resume at any tensor, pipeline, data, expert or ZeRO layout.
 """
 
 from __future__ import annotations
@@ -39,26 +40,37 @@ def partition_dim(param: torch.nn.Parameter) -> int | None:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
+def split_over_experts(param: torch.nn.Parameter) -> bool:
+    """Whether expert parallelism splits the tensor along dim 0 (``pretrain.model.moe.mark_expert_parallel``)."""
+    return getattr(param, "expert_parallel_size", 1) > 1
+
+
 def to_distributed(local: torch.Tensor, dim: int | None, mesh) -> DTensor:
-    """This rank's shard as a DTensor over ``mesh`` = (data, tensor)."""
-    tensor_size = mesh.size(1)
+    """This rank's shard as a DTensor over ``mesh`` = (data, tensor), or for a tensor split over experts
+    along dim 0, ``mesh`` = (expert data, expert, tensor)."""
+    tensor_size = mesh.size(mesh.ndim - 1)
     placements = [Replicate(), Shard(dim) if dim is not None and tensor_size > 1 else Replicate()]
     shape = list(local.shape)
     if dim is not None:
         shape[dim] *= tensor_size
+    if mesh.ndim == 3:
+        placements.insert(1, Shard(0))
+        shape[0] *= mesh.size(1)
     logical = torch.Size(shape)
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=logical,
                               stride=torch.empty(logical, device="meta").stride())
 
 
-def checkpoint_dict(states: dict[str, ParameterState], dims: dict[str, int | None], mesh) -> dict:
-    """The DCP state dict of ``states`` (tensors are shared, not copied: a load fills them in place)."""
+def checkpoint_dict(states: dict[str, ParameterState], dims: dict[str, int | None], mesh,
+                    expert_mesh=None, experts: frozenset = frozenset()) -> dict:
+    """The DCP state dict of ``states`` (tensors are shared, not copied: a load fills them in place); the
+    tensors named in ``experts`` are split over ``expert_mesh``'s expert dimension too."""
     model, optimizer = {}, {}
     for name, state in states.items():
-        dim = dims[name]
-        model[name] = to_distributed(state.weight, dim, mesh)
-        optimizer[name] = {"exp_avg": to_distributed(state.exp_avg, dim, mesh),
-                           "exp_avg_sq": to_distributed(state.exp_avg_sq, dim, mesh),
+        dim, where = dims[name], expert_mesh if name in experts else mesh
+        model[name] = to_distributed(state.weight, dim, where)
+        optimizer[name] = {"exp_avg": to_distributed(state.exp_avg, dim, where),
+                           "exp_avg_sq": to_distributed(state.exp_avg_sq, dim, where),
                            "step": state.step}
     return {"model": model, "optimizer": optimizer}
 

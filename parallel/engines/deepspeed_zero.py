@@ -75,6 +75,46 @@ class BilevelModule(torch.nn.Module):
         return self.last_output.loss
 
 
+def _prepare_expert_parallel(module: torch.nn.Module, optimizer: torch.optim.Optimizer, topology):
+    """What DeepSpeed needs to reduce expert-parallel experts (parameters marked ``allreduce`` false) over their
+    expert-data-parallel group, and nothing else over the data group:
+
+    - megatron's expert and expert-data groups registered under DeepSpeed's name for them (its own group builder
+      would put tensor-parallel ranks into the expert-data group, and ours split each expert's width);
+    - a parameter-free ``deepspeed.moe.layer.MoE`` in the module, the only sign of experts DeepSpeed looks for;
+    - the optimizer's parameter groups split into expert and other groups (DeepSpeed does this only for the
+      optimizers it builds itself).
+
+    Returns the optimizer to give DeepSpeed (the same one, its groups split)."""
+    import deepspeed.utils.groups as groups
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+
+    size = topology.expert_parallel_size
+    name = f"ep_size_{size}"
+    num_experts = sum(p.shape[0] for p in module.parameters() if getattr(p, "expert_parallel_size", 1) > 1)
+    for table, ranks, group in ((groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                                 topology.expert_parallel_group),
+                                (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,
+                                 topology.expert_data_parallel_group)):
+        table[name] = group
+        ranks[name] = torch.distributed.get_process_group_ranks(group)
+
+    class ExpertsSign(MoE):
+        def __init__(self):
+            torch.nn.Module.__init__(self)  # no experts of its own: ours live in the model
+            self.ep_size, self.expert_group_name = size, name
+            self.num_experts = num_experts
+
+        def set_deepspeed_parallelism(self, *args, **kwargs):  # the groups are registered above
+            pass
+
+    module.experts_sign = ExpertsSign()
+    named = [{**group, "name": f"group_{i}"} for i, group in enumerate(optimizer.param_groups)]
+    optimizer.param_groups[:] = split_params_into_different_moe_groups_for_optimizer(named)  # no state yet
+    return optimizer
+
+
 def deepspeed_config(options: EngineOptions, data_parallel_size: int, cuda: bool = False,
                      sequence_parallel_size: int = 1) -> dict:
     """``data_parallel_size``: replicas that read different samples; DeepSpeed's data-parallel group also holds
@@ -117,6 +157,10 @@ class DeepSpeedEngine(EngineBase):
 
         self._norm = None  # the gradient norm measured here (ZeRO 0), when DeepSpeed keeps none
         self.module = BilevelModule(model, step_fn)
+        self.expert_group = None
+        if topology.expert_parallel_size > 1:
+            optimizer = _prepare_expert_parallel(self.module, optimizer, topology)
+            self.expert_group = topology.expert_parallel_group
         self.engine, self.deepspeed_optimizer, _, _ = deepspeed.initialize(
             model=self.module, optimizer=optimizer,
             config=deepspeed_config(options, topology.data_parallel_size, topology.device.type == "cuda",
@@ -138,7 +182,7 @@ class DeepSpeedEngine(EngineBase):
             if self.options.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
                 # The gradients are reduced by now: their norm, and the clipping DeepSpeed is not asked to do.
                 self._norm = grad_norm_and_clip(list(self.model.parameters()), self.options.grad_clip,
-                                                self.topology.tensor_parallel_group, None)
+                                                self.topology.tensor_parallel_group, None, self.expert_group)
             self.engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary only
 
     def apply_gradients(self) -> torch.Tensor:

@@ -28,8 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from parallel.experts import ExpertDispatch
 from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
+    parallel_state,
     reduce_from_tensor_model_parallel_region,
     set_tensor_model_parallel_attributes,
 )
@@ -59,18 +61,24 @@ def route(logits: torch.Tensor, top_k: int, score: str, num_groups: int = 1, top
 
 
 class RoutedExperts(nn.Module):
-    """``E`` SwiGLU experts as stacked weights; this tensor-parallel rank's share of each expert's inner width."""
+    """``E`` SwiGLU experts as stacked weights; this tensor-parallel rank's share of each expert's inner width, and
+    under expert parallelism (``dispatch``) only this rank's ``E / EP`` experts."""
 
     def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, tensor_parallel_size: int, dtype,
-                 tensor_parallel_group):
+                 tensor_parallel_group, dispatch: ExpertDispatch | None = None):
         super().__init__()
         local = ffn_hidden // tensor_parallel_size
-        self.gate = nn.Parameter(torch.empty(num_experts, local, hidden, dtype=dtype))
-        self.up = nn.Parameter(torch.empty(num_experts, local, hidden, dtype=dtype))
-        self.down = nn.Parameter(torch.empty(num_experts, hidden, local, dtype=dtype))
+        self.num_experts = num_experts
+        held = dispatch.num_local if dispatch is not None else num_experts
+        self.gate = nn.Parameter(torch.empty(held, local, hidden, dtype=dtype))
+        self.up = nn.Parameter(torch.empty(held, local, hidden, dtype=dtype))
+        self.down = nn.Parameter(torch.empty(held, hidden, local, dtype=dtype))
         for param, dim in ((self.gate, 1), (self.up, 1), (self.down, 2)):
             set_tensor_model_parallel_attributes(param, True, dim, 1)
+            if dispatch is not None:  # split over the expert group along dim 0 (see ``mark_expert_parallel``)
+                mark_expert_parallel(param, dispatch.size, dispatch.rank)
         self.tp_group = tensor_parallel_group
+        self.dispatch = dispatch
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, frozen: bool = False):
         """``x [T, H]``, each token's ``weights`` and ``chosen`` experts ``[T, k]`` -> ``[T, H]`` (all-reduced over
@@ -80,17 +88,37 @@ class RoutedExperts(nn.Module):
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, in token order
         token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)[order]
-        counts = torch.bincount(flat, minlength=gate.shape[0]).tolist()  # a device sync on GPUs
+        counts = torch.bincount(flat, minlength=self.num_experts)
         routed = x.index_select(0, token_of)
-        outputs, start = [], 0
-        for expert, count in enumerate(counts):
-            part = routed[start:start + count]
-            inner = F.silu(part @ gate[expert].t()) * (part @ up[expert].t())
-            outputs.append(inner @ down[expert].t())
-            start += count
-        scaled = torch.cat(outputs) * weights.reshape(-1)[order].to(x.dtype)[:, None]
+
+        def experts(rows: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
+            outputs, start = [], 0
+            for expert, count in enumerate(per_expert):
+                part = rows[start:start + count]
+                inner = F.silu(part @ gate[expert].t()) * (part @ up[expert].t())
+                outputs.append(inner @ down[expert].t())
+                start += count
+            return torch.cat(outputs)
+
+        if self.dispatch is None:
+            outputs = experts(routed, counts.tolist())  # a device sync on GPUs
+        else:
+            outputs = self.dispatch.run(routed, counts, experts)
+        scaled = outputs * weights.reshape(-1)[order].to(x.dtype)[:, None]
         out = torch.zeros_like(x).index_add(0, token_of, scaled)
         return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+
+
+def mark_expert_parallel(param: nn.Parameter, size: int, rank: int) -> None:
+    """Mark a tensor split over the expert-parallel group along dim 0: for the initialisation and checkpoints
+    (``expert_parallel_size``/``expert_parallel_rank``) and for DeepSpeed, which reduces a parameter with
+    ``allreduce`` false over the expert-data-parallel group named by ``group_name``."""
+    param.expert_parallel_size, param.expert_parallel_rank = size, rank
+    param.allreduce, param.group_name = False, expert_group_name(size)
+
+
+def expert_group_name(size: int) -> str:
+    return f"ep_size_{size}"
 
 
 class MixtureOfExperts(nn.Module):
@@ -107,7 +135,7 @@ class MixtureOfExperts(nn.Module):
         self.routing = None  # the model's ``pretrain.model.routing.Routing`` (biases, counts, balancing loss)
         self.router = nn.Linear(cfg.hidden_size, cfg.moe_num_experts, bias=False, dtype=dtype)
         self.experts = RoutedExperts(cfg.moe_num_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size,
-                                     tensor_parallel_size, dtype, tensor_parallel_group)
+                                     tensor_parallel_size, dtype, tensor_parallel_group, expert_dispatch(cfg))
         self.shared_expert = shared_expert
         self.shared_expert_gate = (nn.Linear(cfg.hidden_size, 1, bias=False, dtype=dtype)
                                    if shared_expert is not None and cfg.moe_shared_expert_gate else None)
@@ -144,3 +172,14 @@ class MixtureOfExperts(nn.Module):
                 shared = torch.sigmoid(F.linear(x, gate)) * shared
             out = out + shared
         return out
+
+
+def expert_dispatch(cfg) -> ExpertDispatch | None:
+    """The exchange of this rank's expert-parallel group (``None`` without expert parallelism)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    size = parallel_state.get_expert_model_parallel_world_size()
+    if size == 1:
+        return None
+    return ExpertDispatch(parallel_state.get_expert_model_parallel_group(), size,
+                          parallel_state.get_expert_model_parallel_rank(), cfg.moe_num_experts)

@@ -358,7 +358,8 @@ def _name_seed(seed: int, name: str) -> int:
 @torch.no_grad()
 def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None:
     """Draw every weight from ``(seed, parameter name)`` at its full, unpartitioned size, then keep
-    this rank's tensor-parallel shard: any layout (TP, PP, one process) starts from the same model.
+    this rank's expert-parallel and tensor-parallel shard: any layout (TP, PP, EP, one process) starts from the
+    same model.
 
     Normal(0, init_std) for matrices, smaller for the residual-branch outputs (attention out, MLP
     down) so the residual stream does not grow with depth; ones for norms.
@@ -398,8 +399,12 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
         shape = list(param.shape)
         if sharded:
             shape[dim] *= tensor_parallel_size
+        experts = getattr(param, "expert_parallel_size", 1)  # routed experts split over the expert group
+        shape[0] *= experts
         generator = torch.Generator().manual_seed(_name_seed(seed, name))
         full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+        if experts > 1:
+            full = full.chunk(experts, dim=0)[param.expert_parallel_rank]
         if sharded:
             full = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
         param.copy_(full.to(param.dtype))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from parallel.layout import (
     check_sequence_split,
     check_tensor_split,
     check_world,
+    divisors,
     stage_layers,
 )
 from pretrain.config import SPIKE_MIN_HISTORY, ConfigError, RunConfig
@@ -59,6 +61,23 @@ def check_run_layout(cfg: RunConfig, world_size: int) -> None:
     check_world(world_size, tensor, pipeline, cfg.model.num_layers, fits, sequence)
     _check_split(cfg, world_size, tensor, pipeline)
     check_sequence_parallel(cfg)
+    check_expert_parallel(cfg, world_size // (tensor * pipeline))
+
+
+def check_expert_parallel(cfg: RunConfig, replicas: int) -> None:
+    """Expert parallelism splits the experts over ranks out of the ``replicas`` (data x sequence) ranks."""
+    experts = cfg.parallel.expert_parallel_size
+    if experts == 1:
+        return
+    if not cfg.model.moe_num_experts:
+        raise LayoutError(f"--parallel.expert_parallel_size {experts}: the model has no routed experts "
+                          "(--model.moe_num_experts 0); use --parallel.expert_parallel_size 1")
+    if cfg.model.moe_num_experts % experts or replicas % experts:
+        sizes = [d for d in divisors(math.gcd(cfg.model.moe_num_experts, replicas))]
+        raise LayoutError(
+            f"--parallel.expert_parallel_size {experts} must divide --model.moe_num_experts "
+            f"{cfg.model.moe_num_experts} and the {replicas} data x sequence ranks; sizes that do: "
+            f"{', '.join(map(str, sizes))}")
 
 
 def check_sequence_parallel(cfg: RunConfig) -> None:

@@ -74,6 +74,7 @@ def train(cfg: RunConfig, stop_requested: Callable[[], bool] = lambda: False) ->
     topology: Topology = initialize_topology(
         cfg.train.device, cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
         sequence_parallel_size=cfg.parallel.sequence_parallel_size,
+        expert_parallel_size=cfg.parallel.expert_parallel_size,
     )
     lock = _lock_run_directory(Path(cfg.train.out_dir), topology)
     try:

@@ -34,6 +34,10 @@ def zero(stage: int) -> list[str]:
     return ["--parallel.zero_stage", str(stage)]
 
 
+def experts(size: int) -> list[str]:
+    return ["--parallel.expert_parallel_size", str(size)]
+
+
 def micro(size: int) -> list[str]:
     return ["--train.micro_batch_size", str(size)]
 
@@ -55,6 +59,14 @@ LAYOUTS = {  # name: (world size, options)
     "tp2-sp2": (4, TP2 + sequence(2) + micro(4)),
     "dp2-sp2-zero1": (4, sequence(2) + zero(1) + micro(2)),
     "dp2-sp2-zero3": (4, sequence(2) + zero(3) + micro(4)),
+    # expert parallelism (mixture-of-experts models only)
+    "dp2-ep2-zero0": (2, experts(2) + zero(0) + micro(2)),
+    "dp2-ep2-zero1": (2, experts(2) + zero(1) + micro(2)),
+    "dp2-ep2-zero2": (2, experts(2) + zero(2) + micro(4)),
+    "sp2-ep2": (2, sequence(2) + experts(2) + micro(4)),
+    "dp4-ep2-zero1": (4, experts(2) + zero(1) + micro(2)),
+    "dp4-ep4-zero2": (4, experts(4) + zero(2) + micro(2)),
+    "tp2-dp2-ep2-zero1": (4, TP2 + experts(2) + zero(1) + micro(2)),
 }
 
 
