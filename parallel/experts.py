@@ -26,10 +26,11 @@ class ExpertDispatch:
         self.num_local = num_experts // size
         self.first = rank * self.num_local  # this rank's experts: [first, first + num_local)
 
-    def run(self, rows: torch.Tensor, counts: torch.Tensor,
-            experts: Callable[[torch.Tensor, list[int]], torch.Tensor]) -> torch.Tensor:
+    def run(self, rows: torch.Tensor, counts: torch.Tensor, experts: Callable[..., torch.Tensor],
+            labels: torch.Tensor | None = None) -> torch.Tensor:
         """``rows [N, H]`` grouped by (global) expert, ``counts [E]`` rows per expert -> each row's output from the
-        rank that holds its expert, in the same order."""
+        rank that holds its expert, in the same order. ``experts(rows, counts per local expert, labels)`` runs
+        there; ``labels [N]`` (int64, e.g. each row's sequence) travel with the rows."""
         per_expert = counts.to(torch.int64).view(self.size, self.num_local)
         received = torch.empty_like(per_expert)
         dist.all_to_all_single(received, per_expert.contiguous(), group=self.group)  # [source, local expert]
@@ -41,7 +42,13 @@ class ExpertDispatch:
         expert_of = torch.arange(self.num_local, device=rows.device).repeat(self.size).repeat_interleave(
             received.reshape(-1).to(rows.device))
         order = torch.argsort(expert_of, stable=True)
-        outputs = experts(arrived.index_select(0, order), received.sum(dim=0).tolist())
+        arrived_labels = None
+        if labels is not None:
+            arrived_labels = labels.new_empty(sum(receive))
+            dist.all_to_all_single(arrived_labels, labels.contiguous(), output_split_sizes=receive,
+                                   input_split_sizes=send, group=self.group)
+            arrived_labels = arrived_labels.index_select(0, order)
+        outputs = experts(arrived.index_select(0, order), received.sum(dim=0).tolist(), arrived_labels)
         back = torch.empty_like(outputs).index_copy(0, order, outputs)
         return all_to_all_single(rows.new_empty(rows.shape[0], outputs.shape[1]), back, output_split_sizes=send,
                                  input_split_sizes=receive, group=self.group)

@@ -95,7 +95,12 @@ MOE_CASES = {
     "mdlm": dict(enabled=False),
     "memdlm": dict(),
     "both-layers": dict(layer_fraction=1.0, target_modules="up,down,out", masking_strategy="pmc", num_inner_steps=2),
-    "gate-only-dense-delta": dict(target_modules="gate", adapter="full", share_anchor_prefix=False),
+    "gate-only-dense-delta": dict(target_modules="gate", adapter="full", share_anchor_prefix=False,
+                                  moe_targets="shared"),
+    "routed-only-both-layers": dict(layer_fraction=1.0, moe_targets="routed", masking_strategy="pmc",
+                                    num_inner_steps=2),
+    "routed-gate-up": dict(layer_fraction=1.0, moe_targets="routed", target_modules="gate,up"),
+    "routed-down-distill": dict(moe_targets="routed", target_modules="down", inner_loss="distill"),
 }
 
 
@@ -103,7 +108,8 @@ MOE_CASES = {
 @pytest.mark.parametrize("case", list(MOE_CASES))
 def test_executed_flops_of_a_mixture_of_experts_equal_torchs_flop_counter(topology, case, recompute):
     """Routed experts run on the tokens routed to them (top-k of each), the router and the shared expert on all:
-    the count by formula equals torch's on real steps, with fast weights on the shared expert."""
+    the count by formula equals torch's on real steps, with fast weights on the routed experts (each routed row
+    meets every sequence's pair) and the shared expert."""
     from pretrain.train.factory import build_bilevel_step, build_model
 
     memory = MemoryConfig(**{"layer_fraction": 0.5, **MOE_CASES[case]})

@@ -222,14 +222,20 @@ def test_moe_training_with_fast_weights_on_the_shared_expert_at_every_layout(pre
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("layouts", [["dp2-ep2-zero0", "dp2-ep2-zero1", "dp2-ep2-zero2", "sp2-ep2"],
-                                     ["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"]])
-def test_expert_parallel_training_equals_one_process(layouts, prepared_corpus, tmp_path):
-    """Experts split over 2 or 4 ranks (tokens dispatched by all-to-all), with ZeRO 0-2, tensor and sequence
-    parallelism: losses, final weights (gathered by the checkpoint), expert biases and router statistics equal
-    one process's. 8 experts, top 2 of 2 groups, fast weights on the shared expert, the balancing loss on."""
+@pytest.mark.parametrize("layouts,targets", [
+    (["dp2-ep2-zero0", "dp2-ep2-zero1", "dp2-ep2-zero2"], "routed,shared"),
+    (["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"], "routed,shared"),
+    (["sp2-ep2"], "shared"),
+], ids=["two-ranks", "four-ranks", "sequence-parallel"])
+def test_expert_parallel_training_equals_one_process(layouts, targets, prepared_corpus, tmp_path):
+    """Experts split over 2 or 4 ranks (tokens dispatched by all-to-all, each routed expert's fast weights on its
+    rank for the sequences of the whole expert group), with ZeRO 0-2, tensor and sequence parallelism: losses,
+    final weights (gathered by the checkpoint), expert biases and router statistics equal one process's. 8
+    experts, top 2 of 2 groups, fast weights on every routed expert and the shared expert (only the shared one
+    with sequence parallelism), the balancing loss on."""
     data = prepared_corpus()
-    extra = _options({**TRAIN, "model.moe_num_experts": 8, "model.moe_aux_loss_coeff": 0.01})
+    extra = _options({**TRAIN, "model.moe_num_experts": 8, "model.moe_aux_loss_coeff": 0.01,
+                      "memory.moe_targets": targets})
     reference = run_layouts(["single"], tmp_path, data, extra)["single"]
     results = run_layouts(layouts, tmp_path, data, extra)
     for name, result in results.items():
@@ -259,8 +265,15 @@ def test_moe_options_that_cannot_work_are_refused():
     for change, message in cases:
         with pytest.raises(ConfigError, match=message):
             build_config(_options({**MOE, **change}))
-    with pytest.raises(ConfigError, match="shared expert"):  # fast weights on MLP modules need somewhere to sit
-        build_config(_options(MOE))
+    with pytest.raises(ConfigError, match="without one"):  # fast weights on a shared expert need one
+        build_config(_options({**MOE, "memory.moe_targets": "shared"}))
+    for change, message in (({"memory.adapter": "full"}, "low-rank only"), ({"memory.inner_dropout": 0.1},
+                                                                               "dropout on routed experts")):
+        with pytest.raises(ConfigError, match=message):  # what routed experts' fast weights cannot do (yet)
+            build_config(_options({**MOE, **change}))
+    with pytest.raises(ConfigError, match="both expert and sequence parallelism"):
+        build_config(_options(MOE) + ["--parallel.expert_parallel_size", "2", "--parallel.sequence_parallel_size",
+                                      "2"])
     with pytest.raises(ConfigError, match="--train.compile"):  # the routed experts' sizes change every step
         build_config(_options({**MOE, "memory.enabled": False}) + ["--train.compile", "true"])
     from parallel.layout import LayoutError
@@ -283,12 +296,12 @@ def test_an_expert_width_left_at_0_is_the_dense_width(topology):
     assert count_parameters(model) == full_parameter_count(cfg.model)
 
 
-def test_exporting_a_mixture_of_experts_is_refused_in_one_line():
+def test_exporting_a_mixture_of_experts_to_a_dense_format_is_refused_in_one_line():
     from pretrain.config import ModelConfig
     from pretrain.hf.configs import HuggingFaceFormatError, export_config
 
     cfg = ModelConfig(**{key.split(".", 1)[1]: value for key, value in MOE.items()})
-    with pytest.raises(HuggingFaceFormatError, match="mixture-of-experts model, which no export format holds"):
+    with pytest.raises(HuggingFaceFormatError, match="it is a mixture of experts; choose --format llada_moe or llada2"):
         export_config(cfg, "memdlm", {}, {}, "float32")
 
 

@@ -94,6 +94,54 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
         assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
 
 
+TINY_MOE = ModelConfig(vocab_size=48, hidden_size=32, num_layers=3, num_heads=2, ffn_hidden_size=40, seq_len=16,
+                       moe_num_experts=4, moe_top_k=2, moe_ffn_hidden_size=24, moe_shared_ffn_hidden_size=16,
+                       moe_score="sigmoid", moe_norm_topk=True, moe_routed_scaling=1.5, moe_first_dense_layers=1)
+
+
+@pytest.mark.parametrize("memory_kwargs", [
+    {"layer_fraction": 0.67},  # both MoE layers, routed experts and the shared expert (the reference's placement)
+    {"layer_fraction": 0.34, "moe_targets": "routed", "masking_strategy": "pmc", "num_inner_steps": 2},
+    {"layer_fraction": 0.34, "moe_targets": "shared", "target_modules": "qkv,gate,down"},
+], ids=["routed-and-shared", "routed-pmc-k2", "shared-and-attention"])
+def test_moe_step_matches_unfused_float64_reference(topology, memory_kwargs):
+    """One bi-level step of a mixture-of-experts model (expert biases choosing, per-sequence LoRA pairs on every
+    routed expert) against every expert run on every token in the oracle."""
+    memory = MemoryConfig(**memory_kwargs)
+    torch.manual_seed(0)
+    model = DiffusionTransformer(TINY_MOE, dtype=torch.float64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+        model.routing.bias.copy_(0.2 * torch.randn_like(model.routing.bias))
+    plan = build_fast_weight_plan(TINY_MOE, memory)
+    routed = [site.name for site in plan.sites if site.routed]
+    assert bool(routed) == ("routed" in memory.moe_target_set)
+    step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)
+    batch = tiny_batch(memory.num_inner_steps)
+    batch.t = batch.t.to(torch.float64)
+    normalizer = LossNormalizer.of([batch.maskable])
+    result = step(batch, normalizer, step=5, record_fast_weights=True)
+    result.loss.backward()
+
+    phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
+    weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for layer in range(1, 3):
+        weights[f"layers.{layer}.mlp.expert_bias"] = model.routing.bias[layer - 1].double()
+    ref_loss, ref_history, ref_grads = reference_step(weights, TINY_MOE, memory, batch, MASK_ID, phi0,
+                                                      normalizer.num_maskable)
+    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
+        for name in theirs:
+            for mine, ref in zip(ours[name], theirs[name]):
+                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
+        for name in routed:  # every routed expert's pair moved for some sequence
+            assert not torch.equal(theirs[name][0], phi0[name][0]) or not torch.equal(theirs[name][1], phi0[name][1])
+    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
+    for name, param in model.named_parameters():
+        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+
+
 def test_reference_detects_a_wrong_inner_step(topology):
     """The comparison can fail: an inner lr off by 10% moves the outer gradient beyond 1e-6."""
     memory = MemoryConfig()

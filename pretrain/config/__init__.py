@@ -58,14 +58,24 @@ class RunConfig:
                "pipeline stages balance by expert bias instead (--model.moe_expert_bias true "
                "--model.moe_aux_loss_coeff 0)")
         mlp_sites = [m for m in memory.target_module_list if m in ("gate", "up", "down")]
-        if model.moe_num_experts and memory.enabled and mlp_sites and not model.moe_shared_ffn_hidden_size:
-            layers = adapted_layers(model.num_layers, memory.layer_fraction)
-            moe = [layer for layer in layers if model.is_moe_layer(layer)]
-            check(not moe, "memory.target_modules",
-                   f"fast weights on {','.join(mlp_sites)} of layers {moe}, mixture-of-experts layers without a shared "
-                   "expert, have nowhere to sit (routed experts carry none yet): give the model a shared expert "
-                   "(--model.moe_shared_ffn_hidden_size), or --memory.target_modules qkv,out, or keep those layers "
-                   "dense (--model.moe_first_dense_layers)")
+        layers = adapted_layers(model.num_layers, memory.layer_fraction)
+        moe = [layer for layer in layers if model.is_moe_layer(layer)] if memory.enabled and mlp_sites else []
+        if moe and memory.moe_targets == "shared":
+            check(bool(model.moe_shared_ffn_hidden_size), "memory.moe_targets",
+                  f"fast weights on the shared expert of layers {moe}, mixture-of-experts layers without one: use "
+                  "--memory.moe_targets routed (or routed,shared), or give the model a shared expert "
+                  "(--model.moe_shared_ffn_hidden_size), or keep those layers dense (--model.moe_first_dense_layers)")
+        if moe and "routed" in memory.moe_target_set:
+            check(memory.adapter == "lora", "memory.adapter",
+                  "fast weights on routed experts are low-rank only (a dense delta per sequence and expert is too "
+                  "large); use --memory.adapter lora or --memory.moe_targets shared")
+            check(memory.inner_dropout == 0, "memory.inner_dropout",
+                  "dropout on routed experts' fast-weight inputs is not built; use --memory.inner_dropout 0 or "
+                  "--memory.moe_targets shared")
+            check(not (self.parallel.expert_parallel_size > 1 and self.parallel.sequence_parallel_size > 1),
+                  "memory.moe_targets", "fast weights on routed experts with both expert and sequence parallelism "
+                  "are not built (an expert's rank would hold chunks of one sequence as two); use "
+                  "--memory.moe_targets shared, or one of the two")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

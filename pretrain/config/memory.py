@@ -42,6 +42,10 @@ class MemoryConfig:
     inner_grad_clip: float = param(1.0, "per-tensor inner gradient norm clip (0 turns clipping off)")
     layer_fraction: float = param(0.1, "fast weights go on layers [floor(L * (1 - f)), L), at least the last one")
     target_modules: str = param("gate,up,down", "comma list of projections with fast weights: qkv, out, gate, up, down")
+    moe_targets: str = param(
+        "routed,shared", "on mixture-of-experts layers, where the MLP modules of target_modules get fast weights: "
+        "every routed expert and the shared expert (the MemDLM reference's placement), routed, or shared",
+        ("routed,shared", "routed", "shared"))
     adapter: str = param("lora", "fast-weight form: low-rank (lora) or a dense delta (full)", ("lora", "full"))
     lora_rank: int = param(32, "LoRA rank r")
     lora_alpha: float = param(64.0, "LoRA alpha; the update is scaled by alpha / r")
@@ -148,6 +152,10 @@ class MemoryConfig:
     def inner_steps_per_step(self) -> int:
         """Inner SGD steps one optimizer step takes (the statistics it reports), epochs unrolled."""
         return len(self.trajectory.steps()) * self.inner_epochs
+
+    @property
+    def moe_target_set(self) -> frozenset[str]:
+        return frozenset(self.moe_targets.split(","))
 
     @property
     def target_module_list(self) -> tuple[str, ...]:

@@ -21,13 +21,17 @@ import torch.distributed as dist
 
 from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
+    parallel_state,
     reduce_from_tensor_model_parallel_region,
 )
 from pretrain.config import adapted_layers
 
-MODULE_PARALLELISM = {"qkv": "column", "gate": "column", "up": "column", "out": "row", "down": "row"}
-# Sub-block of a layer that holds each module: 0 = attention, 1 = MLP.
-MODULE_SUBBLOCK = {"qkv": 0, "out": 0, "gate": 1, "up": 1, "down": 1}
+MODULE_PARALLELISM = {"qkv": "column", "gate": "column", "up": "column", "out": "row", "down": "row",
+                      "expert_gate": "column", "expert_up": "column", "expert_down": "row"}
+# Sub-block of a layer that holds each module: 0 = attention, 1 = MLP. ``expert_*``: the routed experts of an
+# MoE layer (one LoRA pair per sequence and expert); an MoE layer's ``gate``/``up``/``down`` are its shared expert.
+MODULE_SUBBLOCK = {"qkv": 0, "out": 0, "gate": 1, "up": 1, "down": 1, "expert_gate": 1, "expert_up": 1,
+                   "expert_down": 1}
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,9 @@ class FastWeightSite:
     tensor_parallel_size: int
     tensor_parallel_rank: int
     index: int = 0  # its place in the plan (draws of its initial value and dropout masks)
+    num_experts: int = 0  # routed experts (``expert_*`` sites): each has its own pair per sequence
+    expert_parallel_size: int = 1  # ranks that split the experts: each holds its experts' pairs for the
+    expert_parallel_rank: int = 0  # sequences of every rank of its expert group ([b x size, E / size, ...])
 
     @property
     def name(self) -> str:
@@ -49,6 +56,10 @@ class FastWeightSite:
     @property
     def parallel(self) -> str:
         return MODULE_PARALLELISM[self.module]
+
+    @property
+    def routed(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def block(self) -> int:
@@ -60,7 +71,8 @@ class FastWeights:
     """The fast-weight tensors of one micro-batch, keyed by site name.
 
     Per site: ``(A [b, r, in_local], B [b, out_local, r])`` for LoRA, ``(delta [b, out_local, in_local],)``
-    for the dense form.
+    for the dense form; a routed-expert site has an expert dimension after the sequences, ``A [b', E_local, r,
+    in_local]``, where under expert parallelism ``b'`` is the expert group's sequences (b on each of its ranks).
     """
 
     def __init__(self, tensors: dict[str, tuple[torch.Tensor, ...]], dropout: tuple | None = None,
@@ -118,8 +130,9 @@ class FastWeightPlan:
     clipping, loss weights) are the step's ``memory`` (``pretrain.memdlm.bilevel.BilevelStep``), not here."""
 
     def __init__(self, sites: list[FastWeightSite], adapter: str = "lora", lora_rank: int = 32,
-                 lora_alpha: float = 64.0, tensor_parallel_group=None):
+                 lora_alpha: float = 64.0, tensor_parallel_group=None, expert_group=None):
         self.sites = sites
+        self.expert_group = expert_group  # the expert-parallel group routed-expert sites are split over
         self.adapter = adapter  # "lora" (A, B) or "full" (a dense delta)
         self.lora_rank = lora_rank
         self.scaling = lora_alpha / lora_rank if adapter == "lora" else 1.0  # the update is scaled by this
@@ -145,16 +158,20 @@ class FastWeightPlan:
             rank = self.lora_rank
             generator = torch.Generator().manual_seed(_mix(seed, step, index))
             bound = 1.0 / math.sqrt(site.in_features)
-            a_full = torch.empty(rank, site.in_features, dtype=torch.float64)
+            experts = (site.num_experts,) if site.routed else ()  # each expert draws its own A
+            a_full = torch.empty(*experts, rank, site.in_features, dtype=torch.float64)
             a_full.uniform_(-bound, bound, generator=generator)
             if site.parallel == "row":
-                a_full = a_full.chunk(site.tensor_parallel_size, dim=1)[site.tensor_parallel_rank]
+                a_full = a_full.chunk(site.tensor_parallel_size, dim=-1)[site.tensor_parallel_rank]
+            if site.routed:
+                a_full = a_full.chunk(site.expert_parallel_size, dim=0)[site.expert_parallel_rank]
             a_full = a_full.to(dtype)
             if torch.device(device).type == "cuda":  # from pinned memory: the copy does not block the host
                 a_full = a_full.pin_memory()
-            a = a_full.to(device, non_blocking=True).expand(batch_size, rank, in_local).clone()
+            rows = batch_size * site.expert_parallel_size
+            a = a_full.to(device, non_blocking=True).expand(rows, *a_full.shape).clone()
             b_out = out_local if site.parallel == "column" else site.out_features
-            b = torch.zeros(batch_size, b_out, rank, device=device, dtype=dtype)
+            b = torch.zeros(rows, *a_full.shape[:-2], b_out, rank, device=device, dtype=dtype)
             tensors[site.name] = (a.requires_grad_(), b.requires_grad_())
         return FastWeights(tensors)
 
@@ -163,17 +180,20 @@ class FastWeightPlan:
             return site.in_features, site.out_features // site.tensor_parallel_size
         return site.in_features // site.tensor_parallel_size, site.out_features
 
-    def leaf_is_sharded(self) -> list[bool]:
-        """For each leaf (in ``FastWeights.leaves`` order): is it split across tensor-parallel ranks?"""
-        flags = []
+    def leaf_groups(self) -> list[list]:
+        """For each leaf (in ``FastWeights.leaves`` order): the groups it is split over (tensor-parallel ranks;
+        for a routed-expert site, also the expert group), whose pieces make up each sequence's tensor."""
+        groups = []
         for site in self.sites:
+            tensor = [self.tensor_parallel_group] if site.tensor_parallel_size > 1 else []
+            experts = [self.expert_group] if site.routed and site.expert_parallel_size > 1 else []
             if self.adapter == "full":
-                flags.append(site.tensor_parallel_size > 1)
+                groups.append(tensor + experts)
             elif site.parallel == "column":
-                flags.extend([False, site.tensor_parallel_size > 1])  # A replicated, B sharded
+                groups.extend([experts, tensor + experts])  # A replicated, B sharded
             else:
-                flags.extend([site.tensor_parallel_size > 1, False])  # A sharded, B replicated
-        return flags
+                groups.extend([tensor + experts, experts])  # A sharded, B replicated
+        return groups
 
     # -- inner SGD step --------------------------------------------------------------------
     @torch.no_grad()
@@ -181,22 +201,23 @@ class FastWeightPlan:
         """``phi - lr * clip(grad)`` with each tensor of each sequence clipped to norm ``clip`` on its own
         (0: no clipping)."""
         new_leaves = []
-        for leaf, grad, sharded in zip(fast.leaves(), grads, self.leaf_is_sharded()):
+        for leaf, grad, groups in zip(fast.leaves(), grads, self.leaf_groups()):
             if clip > 0:
-                grad = clip_per_sequence(grad, clip, self.tensor_parallel_group if sharded else None)
+                grad = clip_per_sequence(grad, clip, groups)
             new_leaves.append((leaf - lr * grad).requires_grad_())
         return fast.with_leaves(new_leaves)
 
 
-def clip_per_sequence(grad: torch.Tensor, clip: float, tensor_parallel_group=None) -> torch.Tensor:
+def clip_per_sequence(grad: torch.Tensor, clip: float, groups=()) -> torch.Tensor:
     """Scale each sequence's gradient ``grad[i]`` to norm ``clip`` if its norm exceeds it.
 
-    For a tensor sharded over tensor-parallel ranks the norm is that of the whole logical
-    tensor (sum of squares all-reduced over ``tensor_parallel_group``).
+    For a tensor split over ranks (tensor-parallel shards, experts over the expert group) the norm is that of
+    the whole logical tensor (sums of squares all-reduced over each of ``groups``).
     """
     squares = grad.flatten(1).pow(2).sum(dim=1)  # [b]
-    if tensor_parallel_group is not None and dist.get_world_size(tensor_parallel_group) > 1:
-        dist.all_reduce(squares, group=tensor_parallel_group)
+    for group in groups:
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(squares, group=group)
     norm = squares.sqrt()
     scale = torch.where(norm > clip, clip / norm, torch.ones_like(norm))
     return grad * scale.view(-1, *([1] * (grad.dim() - 1)))
@@ -242,16 +263,38 @@ def _mix(seed: int, step: int, index: int) -> int:
 
 def build_fast_weight_plan(model_cfg, memory_cfg, tensor_parallel_size: int = 1,
                            tensor_parallel_rank: int = 0, tensor_parallel_group=None) -> FastWeightPlan:
-    """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``."""
+    """The sites of ``memory_cfg.target_modules`` on the adapted layers of a model shaped by ``model_cfg``; on a
+    mixture-of-experts layer the MLP modules go to the routed experts and/or the shared expert
+    (``memory_cfg.moe_targets``). Routed-expert sites follow this rank's expert-parallel group."""
     h = model_cfg.hidden_size
+    experts, expert_size, expert_rank, expert_group = model_cfg.moe_num_experts, 1, 0, None
+    if experts and parallel_state.model_parallel_is_initialized():
+        expert_size = parallel_state.get_expert_model_parallel_world_size()
+        expert_rank = parallel_state.get_expert_model_parallel_rank()
+        expert_group = parallel_state.get_expert_model_parallel_group() if expert_size > 1 else None
 
     def shape(layer: int, module: str) -> tuple[int, int]:
-        ffn = model_cfg.mlp_width(layer)  # an MoE layer's MLP fast weights sit on its shared expert
+        ffn = model_cfg.expert_ffn_hidden_size if module.startswith("expert_") else model_cfg.mlp_width(layer)
         return {"qkv": (h, model_cfg.qkv_size), "out": (model_cfg.attention_size, h), "gate": (h, ffn),
-                "up": (h, ffn), "down": (ffn, h)}[module]
+                "up": (h, ffn), "down": (ffn, h)}[module.removeprefix("expert_")]
+
+    def modules(layer: int) -> list[str]:
+        listed = [m for m in ("qkv", "out", "gate", "up", "down") if m in memory_cfg.target_module_list]
+        if not model_cfg.is_moe_layer(layer):
+            return listed
+        targets = memory_cfg.moe_target_set
+        chosen = [m for m in listed if m in ("qkv", "out")]
+        mlp = [m for m in listed if m in ("gate", "up", "down")]
+        if "routed" in targets:
+            chosen += [f"expert_{m}" for m in mlp]
+        if "shared" in targets and model_cfg.moe_shared_ffn_hidden_size:
+            chosen += mlp
+        return chosen
 
     places = [(layer, module) for layer in adapted_layers(model_cfg.num_layers, memory_cfg.layer_fraction)
-              for module in ("qkv", "out", "gate", "up", "down") if module in memory_cfg.target_module_list]
-    sites = [FastWeightSite(layer, module, *shape(layer, module), tensor_parallel_size, tensor_parallel_rank, index)
+              for module in modules(layer)]
+    sites = [FastWeightSite(layer, module, *shape(layer, module), tensor_parallel_size, tensor_parallel_rank, index,
+                            *((experts, expert_size, expert_rank) if module.startswith("expert_") else ()))
              for index, (layer, module) in enumerate(places)]
-    return FastWeightPlan(sites, memory_cfg.adapter, memory_cfg.lora_rank, memory_cfg.lora_alpha, tensor_parallel_group)
+    return FastWeightPlan(sites, memory_cfg.adapter, memory_cfg.lora_rank, memory_cfg.lora_alpha, tensor_parallel_group,
+                          expert_group)

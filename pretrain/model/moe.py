@@ -79,10 +79,15 @@ class RoutedExperts(nn.Module):
                 mark_expert_parallel(param, dispatch.size, dispatch.rank)
         self.tp_group = tensor_parallel_group
         self.dispatch = dispatch
+        self.sites: dict = {}  # fast-weight sites (``expert_gate``/``expert_up``/``expert_down``), set by the model
+        self.fast_scaling = 1.0
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, frozen: bool = False):
-        """``x [T, H]``, each token's ``weights`` and ``chosen`` experts ``[T, k]`` -> ``[T, H]`` (all-reduced over
-        tensor-parallel ranks; the caller makes ``x``'s and the weights' gradients whole)."""
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor, frozen: bool = False,
+                fast=None, sequences: int = 1):
+        """``x [T, H]`` (``sequences`` sequences of equal length, in order), each token's ``weights`` and
+        ``chosen`` experts ``[T, k]`` -> ``[T, H]`` (all-reduced over tensor-parallel ranks; the caller makes
+        ``x``'s and the weights' gradients whole). ``fast``: per-sequence LoRA pairs on the experts' projections
+        (``lora_rows``), which under expert parallelism live with their experts."""
         gate, up, down = (p.detach() if frozen else p for p in (self.gate, self.up, self.down))
         tokens, top_k = chosen.shape
         flat = chosen.reshape(-1)
@@ -90,23 +95,84 @@ class RoutedExperts(nn.Module):
         token_of = torch.arange(tokens, device=x.device).repeat_interleave(top_k)[order]
         counts = torch.bincount(flat, minlength=self.num_experts)
         routed = x.index_select(0, token_of)
+        pairs = {name: fast.get(site.name) for name, site in self.sites.items()} if fast is not None else {}
+        pairs = {name: tensors for name, tensors in pairs.items() if tensors is not None}
+        sequence_of = None
+        if pairs:  # each row's sequence among those whose pairs this rank holds
+            sequence_of = token_of // (tokens // sequences)
+            if self.dispatch is not None:
+                sequence_of = sequence_of + self.dispatch.rank * sequences
+        scaling, group = self.fast_scaling, self.tp_group
 
-        def experts(rows: torch.Tensor, per_expert: list[int]) -> torch.Tensor:
-            outputs, start = [], 0
+        def experts(rows: torch.Tensor, per_expert: list[int], sequence: torch.Tensor | None) -> torch.Tensor:
+            """This rank's experts on their rows: ``[n, H]`` partial sums over tensor-parallel ranks, followed by
+            the down projection's fast-weight term ``[n, H]`` (already whole) when it has one."""
+            outputs, terms, start = [], [], 0
             for expert, count in enumerate(per_expert):
                 part = rows[start:start + count]
-                inner = F.silu(part @ gate[expert].t()) * (part @ up[expert].t())
+                ids = sequence[start:start + count] if sequence is not None else None
+
+                def lora(name, inputs, base):
+                    if name not in pairs:
+                        return base
+                    a, b = (t[:, expert] for t in pairs[name])
+                    return base + lora_rows(inputs, ids, a, b, scaling, self.sites[name].parallel, group)
+
+                inner = F.silu(lora("expert_gate", part, part @ gate[expert].t())) * lora(
+                    "expert_up", part, part @ up[expert].t())
                 outputs.append(inner @ down[expert].t())
+                if "expert_down" in pairs:
+                    terms.append(lora("expert_down", inner, torch.zeros_like(outputs[-1])))
                 start += count
-            return torch.cat(outputs)
+            return torch.cat([torch.cat(outputs), torch.cat(terms)], dim=1) if terms else torch.cat(outputs)
 
         if self.dispatch is None:
-            outputs = experts(routed, counts.tolist())  # a device sync on GPUs
+            outputs = experts(routed, counts.tolist(), sequence_of)  # a device sync on GPUs
         else:
-            outputs = self.dispatch.run(routed, counts, experts)
-        scaled = outputs * weights.reshape(-1)[order].to(x.dtype)[:, None]
-        out = torch.zeros_like(x).index_add(0, token_of, scaled)
-        return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+            outputs = self.dispatch.run(routed, counts, experts, sequence_of)
+        weight = weights.reshape(-1)[order].to(x.dtype)[:, None]
+        hidden = x.shape[1]
+        out = torch.zeros_like(x).index_add(0, token_of, outputs[:, :hidden] * weight)
+        out = reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
+        if outputs.shape[1] > hidden:  # the down projection's fast-weight term, whole on every rank
+            # Its gradient to the routing weights is whole on every rank too, and those weights' gradients are
+            # summed over tensor-parallel ranks (the caller's copy): each rank sends its 1/tp share.
+            weight = gradient_share(weight, parallel_state.get_tensor_model_parallel_world_size())
+            out = out + torch.zeros_like(x).index_add(0, token_of, outputs[:, hidden:] * weight)
+        return out
+
+
+def lora_rows(x: torch.Tensor, sequence: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+              parallel: str, tensor_parallel_group) -> torch.Tensor:
+    """Each row's own sequence's LoRA term ``scaling * B_s A_s x`` for rows ``x [n, in_local]`` of one expert
+    from several sequences (``sequence [n]``; ``a [S, r, in_local]``, ``b [S, out_local, r]``).
+
+    Every row is multiplied by all S pairs and keeps its own (a one-hot over the sequences): exact, S times the
+    LoRA's own work, with no per-row copies of the pairs. Tensor parallelism as ``apply_fast_weight``: a column
+    projection's low-rank activations are whole on every rank (their gradient summed over the ranks; the rows'
+    gradient from them is whole too, so each rank passes on its share), a row projection's are summed over the
+    ranks."""
+    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        a, b = a.to(x.dtype), b.to(x.dtype)
+    count, rank = a.shape[0], a.shape[1]
+    if parallel == "column":  # the rows' gradient from here is whole, and the caller sums theirs over the ranks
+        x = gradient_share(x, parallel_state.get_tensor_model_parallel_world_size())
+    own = F.one_hot(sequence, count).to(x.dtype)[:, :, None]  # [n, S, 1]
+    low = ((x @ a.reshape(count * rank, -1).t()).view(-1, count, rank) * own).sum(dim=1)  # [n, r]
+    if parallel == "column":
+        low = copy_to_tensor_model_parallel_region(low, group=tensor_parallel_group)
+    else:
+        low = reduce_from_tensor_model_parallel_region(low, group=tensor_parallel_group)
+    blocks = (own * low[:, None, :]).reshape(-1, count * rank)  # row i: its low-rank vector in its sequence's slot
+    return scaling * (blocks @ b.transpose(1, 2).reshape(count * rank, -1))
+
+
+def gradient_share(t: torch.Tensor, ranks: int) -> torch.Tensor:
+    """``t`` itself, whose gradient is divided by ``ranks``: for a path whose gradient is whole on every
+    tensor-parallel rank into a tensor whose gradients are summed over them."""
+    if ranks == 1:
+        return t
+    return t / ranks + (t * (1.0 - 1.0 / ranks)).detach()
 
 
 def mark_expert_parallel(param: nn.Parameter, size: int, rank: int) -> None:
@@ -143,8 +209,8 @@ class MixtureOfExperts(nn.Module):
 
     @property
     def sites(self) -> dict:
-        """Fast-weight sites: those of the shared expert (routed experts carry none)."""
-        return self.shared_expert.sites if self.shared_expert is not None else {}
+        """Fast-weight sites: those of the shared expert and of the routed experts."""
+        return {**(self.shared_expert.sites if self.shared_expert is not None else {}), **self.experts.sites}
 
     def base_projection(self, name, x, frozen):  # pragma: no cover - no entry projections
         raise KeyError(name)
@@ -164,7 +230,7 @@ class MixtureOfExperts(nn.Module):
                                         cfg.moe_bias_in_weights)
         if routing is not None and routing.records(frozen):
             routing.record(self.layer, scores, chosen, b)
-        out = self.experts(flat, weights, chosen, frozen).view(b, l, hidden)
+        out = self.experts(flat, weights, chosen, frozen, fast, b).view(b, l, hidden)
         if self.shared_expert is not None:
             shared = self.shared_expert(x, fast, frozen)
             if self.shared_expert_gate is not None:

@@ -130,8 +130,8 @@ class DiffusionTransformer(nn.Module):
                 continue  # held by another pipeline stage
             layer = self.layer(site.layer)
             holder = layer.attention if site.module in ("qkv", "out") else layer.mlp
-            if isinstance(holder, MixtureOfExperts):  # an MoE layer's MLP fast weights sit on its shared expert
-                holder = holder.shared_expert
+            if isinstance(holder, MixtureOfExperts):  # on its routed experts or its shared expert
+                holder = holder.experts if site.routed else holder.shared_expert
             holder.sites[site.module] = site
             holder.fast_scaling = plan.scaling
 

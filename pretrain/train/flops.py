@@ -46,15 +46,26 @@ def model_flops_per_token(cfg: ModelConfig) -> float:
 class _Layout:
     """Per-token forward FLOPs of each sub-block's pieces, and where the fast weights sit."""
 
-    def __init__(self, cfg: ModelConfig, memory: MemoryConfig, seq_len: int):
+    def __init__(self, cfg: ModelConfig, memory: MemoryConfig, seq_len: int, sequences: int = 1):
         self.cfg = cfg
         self.core = 4.0 * seq_len * cfg.attention_size  # attention scores and weighted sum, per token, forward
         self.num_blocks = 2 * cfg.num_layers
+        # Routed experts' fast weights: each routed row meets the pairs of all the ``sequences`` an expert's rank
+        # holds (``pretrain.model.moe.lora_rows``), so their work is that many times a LoRA's.
+        self.sequences = sequences
         self.sites = set()
         if memory.enabled:
             for layer in adapted_layers(cfg.num_layers, memory.layer_fraction):
                 for module in memory.target_module_list:
-                    self.sites.add((2 * layer + (0 if module in ("qkv", "out") else 1), module))
+                    if module in ("qkv", "out"):
+                        self.sites.add((2 * layer, module))
+                    elif not cfg.is_moe_layer(layer):
+                        self.sites.add((2 * layer + 1, module))
+                    else:
+                        if "routed" in memory.moe_target_set:
+                            self.sites.add((2 * layer + 1, f"expert_{module}"))
+                        if "shared" in memory.moe_target_set and cfg.moe_shared_ffn_hidden_size:
+                            self.sites.add((2 * layer + 1, module))
         self.boundary = min((b for b, _ in self.sites), default=self.num_blocks)
         self.memory = memory
 
@@ -74,8 +85,17 @@ class _Layout:
         cfg, h = self.cfg, self.cfg.hidden_size
         if name in ("qkv", "out"):
             return (h, cfg.qkv_size) if name == "qkv" else (cfg.attention_size, h)
-        f = cfg.mlp_width(block // 2)
-        return (f, h) if name == "down" else (h, f)
+        f = cfg.expert_ffn_hidden_size if name.startswith("expert_") else cfg.mlp_width(block // 2)
+        return (f, h) if name.endswith("down") else (h, f)
+
+    def routed(self, block: int, cost) -> float:
+        """Per token: ``cost(site)`` of each routed-expert site of ``block``, for each of the ``moe_top_k`` rows a
+        token sends and each sequence whose pairs its expert's rank holds."""
+        sites = [name for b, name in self.sites if b == block and name.startswith("expert_")]
+        return self.cfg.moe_top_k * self.sequences * sum(cost(name, block) for name in sites)
+
+    def routed_sites(self, block: int) -> set[str]:
+        return {name.removeprefix("expert_") for b, name in self.sites if b == block and name.startswith("expert_")}
 
     def base(self, name: str, block: int) -> float:
         cfg = self.cfg
@@ -118,6 +138,8 @@ class _Layout:
                     total += self.base(name, block)
                 if with_fast and (block, name) in self.sites:
                     total += self.fast(name, block)
+            if with_fast and self.is_moe(block):
+                total += self.routed(block, self.fast)
             if block % 2 == 0:
                 total += self.core
         return total
@@ -168,6 +190,18 @@ class _Layout:
             total += self.base("routed", block)
             for name in ("gate", "up") if self.cfg.moe_shared_ffn_hidden_size else ():
                 total += self.base(name, block) + (self.fast_input_grad(name, block) if name in sites else 0.0)
+        # The routed experts' own pairs (each routed row): their gradients; the down projection's input gradient
+        # (and its pair's) when a gate or up pair needs it; a gate or up pair's input gradient for an earlier site.
+        routed = self.routed_sites(block)
+        total += self.routed(block, self.fast_grads)
+        top_k, width = self.cfg.moe_top_k, self.cfg.expert_ffn_hidden_size
+        if "down" in routed and (below or {"gate", "up"} & routed):
+            total += top_k * self.sequences * self.fast_input_grad("expert_down", block)
+        if not below and {"gate", "up"} & routed:
+            total += top_k * 2.0 * width * self.cfg.hidden_size  # (below: inside ``base("routed")``)
+        if below:
+            total += sum(top_k * self.sequences * self.fast_input_grad(f"expert_{name}", block)
+                         for name in ("gate", "up") if name in routed)
         return total
 
     def outer_backward_without_fast(self, blocks) -> float:
@@ -189,19 +223,23 @@ class _Layout:
                 total += 2.0 * self.base(name, block)
                 if (block, name) in self.sites:
                     total += self.fast_outer(name, block)
+            if self.is_moe(block):
+                total += self.routed(block, self.fast_outer)
             if block % 2 == 0:
                 total += 2.0 * self.core
         return total
 
 
 def executed_flops(cfg: ModelConfig, memory: MemoryConfig, batch_size: int, row_counts: tuple[int, ...],
-                   recompute: str = "none", seq_len: int | None = None, uses_memory: bool = True) -> float:
+                   recompute: str = "none", seq_len: int | None = None, uses_memory: bool = True,
+                   expert_parallel_size: int = 1) -> float:
     """FLOPs one micro-batch's step runs (forward and backward), given ``MaskedBatch.row_counts`` (the rows
     each inner step of one epoch scores, then the anchor's); ``uses_memory``: whether this step runs the
-    inner loop (``--memory.probability``)."""
+    inner loop (``--memory.probability``). Under expert parallelism a routed expert's rank holds the fast
+    weights of the expert group's ``batch_size x expert_parallel_size`` sequences."""
     seq_len = seq_len or cfg.seq_len
     tokens = batch_size * seq_len
-    layout = _Layout(cfg, memory, seq_len)
+    layout = _Layout(cfg, memory, seq_len, batch_size * expert_parallel_size)
     head = 2.0 * cfg.hidden_size * cfg.vocab_size  # one head matmul, per row
     prefix, tail = range(layout.boundary), range(layout.boundary, layout.num_blocks)
     anchor_rows = row_counts[-1]

@@ -116,7 +116,8 @@ class TrainingLoop:
         # Executed FLOPs from the masked row counts the loader reported (each replica once).
         memory_step = uses_memory_at(cfg.memory, cfg.train.seed, step)
         flops = sum(executed_flops(cfg.model, cfg.memory, cfg.train.micro_batch_size, mb.row_counts,
-                                   cfg.train.recompute, uses_memory=memory_step)
+                                   cfg.train.recompute, uses_memory=memory_step,
+                                   expert_parallel_size=cfg.parallel.expert_parallel_size)
                     for mb in micro_batches) if self.topology.reads_data else 0.0
         counts = self.source_tokens(micro_batches)
         stop, flops, counts = _control(stop_requested(), flops, self.topology, counts)

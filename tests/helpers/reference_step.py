@@ -70,8 +70,42 @@ def forward_hidden(p, cfg, ids, fast=None, scaling=2.0, padding=None, dropout=No
         context = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, l, heads * d)
         h = h + proj(context, "out")
         x = rms_norm(h, p[pre + "mlp_norm.weight"], cfg.norm_eps)
-        h = h + proj(F.silu(proj(x, "gate")) * proj(x, "up"), "down")
+        if pre + "mlp.router.weight" in p:
+            h = h + mixture_of_experts(p, cfg, pre, x, fast, scaling)
+        else:
+            h = h + proj(F.silu(proj(x, "gate")) * proj(x, "up"), "down")
     return h
+
+
+def mixture_of_experts(p, cfg, pre, x, fast, scaling):
+    """An MoE MLP written plainly: every expert on every token, weighted by its routing weight (zero where not
+    chosen), each with its per-sequence LoRA terms (``fast[pre + "expert_gate"]``: ``A [b, E, r, in]``,
+    ``B [b, E, out, r]``), plus the shared expert (fast weights ``pre + "gate"`` etc.). The expert bias
+    (``p[pre + "mlp.expert_bias"]``) chooses only. No expert groups."""
+    scores = x @ p[pre + "mlp.router.weight"].t()
+    scores = scores.softmax(-1) if cfg.moe_score == "softmax" else scores.sigmoid()
+    choice = scores + p[pre + "mlp.expert_bias"] if pre + "mlp.expert_bias" in p else scores
+    top = choice.topk(cfg.moe_top_k, dim=-1).indices
+    weight = torch.zeros_like(scores).scatter(-1, top, scores.gather(-1, top))
+    if cfg.moe_norm_topk:
+        weight = weight / weight.sum(-1, keepdim=True)
+    weight = weight * cfg.moe_routed_scaling
+    out = torch.zeros_like(x)
+    for e in range(cfg.moe_num_experts):
+        def expert(inputs, module):
+            y = inputs @ p[pre + f"mlp.experts.{module}"][e].t()
+            if fast is not None and pre + f"expert_{module}" in fast:
+                a, b = (t[:, e] for t in fast[pre + f"expert_{module}"])
+                y = y + scaling * torch.einsum("blr,bor->blo", torch.einsum("bli,bri->blr", inputs, a), b)
+            return y
+
+        out = out + weight[..., e:e + 1] * expert(F.silu(expert(x, "gate")) * expert(x, "up"), "down")
+    if pre + "mlp.shared_expert.gate.weight" in p:
+        def shared(inputs, module):
+            return projection(inputs, p[pre + f"mlp.shared_expert.{module}.weight"], fast, pre + module, scaling)
+
+        out = out + shared(F.silu(shared(x, "gate")) * shared(x, "up"), "down")
+    return out
 
 
 def forward_logits(p, cfg, ids, fast=None, scaling=2.0, padding=None, dropout=None):
