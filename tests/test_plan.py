@@ -30,7 +30,8 @@ def _held(rank, world, layouts, extra=()):
     for name in layouts:
         cfg = build_config([*OPTIONS, *extra, *LAYOUTS[name][1], "--model.mask_token_id", "499"])
         topology = initialize_topology("cpu", cfg.parallel.tensor_parallel_size, cfg.parallel.pipeline_parallel_size,
-                                       cfg.model.num_layers, cfg.parallel.sequence_parallel_size)
+                                       cfg.model.num_layers, cfg.parallel.sequence_parallel_size,
+                                       cfg.parallel.expert_parallel_size)
         parts = build_training(cfg, topology, 499)
         params = list(parts.model.parameters())
         zero = getattr(parts.engine, "deepspeed_optimizer", None)
@@ -56,7 +57,8 @@ MOE = ["--model.moe_num_experts", "4", "--model.moe_ffn_hidden_size", "32", "--m
 @pytest.mark.parametrize("world,layouts,extra", [
     (1, ["single"], []), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3"], []),
     pytest.param(4, ["dp2-sp2-zero3"], [], marks=pytest.mark.slow),
-    pytest.param(2, ["tp2", "dp2-zero3"], MOE, marks=pytest.mark.slow)])
+    pytest.param(2, ["tp2", "dp2-zero3"], MOE, marks=pytest.mark.slow),
+    pytest.param(4, ["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"], MOE, marks=pytest.mark.slow)])
 def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts, extra):
     results = _held(0, 1, layouts, extra) if world == 1 else run_ranks(_held, world, layouts, extra)
     for rank_results in (results if world > 1 else [results]):
@@ -67,7 +69,7 @@ def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts, extra):
             # ZeRO partitions over every rank that holds the same weights: data x sequence parallel.
             zero, data = cfg.parallel.zero_stage, world // (cfg.parallel.tensor_parallel_size *
                                                              cfg.parallel.pipeline_parallel_size)
-            planned = partition_elements(shapes, zero, data)
+            planned = partition_elements(shapes, zero, data, cfg.parallel.expert_parallel_size)
             assert weights == (planned if zero == 3 else count), (name, stage, weights, count, planned)
             assert partition == planned and moments == planned, (name, stage, partition, moments, planned)
 

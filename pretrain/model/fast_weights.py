@@ -150,7 +150,7 @@ class FastWeightPlan:
         """
         tensors = {}
         for index, site in enumerate(self.sites):
-            in_local, out_local = self._local_shape(site)
+            in_local, out_local = self.local_shape(site)
             if self.adapter == "full":
                 delta = torch.zeros(batch_size, out_local, in_local, device=device, dtype=dtype)
                 tensors[site.name] = (delta.requires_grad_(),)
@@ -175,7 +175,7 @@ class FastWeightPlan:
             tensors[site.name] = (a.requires_grad_(), b.requires_grad_())
         return FastWeights(tensors)
 
-    def _local_shape(self, site: FastWeightSite) -> tuple[int, int]:
+    def local_shape(self, site: FastWeightSite) -> tuple[int, int]:
         if site.parallel == "column":
             return site.in_features, site.out_features // site.tensor_parallel_size
         return site.in_features // site.tensor_parallel_size, site.out_features

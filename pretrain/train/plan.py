@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from parallel.layout import stage_layers
 from parallel.sequence import padded_length
 from pretrain.config import RunConfig
-from pretrain.model.fast_weights import adapted_layers
+from pretrain.model.fast_weights import build_fast_weight_plan
 from pretrain.model.transformer import head_chunk_rows
 from pretrain.train.flops import model_flops_per_token
 
@@ -73,7 +73,8 @@ def local_parameter_shapes(cfg: RunConfig, stage: int) -> list[tuple[int, ...]]:
             continue
         experts, width, shared = model.moe_num_experts, model.expert_ffn_hidden_size // tensor, \
             model.moe_shared_ffn_hidden_size // tensor
-        shapes += [(experts, h), (experts, width, h), (experts, width, h), (experts, h, width)]
+        held = experts // cfg.parallel.expert_parallel_size  # expert parallelism splits the routed experts
+        shapes += [(experts, h), (held, width, h), (held, width, h), (held, h, width)]
         if shared:
             shapes += [(shared, h), (shared, h), (h, shared)] + ([(1, h)] if model.moe_shared_expert_gate else [])
     if layers.stop == model.num_layers:
@@ -87,8 +88,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def partition_elements(shapes: list[tuple[int, ...]], zero_stage: int, data: int) -> int:
-    """Elements of this rank's optimizer partition (all of them at ZeRO 0)."""
+def partition_elements(shapes: list[tuple[int, ...]], zero_stage: int, data: int, expert_parallel_size: int = 1
+                       ) -> int:
+    """Elements of this rank's optimizer partition (all of them at ZeRO 0). Under expert parallelism the routed
+    experts (the three-dimensional shapes) are a group of their own, partitioned over the ranks that hold the
+    same experts (``data / expert_parallel_size``)."""
+    if expert_parallel_size > 1:
+        experts = [s for s in shapes if len(s) == 3]
+        dense = [s for s in shapes if len(s) != 3]
+        return (partition_elements(dense, zero_stage, data)
+                + partition_elements(experts, zero_stage, data // expert_parallel_size))
     matrices = [math.prod(s) for s in shapes if len(s) >= 2]
     vectors = [math.prod(s) for s in shapes if len(s) < 2]
     if zero_stage == 0:
@@ -107,7 +116,8 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
     matrices = sum(math.prod(s) for s in shapes if len(s) >= 2)
     vectors = sum(math.prod(s) for s in shapes if len(s) < 2)
     count, zero = matrices + vectors, parallel.zero_stage
-    partition = partition_elements(shapes, zero, data * sequence)  # ZeRO shards over data x sequence ranks
+    partition = partition_elements(shapes, zero, data * sequence,  # ZeRO shards over data x sequence ranks
+                                   parallel.expert_parallel_size)
     params_bytes = 4 * (partition if zero == 3 else count)
     grads_bytes = 4 * (partition if zero >= 2 else count)
     optimizer_bytes = 8 * count if zero == 0 else 12 * partition
@@ -115,14 +125,14 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
     micro, seq, h = train.micro_batch_size, model.seq_len, model.hidden_size
     fast = 0
     if memory.enabled and layers.stop == model.num_layers:
-        def sizes(layer):  # an MoE layer's MLP fast weights sit on its shared expert
-            ffn = model.mlp_width(layer) // tensor
-            return {"qkv": (h, model.qkv_size // tensor), "out": (model.attention_size // tensor, h),
-                    "gate": (h, ffn), "up": (h, ffn), "down": (ffn, h)}
+        plan = build_fast_weight_plan(model, memory, tensor)
 
-        elements = sum(memory.lora_rank * (a + b) if memory.adapter == "lora" else a * b
-                       for layer in adapted_layers(model.num_layers, memory.layer_fraction)
-                       for a, b in (sizes(layer)[m] for m in memory.target_module_list))
+        def per_sequence(site) -> int:  # a routed site: all E experts (under expert parallelism a rank holds
+            a, b = plan.local_shape(site)  # E / EP of them for EP x its sequences: the same count)
+            one = memory.lora_rank * (a + b) if memory.adapter == "lora" else a * b
+            return one * site.num_experts if site.routed else one
+
+        elements = sum(per_sequence(site) for site in plan.sites)
         width = 2 if memory.dtype == "bf16" else 4
         # phi_0 .. phi_K are kept for the outer backward only through the last (detached): two copies live.
         fast = 2 * width * micro * elements
