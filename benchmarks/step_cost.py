@@ -50,7 +50,7 @@ PRESETS = {
     "1b": dict(model=dict(vocab_size=32000, hidden_size=2048, num_layers=16, num_heads=16, ffn_hidden_size=5632,
                           seq_len=2048), batch=0, precision="bf16", recompute="full"),
     # A small mixture of experts (LLaDA2-shaped: sigmoid router, groups, a shared expert, a dense first layer);
-    # the fast weights sit on the last layer's shared expert.
+    # the fast weights sit on the last layer's routed experts and shared expert (--moe-targets to choose).
     "moe-small": dict(model=dict(vocab_size=8192, hidden_size=256, num_layers=10, num_heads=4, ffn_hidden_size=1536,
                                  seq_len=256, moe_num_experts=8, moe_top_k=2, moe_ffn_hidden_size=384,
                                  moe_shared_ffn_hidden_size=384, moe_score="sigmoid", moe_num_groups=2,
@@ -62,10 +62,11 @@ PRESETS = {
 class Bench:
     """Both steps on one model, and batches with several draws of t (a step's cost depends on them)."""
 
-    def __init__(self, cfg: ModelConfig, precision: str, recompute: str, topology, batch: int, num_batches: int):
+    def __init__(self, cfg: ModelConfig, precision: str, recompute: str, topology, batch: int, num_batches: int,
+                 moe_targets: str = "routed,shared"):
         self.cfg, self.topology, self.batch = cfg, topology, batch
         # The paper's recipe (pmc, K = 2), whose cost RESULTS.md reports; the batches below carry its states.
-        paper = dict(masking_strategy="pmc", num_inner_steps=2)
+        paper = dict(masking_strategy="pmc", num_inner_steps=2, moe_targets=moe_targets)
         self.runs = {name: RunConfig(model=cfg, memory=MemoryConfig(enabled=enabled, **paper),
                                      train=TrainConfig(seed=0, precision=precision, recompute=recompute))
                      for name, enabled in (("mdlm", False), ("memdlm", True))}
@@ -129,6 +130,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each kind first")
     parser.add_argument("--num-batches", type=int, default=4, help="distinct batches (draws of t) cycled through")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    parser.add_argument("--moe-targets", default="routed,shared", choices=["routed,shared", "routed", "shared"],
+                        help="an MoE preset's fast-weight placement (--memory.moe_targets)")
     parser.add_argument("--memory-batch", type=int, default=0,
                         help="micro-batch of the memory table (default: the timed one; smaller lets every "
                              "recomputation mode fit)")
@@ -150,7 +153,8 @@ def main() -> None:
     cfg = ModelConfig(**{**preset["model"], **({"seq_len": args.seq_len} if args.seq_len else {})})
     batch = preset["batch"] if args.batch < 0 else args.batch
     search = batch == 0 and device.type == "cuda"
-    bench = Bench(cfg, precision, recompute, topology, 32 if search else (batch or 8), args.num_batches)
+    bench = Bench(cfg, precision, recompute, topology, 32 if search else (batch or 8), args.num_batches,
+                  args.moe_targets)
     if search:
         batch = fit_batch(bench)
     batch = bench.batch

@@ -481,3 +481,42 @@ def _routing_of_step(out_dir, step):
 
     state = json.loads((out_dir / "checkpoints" / f"step_{step:06d}" / "train_state.json").read_text())
     return state["parts"]["routing"]["expert_bias"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("groups", [(4, 2), (1, 1)])
+def test_an_moe_layer_equals_transformers_deepseek_v3_moe(groups, topology):
+    """DeepSeek-V3-style routing (sigmoid scores, the correction bias choosing, groups scored by their two best,
+    renormalised and scaled) and its shared experts: our MoE layer against transformers' ``DeepseekV3MoE``, weights
+    copied across (biases non-negative: DeepSeek-V3's code fills masked groups with 0, ours with -inf, which
+    choose alike unless a biased score is negative)."""
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from pretrain.train.factory import build_model
+
+    num_groups, topk_groups = groups
+    config = DeepseekV3Config(hidden_size=32, moe_intermediate_size=24, n_routed_experts=8, num_experts_per_tok=3,
+                              n_group=num_groups, topk_group=topk_groups, n_shared_experts=2, norm_topk_prob=True,
+                              routed_scaling_factor=2.5)
+    torch.manual_seed(0)
+    theirs = DeepseekV3MoE(config).eval()  # fp32: its code mixes fp32 routing weights into the hidden dtype
+    with torch.no_grad():
+        theirs.gate.weight.normal_(0, 0.3)
+        theirs.gate.e_score_correction_bias.uniform_(0, 0.2)
+    cfg = build_config(_options({**MOE, "model.moe_num_experts": 8, "model.moe_top_k": 3, "model.moe_score":
+                                 "sigmoid", "model.moe_num_groups": num_groups, "model.moe_topk_groups": topk_groups,
+                                 "model.moe_norm_topk": True, "model.moe_routed_scaling": 2.5,
+                                 "model.moe_shared_ffn_hidden_size": 48}))
+    model = build_model(cfg, topology)
+    ours = model.layer(1).mlp
+    with torch.no_grad():
+        ours.router.weight.copy_(theirs.gate.weight)
+        model.routing.bias[1] = theirs.gate.e_score_correction_bias.float()
+        for name in ("gate", "up", "down"):
+            getattr(ours.experts, name).copy_(torch.stack([getattr(e, f"{name}_proj").weight for e in theirs.experts]))
+            getattr(ours.shared_expert, name).weight.copy_(getattr(theirs.shared_experts, f"{name}_proj").weight)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        difference = float((ours(x) - theirs(x)).abs().max())
+    assert difference < 1e-5, difference
