@@ -189,7 +189,7 @@ def test_unsupported_architectures_are_refused_with_the_reason():
         model_fields({**base, "model_type": "mistral", "sliding_window": 4096}, "x")
     with pytest.raises(HuggingFaceFormatError, match="rope scaling"):
         model_fields({**base, "model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "x")
-    with pytest.raises(HuggingFaceFormatError, match="'gpt2' model.*supported: dream, llada, llada2_moe, llama, memdlm"):
+    with pytest.raises(HuggingFaceFormatError, match="'gpt2' model.*supported: dream, llada, llada2_moe, llama, mem"):
         model_fields({**base, "model_type": "gpt2"}, "x")
     with pytest.raises(HuggingFaceFormatError, match="output projection"):
         model_fields({**base, "model_type": "llama", "attention_bias": True}, "x")
