@@ -86,25 +86,46 @@ def _prefix_lock():
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_streaming_dataset(**kwargs) -> "IndexedStreamingDataset":
+def open_streaming_dataset(group=None, **kwargs) -> "IndexedStreamingDataset":
     """mosaicml-streaming picks the first free shared-memory prefix by looking, then creating: two jobs
     starting at once on one machine can pick the same one, and the slower gets ``FileExistsError`` (seen with
     two test workers; under several ranks the leader's failure also leaves its ranks at mismatched barriers).
-    So each node's leader rank finds and creates its prefix under a machine-wide lock (the other ranks of its
-    node only attach, between its barriers, and take no lock). A process alone (no process group) also tries
-    again after a random pause, against jobs that do not take the lock."""
+    So each node's leader rank finds and creates its prefix under a machine-wide lock, and the other ranks of
+    its node take the prefix their leader found (``_leaders_prefix``) rather than looking themselves: looking
+    while another job registers, they could see another prefix free than their leader did, and then find that
+    job's directories there. A process alone (no process group) also tries again after a random pause, against
+    jobs that do not take the lock. ``group``: the ranks that open the dataset together (default: all)."""
+    import streaming.base.shared.prefix as prefixes
     from streaming.base.world import World
 
-    leader = World.detect().is_local_leader
+    world = World.detect()
     alone = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
-    for attempt in range(6 if alone else 1):
-        try:
-            with _prefix_lock() if leader else contextlib.nullcontext():
-                return IndexedStreamingDataset(**kwargs)
-        except FileExistsError:
-            if attempt == 5 or not alone:
-                raise
-            time.sleep(random.uniform(0.05, 0.5))
+    find = prefixes._check_and_find_retrying
+    if not alone:
+        prefixes._check_and_find_retrying = _leaders_prefix(find, world, group)
+    try:
+        for attempt in range(6 if alone else 1):
+            try:
+                with _prefix_lock() if world.is_local_leader else contextlib.nullcontext():
+                    return IndexedStreamingDataset(**kwargs)
+            except FileExistsError:
+                if attempt == 5 or not alone:
+                    raise
+                time.sleep(random.uniform(0.05, 0.5))
+    finally:
+        prefixes._check_and_find_retrying = find
+
+
+def _leaders_prefix(find, world, group):
+    """mosaicml-streaming's prefix search as each node's leader does it, its result handed to the node's other
+    ranks (one all-gather over ``group`` per search; every rank searches as often)."""
+    def search(*args, **kwargs):
+        mine = find(*args, **kwargs) if world.is_local_leader else None
+        found = [None] * dist.get_world_size(group)
+        dist.all_gather_object(found, (world.node, mine), group=group)
+        return next(value for node, value in found if node == world.node and value is not None)
+
+    return search
 
 
 class MDSBatches:
@@ -116,6 +137,7 @@ class MDSBatches:
             where = {"streams": [Stream(local=str(folder), proportion=weight) for folder, weight in folders]}
         with _barriers_on(barrier_group):
             self.dataset = open_streaming_dataset(
+                group=barrier_group,
                 **where, shuffle=options.shuffle, shuffle_seed=seed,
                 num_canonical_nodes=options.num_canonical_nodes, batch_size=micro_batch_size,
                 shuffle_block_size=options.shuffle_block_size or None,

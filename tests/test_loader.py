@@ -216,3 +216,23 @@ _iterators = {}
 
 def iter_once(batches):
     return _iterators.setdefault(id(batches), iter(batches))
+
+
+def _prefixes_found(rank, world):
+    from types import SimpleNamespace
+
+    from data_pipeline.loader import _leaders_prefix
+
+    # Two nodes of two ranks; each rank's own search would see another prefix free (3 + rank), as a rank does
+    # when another job registers one between its leader's search and its own.
+    place = SimpleNamespace(node=rank // 2, is_local_leader=rank % 2 == 0)
+    search = _leaders_prefix(lambda *args, **kwargs: 3 + rank, place, None)
+    return [search("locals"), search("barrier")]
+
+
+def test_every_rank_of_a_node_takes_its_leaders_streaming_prefix():
+    """mosaicml-streaming's ranks each look for the first free shared-memory prefix; ours take their node
+    leader's, so a job registering in between cannot hand a rank another job's prefix."""
+    from tests.helpers.ranks import run_ranks
+
+    assert run_ranks(_prefixes_found, 4) == [[3, 3], [3, 3], [5, 5], [5, 5]]

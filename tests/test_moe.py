@@ -187,12 +187,18 @@ def _routing_of(out_dir):
     from tests.helpers import read_metrics
 
     state = json.loads((out_dir / "checkpoints" / "step_000003" / "train_state.json").read_text())
-    return state["parts"]["routing"]["expert_bias"], [record["moe"] for record in read_metrics(out_dir)]
+    records = read_metrics(out_dir)
+    return (state["parts"]["routing"]["expert_bias"], [record["moe"] for record in records],
+            [record["inner_losses"] for record in records])
 
 
 def _assert_same_routing(ours, theirs):
+    """Expert biases, router statistics (and inner losses) of a layout equal one process's."""
     assert any(value != 0 for row in theirs[0] for value in row), "the biases must have moved"
     assert ours[0] == theirs[0]  # the biases move by +-rate on integer token counts: identical or wrong
+    assert len(ours[2]) == len(theirs[2]) == 3 and all(len(step) == 1 for step in theirs[2])
+    for mine, reference in zip(ours[2], theirs[2]):
+        assert mine == pytest.approx(reference, rel=1e-5), (ours[2], theirs[2])
     for mine, reference in zip(ours[1], theirs[1]):
         assert mine.keys() == reference.keys()
         for key, value in reference.items():
