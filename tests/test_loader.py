@@ -99,7 +99,20 @@ def _two_rank_streams(rank, world, root):
     with_worker = take(root, "mds", 4, 12, rank=rank, ranks=world, workers=1)[0]
     first, state = take(root, "mds", 4, 7, rank=rank, ranks=world, workers=0)
     rest = take(root, "mds", 4, 13, rank=rank, ranks=world, state=state, workers=0)[0]
-    return {"straight": straight, "with_worker": with_worker, "first": first, "state": state, "rest": rest}
+    return {"straight": straight, "with_worker": with_worker, "first": first, "state": state, "rest": rest,
+            "prefixes": _prefixes_found(rank)}
+
+
+def _prefixes_found(rank):
+    """The prefix each rank of one two-rank node takes when its own search would see another free (3 + rank),
+    as a rank does when another job registers one between its leader's search and its own."""
+    from types import SimpleNamespace
+
+    from data_pipeline.loader import _leaders_prefix
+
+    search = _leaders_prefix(lambda *args, **kwargs: 3 + rank, SimpleNamespace(node=0, is_local_leader=rank == 0),
+                             None)
+    return [search("locals"), search("barrier")]
 
 
 @pytest.fixture(scope="module")
@@ -218,21 +231,8 @@ def iter_once(batches):
     return _iterators.setdefault(id(batches), iter(batches))
 
 
-def _prefixes_found(rank, world):
-    from types import SimpleNamespace
 
-    from data_pipeline.loader import _leaders_prefix
-
-    # Two nodes of two ranks; each rank's own search would see another prefix free (3 + rank), as a rank does
-    # when another job registers one between its leader's search and its own.
-    place = SimpleNamespace(node=rank // 2, is_local_leader=rank % 2 == 0)
-    search = _leaders_prefix(lambda *args, **kwargs: 3 + rank, place, None)
-    return [search("locals"), search("barrier")]
-
-
-def test_every_rank_of_a_node_takes_its_leaders_streaming_prefix():
+def test_every_rank_of_a_node_takes_its_leaders_streaming_prefix(two_ranks):
     """mosaicml-streaming's ranks each look for the first free shared-memory prefix; ours take their node
     leader's, so a job registering in between cannot hand a rank another job's prefix."""
-    from tests.helpers.ranks import run_ranks
-
-    assert run_ranks(_prefixes_found, 4) == [[3, 3], [3, 3], [5, 5], [5, 5]]
+    assert [ranks["prefixes"] for ranks in two_ranks] == [[3, 3], [3, 3]]
