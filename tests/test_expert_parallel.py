@@ -79,7 +79,6 @@ def test_the_inner_loop_talks_to_the_expert_ranks_only():
 @pytest.mark.fast
 @pytest.mark.parametrize("args,world,message", [
     (["--parallel.zero_stage", "3"], 4, "ZeRO 3 does not partition expert-parallel experts"),
-    (["--parallel.pipeline_parallel_size", "2"], 4, "with pipeline stages is not built yet"),
     (["--model.moe_num_experts", "6"], 4, "must divide --model.moe_num_experts 6 and the 4 data x sequence ranks; "
                                           "sizes that do: 1, 2"),
     ([], 6, "the 6 data x sequence ranks; sizes that do: 1, 2"),

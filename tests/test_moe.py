@@ -230,24 +230,30 @@ def test_moe_training_with_fast_weights_on_the_shared_expert_at_every_layout(pre
 @pytest.mark.slow
 @pytest.mark.parametrize("layouts,targets", [
     (["dp2-ep2-zero0", "dp2-ep2-zero1", "dp2-ep2-zero2"], "routed,shared"),
-    (["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"], "routed,shared"),
+    (["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1", "pp2-dp2-ep2"], "routed,shared"),
     (["sp2-ep2"], "shared"),
 ], ids=["two-ranks", "four-ranks", "sequence-parallel"])
 def test_expert_parallel_training_equals_one_process(layouts, targets, prepared_corpus, tmp_path):
     """Experts split over 2 or 4 ranks (tokens dispatched by all-to-all, each routed expert's fast weights on its
-    rank for the sequences of the whole expert group), with ZeRO 0-2, tensor and sequence parallelism: losses,
+    rank for the sequences of the whole expert group), with ZeRO 0-2, tensor, pipeline and sequence parallelism
+    (the balancing loss only without pipeline stages, which refuse it): losses,
     final weights (gathered by the checkpoint), expert biases and router statistics equal one process's. 8
     experts, top 2 of 2 groups, fast weights on every routed expert and the shared expert (only the shared one
     with sequence parallelism), the balancing loss on."""
     data = prepared_corpus()
-    extra = _options({**TRAIN, "model.moe_num_experts": 8, "model.moe_aux_loss_coeff": 0.01,
-                      "memory.moe_targets": targets})
-    reference = run_layouts(["single"], tmp_path, data, extra)["single"]
-    results = run_layouts(layouts, tmp_path, data, extra)
+    extra = {**TRAIN, "model.moe_num_experts": 8, "model.moe_aux_loss_coeff": 0.01, "memory.moe_targets": targets}
+    reference = run_layouts(["single"], tmp_path, data, _options(extra))["single"]
+    results = run_layouts([name for name in layouts if "pp2" not in name], tmp_path, data, _options(extra))
+    pipelined = [name for name in layouts if "pp2" in name]
+    if pipelined:
+        without = {**extra, "model.moe_aux_loss_coeff": 0.0}
+        results.update(run_layouts(pipelined, tmp_path, data, _options(without)))
+        reference_without = run_layouts(["single"], tmp_path / "without", data, _options(without))["single"]
     for name, result in results.items():
+        single = tmp_path / ("without" if "pp2" in name else "") / "single"
         try:
-            assert_same_training(result, reference)
-            _assert_same_routing(_routing_of(tmp_path / name), _routing_of(tmp_path / "single"))
+            assert_same_training(result, reference_without if "pp2" in name else reference)
+            _assert_same_routing(_routing_of(tmp_path / name), _routing_of(single))
             experts = int(name.split("ep")[1][0])
             assert _expert_pieces(tmp_path / name) == experts  # each rank wrote its own experts
         except AssertionError as err:

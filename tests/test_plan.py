@@ -58,7 +58,8 @@ MOE = ["--model.moe_num_experts", "4", "--model.moe_ffn_hidden_size", "32", "--m
     (1, ["single"], []), (2, ["tp2", "pp2", "dp2-zero1", "dp2-zero2", "dp2-zero3"], []),
     pytest.param(4, ["dp2-sp2-zero3"], [], marks=pytest.mark.slow),
     pytest.param(2, ["tp2", "dp2-zero3"], MOE, marks=pytest.mark.slow),
-    pytest.param(4, ["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1"], MOE, marks=pytest.mark.slow)])
+    pytest.param(4, ["dp4-ep2-zero1", "dp4-ep4-zero2", "tp2-dp2-ep2-zero1", "pp2-dp2-ep2"], MOE,
+                 marks=pytest.mark.slow)])
 def test_plan_figures_are_the_tensors_an_engine_holds(world, layouts, extra):
     results = _held(0, 1, layouts, extra) if world == 1 else run_ranks(_held, world, layouts, extra)
     for rank_results in (results if world > 1 else [results]):

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from parallel.checkpoint.sharded_state import ParameterState
+from parallel.checkpoint.sharded_state import ParameterState, split_over_experts
 from parallel.collectives import grad_norm_and_clip, group_size, sum_over
 
 
@@ -20,12 +20,16 @@ class OuterOptimizer:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_norm: float, tensor_group, pipeline_group=None,
-                 reduce_group=None, norm_listener: Callable[[torch.Tensor], None] | None = None):
+                 reduce_group=None, norm_listener: Callable[[torch.Tensor], None] | None = None,
+                 expert_group=None, expert_reduce_group=None):
         self.optimizer = optimizer
         self.max_norm = max_norm
         self.tensor_group = tensor_group
         self.pipeline_group = pipeline_group
         self.reduce_group = reduce_group
+        # Experts split over an expert-parallel group: their gradients are summed over the ranks that hold the
+        # same experts (``expert_reduce_group``), their squares over ``expert_group`` for the norm.
+        self.expert_group, self.expert_reduce_group = expert_group, expert_reduce_group
         self.norm_listener = norm_listener  # told the global gradient norm before each step (the step guard)
 
     def set_learning_rate(self, lr: float) -> None:
@@ -35,8 +39,11 @@ class OuterOptimizer:
         """Reduce, clip, step and zero the gradients of ``params``; returns the gradient norm before clipping."""
         params = [p for p in params if p.grad is not None]
         if self.reduce_group is not None:
-            all_reduce_gradients(params, self.reduce_group)
-        grad_norm = grad_norm_and_clip(params, self.max_norm, self.tensor_group, self.pipeline_group)
+            experts = [p for p in params if split_over_experts(p)]
+            all_reduce_gradients([p for p in params if not split_over_experts(p)], self.reduce_group)
+            all_reduce_gradients(experts, self.expert_reduce_group if experts else None)
+        grad_norm = grad_norm_and_clip(params, self.max_norm, self.tensor_group, self.pipeline_group,
+                                       self.expert_group)
         if self.norm_listener is not None:
             self.norm_listener(grad_norm)
         self.optimizer.step()

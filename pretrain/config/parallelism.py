@@ -32,9 +32,6 @@ class ParallelConfig:
         check(not (self.expert_parallel_size > 1 and self.zero_stage == 3), "parallel.zero_stage",
               "DeepSpeed's ZeRO 3 does not partition expert-parallel experts (it refuses its own MoE there too); use "
               "--parallel.zero_stage 0, 1 or 2 with --parallel.expert_parallel_size")
-        check(not (self.expert_parallel_size > 1 and self.pipeline_parallel_size > 1),
-              "parallel.expert_parallel_size", "expert parallelism with pipeline stages is not built yet (the "
-              "pipeline engine reduces every gradient over the data group); use --parallel.pipeline_parallel_size 1")
         check(
             not (self.zero_stage > 0 and self.pipeline_parallel_size > 1),
             "parallel.zero_stage",

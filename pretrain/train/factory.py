@@ -187,9 +187,12 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, bilevel: BilevelSt
         guard.wrap(optimizer)  # every engine ends in this optimizer's step (DeepSpeed's ZeRO wrapper too)
         listener = guard.note_norm  # an OuterOptimizer already computes the global norm
     if topology.pipeline_parallel_size > 1:
+        experts = topology.expert_parallel_size > 1
         outer = OuterOptimizer(optimizer, cfg.optim.grad_clip, topology.tensor_parallel_group,
                                topology.pipeline_parallel_group, reduce_group=topology.data_parallel_group,
-                               norm_listener=listener)
+                               norm_listener=listener,
+                               expert_group=topology.expert_parallel_group if experts else None,
+                               expert_reduce_group=topology.expert_data_parallel_group if experts else None)
         return PipelineEngine(model, BilevelStage(bilevel, adaptation), outer, options, topology, guard=guard)
     evaluator = Evaluator(adaptation)
     if topology.data_parallel_size > 1 or topology.sequence_parallel_size > 1 or cfg.parallel.zero_stage > 0:

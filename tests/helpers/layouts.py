@@ -67,6 +67,7 @@ LAYOUTS = {  # name: (world size, options)
     "dp4-ep2-zero1": (4, experts(2) + zero(1) + micro(2)),
     "dp4-ep4-zero2": (4, experts(4) + zero(2) + micro(2)),
     "tp2-dp2-ep2-zero1": (4, TP2 + experts(2) + zero(1) + micro(2)),
+    "pp2-dp2-ep2": (4, PP2 + experts(2) + micro(2)),
 }
 
 
