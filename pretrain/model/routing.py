@@ -74,13 +74,14 @@ class Routing:
         """One MoE layer's routing of ``[T = batch * l, E]`` scores to ``chosen [T, k]`` experts."""
         experts = scores.shape[1]
         valid = self.valid if self.valid is not None and self.valid.numel() == chosen.shape[0] else None
-        hits = torch.zeros_like(scores, dtype=torch.float64).scatter_(1, chosen, 1.0)  # [T, E]
-        if valid is not None:
-            hits = hits * valid[:, None]
-        self.counts[self.slot(layer)] += hits.sum(dim=0).to(self.counts.device)
+        counted = chosen if valid is None else chosen[valid]
+        self.counts[self.slot(layer)] += torch.bincount(counted.reshape(-1), minlength=experts).to(self.counts)
         coeff = self.cfg.moe_aux_loss_coeff
         if coeff <= 0 or self.num_sequences is None:
             return
+        hits = torch.zeros_like(scores, dtype=torch.float64).scatter_(1, chosen, 1.0)  # [T, E]
+        if valid is not None:
+            hits = hits * valid[:, None]
         per_sequence = hits.view(batch, -1, experts).sum(dim=1)  # c [b, E]
         real = (valid.view(batch, -1).sum(dim=1) if valid is not None
                 else torch.full((batch,), float(hits.shape[0] // batch), device=hits.device)).double()
