@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.masking import MaskedBatch
+from parallel.experts import split_over_experts
 
 
 def group_size(group) -> int:
@@ -125,9 +126,6 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float, tensor
 
     def squares(keep) -> torch.Tensor:
         return sum((g.double().pow(2).sum() for p, g in zip(params, grads) if keep(p)), zero)
-
-    def split_over_experts(p) -> bool:
-        return getattr(p, "expert_parallel_size", 1) > 1
 
     experts = squares(split_over_experts)
     sharded = squares(lambda p: is_tensor_parallel(p) and not split_over_experts(p))

@@ -18,6 +18,24 @@ import torch.distributed as dist
 from torch.distributed.nn.functional import all_to_all_single
 
 
+def mark_expert_parallel(param: torch.nn.Parameter, size: int, rank: int) -> None:
+    """Mark a tensor split over the expert-parallel group along dim 0: for the initialisation and checkpoints
+    (``expert_parallel_size``/``expert_parallel_rank``) and for DeepSpeed, which reduces a parameter with
+    ``allreduce`` false over the expert-data-parallel group named by ``group_name``."""
+    param.expert_parallel_size, param.expert_parallel_rank = size, rank
+    param.allreduce, param.group_name = False, expert_group_name(size)
+
+
+def split_over_experts(param: torch.nn.Parameter) -> bool:
+    """Whether expert parallelism splits the tensor along dim 0 (``mark_expert_parallel``)."""
+    return getattr(param, "expert_parallel_size", 1) > 1
+
+
+def expert_group_name(size: int) -> str:
+    """DeepSpeed's name for the expert and expert-data groups of expert-parallel size ``size``."""
+    return f"ep_size_{size}"
+
+
 class ExpertDispatch:
     """Runs ``experts(rows, counts)`` on this rank's experts for rows routed from every rank of ``group``."""
 

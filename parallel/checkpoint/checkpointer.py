@@ -47,7 +47,8 @@ from parallel.checkpoint.manifest import (
 )
 from parallel.checkpoint.rng import load_rng_states, save_rng_states
 from parallel.checkpoint.safe_reader import SafeFileSystemReader
-from parallel.checkpoint.sharded_state import all_finite, checkpoint_dict, partition_dim, split_over_experts
+from parallel.checkpoint.sharded_state import all_finite, checkpoint_dict, partition_dim
+from parallel.experts import split_over_experts
 
 TRAIN_STATE = "train_state.json"
 LEGACY_TRAIN_STATE = "trainer_state.pt"  # format memdlm-dcp-1
@@ -146,7 +147,7 @@ class Checkpointer:
     def _state_dict(self, engine, values: bool = True):
         if self._mesh is None:
             self._mesh = self.topology.stage_mesh()
-            if getattr(self.topology, "expert_parallel_size", 1) > 1:
+            if self.topology.expert_parallel_size > 1:
                 self._expert_mesh = self.topology.expert_mesh()
         states = engine.parameter_states(values)
         dims = {name: partition_dim(p) for name, p in engine.model.named_parameters()}

@@ -40,11 +40,6 @@ def partition_dim(param: torch.nn.Parameter) -> int | None:
     return param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
 
 
-def split_over_experts(param: torch.nn.Parameter) -> bool:
-    """Whether expert parallelism splits the tensor along dim 0 (``pretrain.model.moe.mark_expert_parallel``)."""
-    return getattr(param, "expert_parallel_size", 1) > 1
-
-
 def to_distributed(local: torch.Tensor, dim: int | None, mesh) -> DTensor:
     """This rank's shard as a DTensor over ``mesh`` = (data, tensor), or for a tensor split over experts
     along dim 0, ``mesh`` = (expert data, expert, tensor)."""

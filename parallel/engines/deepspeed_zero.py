@@ -28,6 +28,7 @@ from parallel.engines.base import EngineBase, add_output
 from parallel.engines.contract import EngineOptions, EvalFunction, StepFunction
 from parallel.engines.outer_optimizer import adam_parameter_state, load_adam_parameter_state, set_learning_rate
 from parallel.engines.step_guard import StepGuard
+from parallel.experts import expert_group_name, split_over_experts
 from parallel.megatron import parallel_state
 
 
@@ -91,8 +92,8 @@ def _prepare_expert_parallel(module: torch.nn.Module, optimizer: torch.optim.Opt
     from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
     size = topology.expert_parallel_size
-    name = f"ep_size_{size}"
-    num_experts = sum(p.shape[0] for p in module.parameters() if getattr(p, "expert_parallel_size", 1) > 1)
+    name = expert_group_name(size)
+    num_experts = sum(p.shape[0] for p in module.parameters() if split_over_experts(p))
     for table, ranks, group in ((groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
                                  topology.expert_parallel_group),
                                 (groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS,

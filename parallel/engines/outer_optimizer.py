@@ -8,8 +8,9 @@ from typing import Callable
 
 import torch
 
-from parallel.checkpoint.sharded_state import ParameterState, split_over_experts
+from parallel.checkpoint.sharded_state import ParameterState
 from parallel.collectives import grad_norm_and_clip, group_size, sum_over
+from parallel.experts import split_over_experts
 
 
 class OuterOptimizer:

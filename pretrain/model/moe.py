@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from parallel.experts import ExpertDispatch
+from parallel.experts import ExpertDispatch, mark_expert_parallel
 from parallel.megatron import (
     copy_to_tensor_model_parallel_region,
     parallel_state,
@@ -173,18 +173,6 @@ def gradient_share(t: torch.Tensor, ranks: int) -> torch.Tensor:
     if ranks == 1:
         return t
     return t / ranks + (t * (1.0 - 1.0 / ranks)).detach()
-
-
-def mark_expert_parallel(param: nn.Parameter, size: int, rank: int) -> None:
-    """Mark a tensor split over the expert-parallel group along dim 0: for the initialisation and checkpoints
-    (``expert_parallel_size``/``expert_parallel_rank``) and for DeepSpeed, which reduces a parameter with
-    ``allreduce`` false over the expert-data-parallel group named by ``group_name``."""
-    param.expert_parallel_size, param.expert_parallel_rank = size, rank
-    param.allreduce, param.group_name = False, expert_group_name(size)
-
-
-def expert_group_name(size: int) -> str:
-    return f"ep_size_{size}"
 
 
 class MixtureOfExperts(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from parallel.collectives import gather_last_dim
+from parallel.experts import split_over_experts
 from parallel.megatron import (
     ColumnParallelLinear,
     ModelParallelConfig,
@@ -399,12 +400,12 @@ def initialize_parameters(model: nn.Module, cfg: ModelConfig, seed: int) -> None
         shape = list(param.shape)
         if sharded:
             shape[dim] *= tensor_parallel_size
-        experts = getattr(param, "expert_parallel_size", 1)  # routed experts split over the expert group
-        shape[0] *= experts
+        if split_over_experts(param):  # routed experts split over the expert group
+            shape[0] *= param.expert_parallel_size
         generator = torch.Generator().manual_seed(_name_seed(seed, name))
         full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-        if experts > 1:
-            full = full.chunk(experts, dim=0)[param.expert_parallel_rank]
+        if split_over_experts(param):
+            full = full.chunk(param.expert_parallel_size, dim=0)[param.expert_parallel_rank]
         if sharded:
             full = full.chunk(tensor_parallel_size, dim=dim)[tensor_parallel_rank]
         param.copy_(full.to(param.dtype))
