@@ -38,6 +38,34 @@ def tiny_batch(num_inner_steps: int, seed: int = 3, padded: bool = False):
     return batch
 
 
+def float64_model(cfg: ModelConfig) -> DiffusionTransformer:
+    """The tiny model in float64, its norm weights moved off 1 so that their gradients are checked too."""
+    torch.manual_seed(0)
+    model = DiffusionTransformer(cfg, dtype=torch.float64)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def assert_matches_oracle(result, model, reference, phi0, num_inner_steps: int, moved=None) -> None:
+    """phi_1..phi_K, the loss and every gradient of the production step equal the oracle's (1e-6 relative); the
+    sites in ``moved`` (default: all) were moved by the inner loop (A stays put on step 1, where B is still 0)."""
+    ref_loss, ref_history, ref_grads = reference
+    assert len(result.fast_weight_history) == num_inner_steps == len(ref_history)
+    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
+        for name in theirs:
+            for mine, ref in zip(ours[name], theirs[name]):
+                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
+        for name in theirs if moved is None else moved:
+            assert any(not torch.equal(r, r0) for r, r0 in zip(theirs[name], phi0[name])), name
+    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+
+
 @pytest.mark.parametrize(
     "memory_kwargs",
     [
@@ -60,12 +88,7 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
     padded = memory_kwargs.pop("padded", False)
     recompute = memory_kwargs.pop("recompute", "none")
     memory = MemoryConfig(**memory_kwargs)
-    torch.manual_seed(0)
-    model = DiffusionTransformer(TINY, dtype=torch.float64)
-    with torch.no_grad():  # non-trivial norm weights so their gradients are checked too
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
+    model = float64_model(TINY)
     plan = build_fast_weight_plan(TINY, memory)
     step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11, recompute=recompute)
     batch = tiny_batch(memory.num_inner_steps, padded=padded)
@@ -77,21 +100,8 @@ def test_step_matches_unfused_float64_reference(topology, memory_kwargs):
 
     phi0 = plan.initial(4, seed=11, step=5, device="cpu", dtype=torch.float64).clone_values()
     weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
-    ref_loss, ref_history, ref_grads = reference_step(
-        weights, TINY, memory, batch, MASK_ID, phi0, normalizer.num_maskable
-    )
-
-    assert len(result.fast_weight_history) == memory.num_inner_steps == len(ref_history)
-    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
-        for name in theirs:
-            for mine, ref in zip(ours[name], theirs[name]):
-                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
-            # The inner step moved the memory (A stays put on step 1, where B is still 0).
-            assert any(not torch.equal(r, r0) for r, r0 in zip(theirs[name], phi0[name])), name
-    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
-    for name, param in model.named_parameters():
-        assert param.grad is not None, name
-        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+    reference = reference_step(weights, TINY, memory, batch, MASK_ID, phi0, normalizer.num_maskable)
+    assert_matches_oracle(result, model, reference, phi0, memory.num_inner_steps)
 
 
 TINY_MOE = ModelConfig(vocab_size=48, hidden_size=32, num_layers=3, num_heads=2, ffn_hidden_size=40, seq_len=16,
@@ -108,12 +118,8 @@ def test_moe_step_matches_unfused_float64_reference(topology, memory_kwargs):
     """One bi-level step of a mixture-of-experts model (expert biases choosing, per-sequence LoRA pairs on every
     routed expert) against every expert run on every token in the oracle."""
     memory = MemoryConfig(**memory_kwargs)
-    torch.manual_seed(0)
-    model = DiffusionTransformer(TINY_MOE, dtype=torch.float64)
+    model = float64_model(TINY_MOE)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
         model.routing.bias.copy_(0.2 * torch.randn_like(model.routing.bias))
     plan = build_fast_weight_plan(TINY_MOE, memory)
     routed = [site.name for site in plan.sites if site.routed]
@@ -129,17 +135,9 @@ def test_moe_step_matches_unfused_float64_reference(topology, memory_kwargs):
     weights = {k: v.detach() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for layer in range(1, 3):
         weights[f"layers.{layer}.mlp.expert_bias"] = model.routing.bias[layer - 1].double()
-    ref_loss, ref_history, ref_grads = reference_step(weights, TINY_MOE, memory, batch, MASK_ID, phi0,
-                                                      normalizer.num_maskable)
-    for k, (ours, theirs) in enumerate(zip(result.fast_weight_history, ref_history)):
-        for name in theirs:
-            for mine, ref in zip(ours[name], theirs[name]):
-                assert relative_error(mine, ref) < 1e-6, f"phi_{k + 1} {name}"
-        for name in routed:  # every routed expert's pair moved for some sequence
-            assert not torch.equal(theirs[name][0], phi0[name][0]) or not torch.equal(theirs[name][1], phi0[name][1])
-    assert relative_error(result.loss.detach(), ref_loss) < 1e-6
-    for name, param in model.named_parameters():
-        assert relative_error(param.grad, ref_grads[name]) < 1e-6, name
+    reference = reference_step(weights, TINY_MOE, memory, batch, MASK_ID, phi0, normalizer.num_maskable)
+    # every routed expert's pair moved for some sequence
+    assert_matches_oracle(result, model, reference, phi0, memory.num_inner_steps, moved=routed)
 
 
 def test_reference_detects_a_wrong_inner_step(topology):
@@ -198,12 +196,7 @@ def test_every_memory_variant_matches_the_oracle(topology, variant):
     padded = memory_kwargs.pop("padded", False)
     step_number = memory_kwargs.pop("step", 5)
     memory = MemoryConfig(**memory_kwargs)
-    torch.manual_seed(0)
-    model = DiffusionTransformer(TINY, dtype=torch.float64)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(0.1 * torch.randn_like(param))
+    model = float64_model(TINY)
     plan = build_fast_weight_plan(TINY, memory)
     step = BilevelStep(model, plan, memory, DiffusionConfig(), MASK_ID, seed=11)
     rng = np.random.default_rng(3)
