@@ -26,32 +26,23 @@ def _config(memory_enabled: bool):
 def _count(rank, world):
     """One DP4 x EP2 step's collectives per group and operation, memory on and off."""
     from data_pipeline.masking import build_masked_batch
-    from parallel.comm_accounting import counting, install
     from parallel.megatron import parallel_state
     from parallel.topology import initialize_topology
-    from pretrain.train.factory import build_bilevel_step, build_engine, build_model
+    from tests.helpers.traffic import count_second_step
 
-    install()  # before DeepSpeed caches any collective
     results = {}
     for memory in (True, False):
         cfg = _config(memory)
         topology = initialize_topology("cpu", 1, 1, MODEL["num_layers"], expert_parallel_size=2)
-        model = build_model(cfg, topology)
-        step = build_bilevel_step(cfg, model, topology, 255)
-        engine = build_engine(cfg, model, step, topology)
         ids = np.random.default_rng(topology.data_parallel_rank).integers(0, 255, size=(2, MODEL["seq_len"]))
         batch = build_masked_batch(ids, np.arange(2) + 2 * topology.data_parallel_rank, seed=5, epoch=0,
                                    trajectory=cfg.memory.trajectory)
-        engine.train_step([batch], step=0, lr=1e-3)  # DeepSpeed sets up its buckets on the first step
-        groups = {"data": topology.data_parallel_group, "expert": topology.expert_parallel_group,
-                  "expert_data": topology.expert_data_parallel_group}
-        with counting(groups) as counter:
-            engine.train_step([batch], step=1, lr=1e-3)
+        calls, sizes, step, _ = count_second_step(cfg, topology, batch, lambda t: {
+            "data": t.data_parallel_group, "expert": t.expert_parallel_group,
+            "expert_data": t.expert_data_parallel_group})
         fast = step.initial_fast_weights(batch, 1)
         routed = [t for site in step.plan.sites if site.routed for t in fast.tensors[site.name]] if fast else []
-        results[memory] = ({name: dict(counter.calls[name]) for name in groups},
-                           {name: dict(counter.bytes_by_op[name]) for name in groups},
-                           [tuple(t.shape) for t in routed], step.num_inner_steps)
+        results[memory] = (calls, sizes, [tuple(t.shape) for t in routed], step.num_inner_steps)
         parallel_state.destroy_model_parallel()
     return results
 

@@ -33,31 +33,21 @@ def _batch(cfg, data_rank):
 
 def _count(rank, world):
     """One DP2 x SP2 step's collectives per group and operation, memory on and off."""
-    from parallel.comm_accounting import counting, install
     from parallel.megatron import parallel_state
     from parallel.topology import initialize_topology
-    from pretrain.train.factory import build_bilevel_step, build_engine, build_model
+    from tests.helpers.traffic import count_second_step
 
-    install()  # before DeepSpeed caches any collective
     results = {}
     for memory in (True, False):
         cfg = _config(memory)
         topology = initialize_topology("cpu", 1, 1, MODEL["num_layers"], sequence_parallel_size=2)
-        model = build_model(cfg, topology)
-        step = build_bilevel_step(cfg, model, topology, 255)
-        engine = build_engine(cfg, model, step, topology)
         batch = _batch(cfg, topology.data_parallel_rank)
-        first = engine.train_step([batch], step=0, lr=1e-3)  # DeepSpeed sets up its buckets on the first step
-        groups = {"data": topology.data_parallel_group, "sequence": topology.sequence_parallel_group,
-                  "gradient": topology.gradient_group}
-        with counting(groups) as counter:
-            second = engine.train_step([batch], step=1, lr=1e-3)
+        calls, sizes, step, stats = count_second_step(cfg, topology, batch, lambda t: {
+            "data": t.data_parallel_group, "sequence": t.sequence_parallel_group, "gradient": t.gradient_group})
         fast = step.initial_fast_weights(batch.padded_to(2), 1)
         fast_bytes = sum(t.numel() * t.element_size() for t in fast.leaves()) if fast is not None else 0
-        results[memory] = ({name: dict(counter.calls[name]) for name in groups},
-                           {name: dict(counter.bytes_by_op[name]) for name in groups}, fast_bytes,
-                           step.num_inner_steps, [float(s.loss) for s in (first, second)],
-                           [float(s.grad_norm) for s in (first, second)])
+        results[memory] = (calls, sizes, fast_bytes, step.num_inner_steps, [float(s.loss) for s in stats],
+                           [float(s.grad_norm) for s in stats])
         parallel_state.destroy_model_parallel()
     return results
 

@@ -2,7 +2,7 @@
 options, reading a run's metrics. Sub-modules: ``ranks`` (gloo process groups), ``data`` (small corpora),
 ``layouts`` (the layout table and the single-process comparison), ``processes`` (launching and killing real
 runs), ``models`` (tiny models for inference tests), ``reference_step`` (the float64 oracle),
-``wandb_reader``."""
+``wandb_reader``, ``traffic`` (what a step sends per process group)."""
 
 from __future__ import annotations
 
