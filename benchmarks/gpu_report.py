@@ -35,6 +35,54 @@ def tests(path: Path) -> list[dict]:
     return out
 
 
+def kernel_targets(kernels: dict) -> list[tuple[str, float | None, str]]:
+    """Issue #21's GPU targets from compile_speed.py's figures: (what, measured, goal)."""
+    out = []
+    for mode, floor in (("none", 0.48), ("selective", 0.40)):
+        figures = kernels["modes"].get(mode, {})
+        bf16 = {name: figures[name] for name in ("eager", "compiled") if name in figures}
+        if bf16:
+            best = max(bf16, key=lambda name: bf16[name]["mdlm"]["mfu_model"])
+            out.append((f"MDLM mfu_model, bf16 ({best}), recompute {mode}", bf16[best]["mdlm"]["mfu_model"],
+                        f">= {floor:.0%}"))
+            out.append((f"MemDLM/MDLM, bf16 ({best}), recompute {mode}", bf16[best]["ratio"], "<= 1.45"))
+    for mode, figures in kernels["modes"].items():
+        if "fp8" in figures:
+            for base in ("compiled", "eager"):
+                if base in figures:
+                    speedup = figures[base]["mdlm"]["seconds"] / figures["fp8"]["mdlm"]["seconds"]
+                    out.append((f"fp8 MDLM step speed-up over {base} bf16, recompute {mode}", speedup, ">= 1.25"))
+    return out
+
+
+def kernel_lines(kernels: dict) -> list[str]:
+    lines = ["", f"Kernels (compile_speed.py): micro-batch {kernels['batch']} x {kernels['seq_len']}, peak "
+                 f"{kernels['peak_flops'] / 1e12:.1f} TFLOP/s ({kernels['peak_source']})", "",
+             "| recompute | variant | MDLM ms | MemDLM ms | speed-up MDLM / MemDLM | mfu_model MDLM | MemDLM/MDLM | "
+             "step memory GiB MDLM / MemDLM |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for mode, figures in kernels["modes"].items():
+        for name, f in figures.items():
+            memory = " / ".join("-" if f[k]["memory_bytes"] is None else f"{f[k]['memory_bytes'] / 2**30:.1f}"
+                                for k in ("mdlm", "memdlm"))
+            lines.append(f"| {mode} | {name} | {f['mdlm']['seconds'] * 1e3:.1f} | {f['memdlm']['seconds'] * 1e3:.1f} | "
+                         f"{f['mdlm']['speedup']:.3f} / {f['memdlm']['speedup']:.3f} | {f['mdlm']['mfu_model']:.1%} | "
+                         f"{f['ratio']:.3f} | {memory} |")
+    return lines
+
+
+def drift_lines(drift: dict) -> list[str]:
+    lines = ["", f"fp8 drift (fp8_drift.py): {drift['other']} against {drift['reference']} over {drift['steps']} "
+                 "steps, "
+                 f"batch {drift['batch']}: training loss relative difference mean "
+                 f"{drift['mean_relative_loss_difference']:.2%}, largest {drift['max_relative_loss_difference']:.2%}; "
+                 "mean loss over the last quarter: " + ", ".join(f"{k} {v:.4f}" for k, v in
+                                                                 drift["last_quarter_mean_loss"].items())]
+    for step, losses in drift["held_out"].items():
+        lines.append(f"- held-out at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()
+                                                                if v is not None))
+    return lines
+
+
 def main() -> None:
     folder = Path(sys.argv[1])
     results = {"environment": read_json(folder / "environment.json"), "tests": tests(folder / "gpu_tests.xml")}
@@ -56,6 +104,10 @@ def main() -> None:
             "MemDLM/MDLM time ratio": cost["time_ratio"],
             "memory on/off peak ratio": cost.get(f"memory_ratio/{cost['recompute']}"),
         }
+    kernels, drift = read_json(folder / "kernels.json"), read_json(folder / "fp8_drift.json")
+    results["kernels"], results["fp8_drift"] = kernels, drift
+    if kernels:
+        results["kernel_targets"] = [{"target": t, "measured": m, "goal": g} for t, m, g in kernel_targets(kernels)]
     (folder / "results.json").write_text(json.dumps(results, indent=2))
 
     lines = ["# GPU check", ""]
@@ -92,6 +144,12 @@ def main() -> None:
                 name, mode = key.split("/")
                 lines.append(f"| {name} | {mode} | {value['peak'] / 2**30:.2f} | {value['activations'] / 2**30:.2f} | "
                              f"{value['seconds'] * 1e3:.0f} |")
+    if kernels:
+        lines += kernel_lines(kernels)
+        lines += ["", "| target (issue #21) | measured | goal |", "| --- | --- | --- |"]
+        lines += [f"| {t['target']} | {t['measured']:.3f} | {t['goal']} |" for t in results["kernel_targets"]]
+    if drift:
+        lines += drift_lines(drift)
     (folder / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

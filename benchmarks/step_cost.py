@@ -71,7 +71,10 @@ class Bench:
                                      train=TrainConfig(seed=0, precision=precision, recompute=recompute))
                      for name, enabled in (("mdlm", False), ("memdlm", True))}
         self.model = build_model(self.runs["mdlm"], topology)
-        self.steps = {name: build_bilevel_step(run, self.model, topology, cfg.vocab_size - 1)
+        # fp8 spares the layers with fast weights, so the MemDLM step has its own model (same weights)
+        self.models = {"mdlm": self.model,
+                       "memdlm": build_model(self.runs["memdlm"], topology) if precision == "fp8" else self.model}
+        self.steps = {name: build_bilevel_step(run, self.models[name], topology, cfg.vocab_size - 1)
                       for name, run in self.runs.items()}
         rng = np.random.default_rng(0)
         self.batches = []
@@ -84,7 +87,12 @@ class Bench:
     def run(self, name: str, index: int) -> None:
         batch, normalizer = self.batches[index % len(self.batches)]
         self.steps[name](batch, normalizer, step=index).loss.backward()
-        self.model.zero_grad(set_to_none=True)
+        self.models[name].zero_grad(set_to_none=True)
+
+    def compile(self) -> None:
+        """``--train.compile`` on this bench's model(s)."""
+        for model in {id(m): m for m in self.models.values()}.values():
+            model.compile_blocks()
 
     def executed(self, name: str) -> float:
         run = self.runs[name]
@@ -122,7 +130,7 @@ def main() -> None:
     parser.add_argument("--preset", default="", choices=["", *PRESETS], help="model (default: small on CPU, 1b on GPU)")
     parser.add_argument("--batch", type=int, default=-1,
                         help="micro-batch (default: the preset's; 0 = largest that fits)")
-    parser.add_argument("--precision", default="", choices=["", "fp32", "bf16"], help="default: the preset's")
+    parser.add_argument("--precision", default="", choices=["", "fp32", "bf16", "fp8"], help="default: the preset's")
     parser.add_argument("--recompute", default="", choices=["", "none", "full", "selective"],
                         help="recomputation for the timed steps (default: the preset's)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -158,7 +166,7 @@ def main() -> None:
     if search:
         batch = fit_batch(bench)
     batch = bench.batch
-    peak, peak_source = peak_flops(device, precision == "bf16")
+    peak, peak_source = peak_flops(device, precision in ("bf16", "fp8"))
     tokens = batch * cfg.seq_len
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{count_parameters(bench.model) / 1e6:.1f}M parameters, micro-batch {batch} x seq {cfg.seq_len}, "

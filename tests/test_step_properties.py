@@ -209,7 +209,7 @@ def test_bf16_training_keeps_fp32_masters_state_and_fast_weights(topology, fast_
     for precision in ("fp32", "bf16"):
         cfg = RunConfig(model=CFG, memory=MemoryConfig(layer_fraction=0.25, dtype=fast_dtype),
                         train=TrainConfig(global_batch_size=8, micro_batch_size=8, precision=precision))
-        parts = build_training(cfg, topology, MASK_ID, allow_cpu_bf16=True)
+        parts = build_training(cfg, topology, MASK_ID, allow_cpu_autocast=True)
         step = parts.bilevel
 
         def recording(batch, normalizer, index, _step=step):

@@ -40,8 +40,9 @@ class TrainConfig:
     global_batch_size: int = param(16, "sequences per optimizer step")
     micro_batch_size: int = param(16, "sequences per forward; gradient accumulation makes up the rest")
     precision: str = param(
-        "fp32", "fp32, or bf16: bf16 compute and activations with fp32 master weights, optimizer state and "
-        "gradient reduction (see README, Precision)", ("fp32", "bf16"))
+        "fp32", "fp32; bf16: bf16 compute and activations with fp32 master weights, optimizer state and "
+        "gradient reduction; fp8: bf16 with the projections of the layers without fast weights in fp8 (torchao, "
+        "dynamic tensorwise scales; H100/H200) (see README, Precision)", ("fp32", "bf16", "fp8"))
     recompute: str = param(
         "none", "activation recomputation of the prefix layers (the part of the step that keeps the outer "
         "graph): none, full (every sub-block), selective (attention sub-blocks only)", ("none", "full", "selective"))

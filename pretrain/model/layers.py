@@ -2,7 +2,8 @@
 
 Activations are ``[b, l, h]``. Every projection can run "frozen": with its weight detached,
 so a backward through it computes input gradients only (the inner loop's case, where the
-base weights must receive nothing) and megatron takes its frozen-weight linear path.
+base weights must receive nothing) and megatron takes its frozen-weight linear path. Under
+``--train.precision fp8`` the trained path of the projections may run in fp8 (``pretrain.model.float8``).
 """
 
 from __future__ import annotations
@@ -88,10 +89,15 @@ class ColumnLinear(ColumnParallelLinear):
     forward (DeepSpeed ZeRO-3) see it.
     """
 
+    float8 = None  # a pretrain.model.float8.Float8Matmul for the trained path under --train.precision fp8
+
     def __init__(self, *args, bias: bool = False, **kwargs):
         super().__init__(*args, bias=bias, skip_bias_add=bias, **kwargs)
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        if self.float8 is not None and not frozen:  # megatron's path with the matmul in fp8
+            out = self.float8(copy_to_tensor_model_parallel_region(x, group=self.tp_group), self.weight)
+            return out if self.bias is None else out + self.bias
         out, bias = super().forward(x, weight=self.weight.detach() if frozen else None)
         if bias is not None:
             out = out + (bias.detach() if frozen else bias)
@@ -106,8 +112,11 @@ class RowLinear(RowParallelLinear):
     compiled region breaks the graph. Eager runs keep megatron's path."""
 
     plain = False
+    float8 = None  # as ColumnLinear's
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
+        if self.float8 is not None and not frozen:
+            return reduce_from_tensor_model_parallel_region(self.float8(x, self.weight), group=self.tp_group)
         if not (frozen or self.plain):
             return super().forward(x)[0]
         # RowParallelLinear takes no weight argument: its path spelled out (the weight detached when frozen).

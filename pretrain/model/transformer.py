@@ -40,7 +40,7 @@ from parallel.sequence import chunk_bounds, gather_tokens, padded_length
 from pretrain.config import ModelConfig
 from pretrain.model.fast_weights import FastWeightPlan, FastWeights
 from pretrain.model.fused_head import DEFAULT_CHUNK_ROWS, VocabParallelHead
-from pretrain.model.layers import BlockEntry, RMSNorm, RowLinear, TransformerLayer, rotary_tables
+from pretrain.model.layers import BlockEntry, ColumnLinear, RMSNorm, RowLinear, TransformerLayer, rotary_tables
 from pretrain.model.moe import MixtureOfExperts
 from pretrain.model.routing import Routing
 from pretrain.model.rows import Rows
@@ -221,6 +221,20 @@ class DiffusionTransformer(nn.Module):
                 module.plain = True
         for layer in self.layers.values():
             layer.run_subblock = torch.compile(layer.run_subblock, dynamic=False)
+
+    def use_float8(self, matmul, exempt_layers: range = range(0)) -> list[str]:
+        """``--train.precision fp8``: the attention and MLP projections (shared experts' too) of this stage's layers
+        outside ``exempt_layers`` (those that carry fast weights) run their trained path through ``matmul`` (a
+        ``pretrain.model.float8.Float8Matmul``). Returns the names of the projections it reaches."""
+        reached = []
+        for key, layer in self.layers.items():
+            if int(key) in exempt_layers:
+                continue
+            for name, module in layer.named_modules():
+                if isinstance(module, (ColumnLinear, RowLinear)):
+                    module.float8 = matmul
+                    reached.append(f"layers.{key}.{name}")
+        return reached
 
     def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
         """Sub-block ``block``'s normed input and entry projections on ``h``, with grad."""

@@ -35,6 +35,7 @@ from pretrain.eval.heldout import Evaluator
 from pretrain.memdlm.bilevel import BilevelStep
 from pretrain.memdlm.pipeline_stage import BilevelStage
 from pretrain.model.fast_weights import adapted_layers, build_fast_weight_plan
+from pretrain.model.float8 import Float8Matmul, fp8_unsupported_reason
 from pretrain.model.transformer import DiffusionTransformer
 from pretrain.train.optim import build_optimizer
 
@@ -134,16 +135,37 @@ def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) ->
 
 
 def autocast_factory(precision: str, device: torch.device):
-    """The context every stage of the step runs under: bf16 autocast, or nothing for fp32."""
-    if precision == "bf16":
+    """The context every stage of the step runs under: bf16 autocast (also fp8's, for all but its fp8
+    matmuls), or nothing for fp32."""
+    if precision in ("bf16", "fp8"):
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
-def build_model(cfg: RunConfig, topology) -> DiffusionTransformer:
-    """This rank's stage of the model (all of it without pipeline stages), initialised from the seed."""
+def check_precision(cfg: RunConfig, device: torch.device, allow_cpu_autocast: bool = False) -> None:
+    """Refuse a precision this device cannot train in. ``allow_cpu_autocast`` (tests): bf16 on the CPU, and fp8
+    with its casts real and its matmuls emulated."""
+    precision = cfg.train.precision
+    emulated = device.type == "cpu" and allow_cpu_autocast
+    if precision == "bf16" and device.type == "cpu" and not emulated:
+        raise ConfigError(
+            "--train.precision bf16 needs a GPU: megatron-core's linear layers restore autocast in their "
+            "backward for CUDA only, so a CPU backward would mix bf16 and fp32; use --train.precision fp32 on CPU"
+        )
+    reason = fp8_unsupported_reason(device) if precision == "fp8" else None
+    if reason and not emulated:
+        raise ConfigError(reason)
+
+
+def build_model(cfg: RunConfig, topology, allow_cpu_autocast: bool = False) -> DiffusionTransformer:
+    """This rank's stage of the model (all of it without pipeline stages), initialised from the seed. Under
+    ``--train.precision fp8`` the projections of the layers without fast weights matmul in fp8."""
+    check_precision(cfg, topology.device, allow_cpu_autocast)
     layers = stage_layers(cfg.model.num_layers, topology.pipeline_parallel_size, topology.pipeline_parallel_rank)
     model = DiffusionTransformer(cfg.model, seed=cfg.train.seed, layers=layers).to(topology.device)
+    if cfg.train.precision == "fp8":
+        exempt = adapted_layers(cfg.model.num_layers, cfg.memory.layer_fraction) if cfg.memory.enabled else range(0)
+        model.use_float8(Float8Matmul(emulate=topology.device.type != "cuda"), exempt)
     if cfg.train.compile:
         model.compile_blocks()
     return model
@@ -202,19 +224,15 @@ def build_engine(cfg: RunConfig, model: DiffusionTransformer, bilevel: BilevelSt
 
 
 def build_training(cfg: RunConfig, topology, mask_token_id: int, model: DiffusionTransformer | None = None,
-                   allow_cpu_bf16: bool = False) -> TrainingParts:
+                   allow_cpu_autocast: bool = False) -> TrainingParts:
     """Model (``model``, if given: already built and loaded), step and engine for ``cfg`` on ``topology``.
 
     The layout must have been checked (``check_run_layout``, once per start: the trainer does it before
     the process groups exist). Weights must be in the model before this call: some engines (ZeRO 3)
     partition them."""
-    if cfg.train.precision == "bf16" and topology.device.type == "cpu" and not allow_cpu_bf16:
-        raise ConfigError(
-            "--train.precision bf16 needs a GPU: megatron-core's linear layers restore autocast in their "
-            "backward for CUDA only, so a CPU backward would mix bf16 and fp32; use --train.precision fp32 on CPU"
-        )
+    check_precision(cfg, topology.device, allow_cpu_autocast)
     if model is None:
-        model = build_model(cfg, topology)
+        model = build_model(cfg, topology, allow_cpu_autocast)
     bilevel = build_bilevel_step(cfg, model, topology, mask_token_id)
     engine = build_engine(cfg, model, bilevel, topology)
     return TrainingParts(model, bilevel, engine)

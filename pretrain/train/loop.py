@@ -58,7 +58,7 @@ class TrainingLoop:
         if cfg.logging.peak_tflops > 0:
             self.peak, source = cfg.logging.peak_tflops * 1e12, "--logging.peak_tflops"
         else:
-            self.peak, source = peak_flops(topology.device, cfg.train.precision == "bf16")
+            self.peak, source = peak_flops(topology.device, cfg.train.precision in ("bf16", "fp8"))
         logger.write(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s per rank ({source})")
 
     @property

@@ -136,7 +136,7 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
         width = 2 if memory.dtype == "bf16" else 4
         # phi_0 .. phi_K are kept for the outer backward only through the last (detached): two copies live.
         fast = 2 * width * micro * elements
-    activation_width = 2 if train.precision == "bf16" else 4
+    activation_width = 2 if train.precision in ("bf16", "fp8") else 4
     # A sequence-parallel rank holds 1/S of the (padded) tokens; its attention holds every token for 1/S of the heads.
     tokens = micro * padded_length(seq, sequence) // sequence
     if train.recompute == "full":
