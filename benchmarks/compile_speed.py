@@ -123,9 +123,9 @@ def main() -> None:
                 measured = peak_step_memory(lambda: benches[name].run(kind, 0), device)
                 memory[(name, kind)] = measured["activations"]
         results["modes"][mode] = _report(mode, times, memory, model_flops, peak, tokens)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        if args.json:  # after every mode, so a run stopped by a time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
 
 
 def _report(mode, times, memory, model_flops, peak, tokens) -> dict:

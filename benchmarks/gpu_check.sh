@@ -69,7 +69,7 @@ tail -5 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"
 stage "kernels: eager vs compiled vs fp8"
 if [ "$DEVICE" = cuda ]; then KERNELS=(--device cuda --preset 1b --batch 8 --rounds 3 --warmup 2)
 else KERNELS=(--device cpu --preset small --rounds 1 --warmup 1 --recompute none,selective); fi
-timeout 330 $PY benchmarks/compile_speed.py "${KERNELS[@]}" --json "$OUT_DIR/kernels.json" 2>&1 \
+timeout 300 $PY benchmarks/compile_speed.py "${KERNELS[@]}" --json "$OUT_DIR/kernels.json" 2>&1 \
     | grep -v -E "USDT|gpuGetDeviceCount" > "$OUT_DIR/stage.log"
 echo "exit ${PIPESTATUS[0]}" >> "$OUT_DIR/stage.log"
 tail -24 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_DIR/stage.log"
@@ -77,7 +77,7 @@ tail -24 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_D
 stage "fp8 drift"
 if [ "$DEVICE" = cuda ]; then DRIFT=(--device cuda --steps 200)
 else DRIFT=(--device cpu --small --precisions fp32,fp32 --steps 4 --eval-every 2); fi
-timeout 240 $PY benchmarks/fp8_drift.py "${DRIFT[@]}" --out /tmp/memdlm-fp8-drift --cache "$CACHE" \
+timeout 270 $PY benchmarks/fp8_drift.py "${DRIFT[@]}" --out /tmp/memdlm-fp8-drift --cache "$CACHE" \
     --json "$OUT_DIR/fp8_drift.json" > "$OUT_DIR/stage.log" 2>&1
 echo "exit $?" >> "$OUT_DIR/stage.log"
 tail -4 "$OUT_DIR/stage.log"; cat "$OUT_DIR/stage.log" >> "$LOG"; rm -f "$OUT_DIR/stage.log"
