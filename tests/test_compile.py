@@ -1,7 +1,7 @@
 """``--train.compile``: regional torch.compile of the transformer sub-blocks.
 
-Compiled training equals eager training (fp32 CPU: losses, inner losses and final weights within 1e-5
-relative) with memory off, on (the default pre_only), with the paper's pmc and with full and selective recomputation;
+Compiled training equals eager training (fp32 CPU: losses, inner losses, final weights and the held-out losses
+with and without inference-time adaptation within 1e-5 relative) with memory off, on (the default pre_only), with the paper's pmc and with full and selective recomputation;
 masks that change every step do not recompile (the masked-row gathers stay outside the compiled regions);
 every parallel layout trains compiled as one eager process does."""
 
@@ -32,11 +32,18 @@ def test_compiled_training_equals_eager(memory, prepared_corpus, tmp_path):
     eager = run_layouts(["single"], tmp_path / "eager", data, MEMORY[memory])["single"]
     compiled = run_layouts(["single"], tmp_path / "compiled", data, [*MEMORY[memory], *COMPILE])["single"]
     _same(compiled, eager, memory)
-    inner = [[m["inner_losses"] for m in read_metrics(tmp_path / name / "single")] for name in ("eager", "compiled")]
+    metrics = {name: read_metrics(tmp_path / name / "single") for name in ("eager", "compiled")}
+    inner = [[m["inner_losses"] for m in metrics[name]] for name in ("eager", "compiled")]
     for eager_step, compiled_step in zip(*inner):
         assert len(eager_step) == len(compiled_step)
         for a, b in zip(eager_step, compiled_step):
             assert abs(a - b) <= 1e-5 * abs(a)
+    # the held-out evaluation at the end, without and with inference-time adaptation, runs compiled too
+    held_out = [{k: m[k] for m in metrics[name] for k in ("eval_loss", "eval_adapted_loss") if k in m}
+                for name in ("eager", "compiled")]
+    assert sorted(held_out[0]) == sorted(held_out[1]) == ["eval_adapted_loss", "eval_loss"]
+    for key, value in held_out[0].items():
+        assert abs(held_out[1][key] - value) <= 1e-5 * abs(value), (memory, key)
 
 
 @pytest.mark.slow
