@@ -85,10 +85,17 @@ def main() -> None:
     device = topology.device
     cfg = ModelConfig(**preset["model"])
     batch = args.batch or preset["batch"] or 8
-    benches = {}
+    benches, skipped = {}, {}
     for name in variants:
         precision, compiled = VARIANTS[name]
-        benches[name] = Bench(cfg, precision or preset["precision"], modes[0], topology, batch, args.num_batches)
+        try:
+            benches[name] = Bench(cfg, precision or preset["precision"], modes[0], topology, batch, args.num_batches)
+        except Exception as err:  # e.g. fp8 on a GPU without it, or torchao missing: the other variants go on
+            if name == "eager":
+                raise
+            skipped[name] = f"{type(err).__name__}: {err}"
+            print(f"variant {name} skipped: {skipped[name]}", flush=True)
+            continue
         if compiled:
             benches[name].compile()
     bf16 = preset["precision"] == "bf16"
@@ -99,7 +106,7 @@ def main() -> None:
           f"{batch} x seq {cfg.seq_len}, {preset['precision']}, {args.threads} threads; peak {peak / 1e12:.2f} "
           f"TFLOP/s ({peak_source}); variants {', '.join(variants)}", flush=True)
     results = {"device": str(device), "batch": batch, "seq_len": cfg.seq_len, "precision": preset["precision"],
-               "peak_flops": peak, "peak_source": peak_source, "modes": {}}
+               "peak_flops": peak, "peak_source": peak_source, "skipped": skipped, "modes": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
     for mode in modes:
