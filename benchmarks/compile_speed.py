@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -109,16 +110,30 @@ def main() -> None:
                "peak_flops": peak, "peak_source": peak_source, "skipped": skipped, "modes": {}}
     if device.type == "cuda":
         results["gpu"] = torch.cuda.get_device_name(device)
+    _write(results, args.json)
+    # `timeout` stops a run with SIGTERM: exit as from Ctrl-C, keeping the modes already written
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"compile_speed.py: stopped; {args.json or 'nothing'} "
+                                                      "holds the modes measured before"))
     for mode in modes:
         for bench in benches.values():
             bench.set_recompute(mode)
-        for name, bench in benches.items():
+        for name, bench in list(benches.items()):
             start = time.perf_counter()
-            for i in range(args.warmup):  # the first mode's warm-up compiles every variant of every sub-block
-                for kind in STEPS:
-                    bench.run(kind, i)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            try:
+                for i in range(args.warmup):  # the first mode's warm-up compiles every variant of every sub-block
+                    for kind in STEPS:
+                        bench.run(kind, i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+            except Exception as err:  # a variant that fails to run (fp8 kernels, compilation) leaves the others
+                if name == "eager":
+                    raise
+                skipped[name] = f"{type(err).__name__}: {err}"[:2000]
+                print(f"variant {name} dropped: {skipped[name]}", flush=True)
+                del benches[name]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             print(f"[{mode}] {name}: warm-up {time.perf_counter() - start:.1f} s", flush=True)
         times = {(name, kind): [] for name in benches for kind in STEPS}
         for i in range(args.rounds):
@@ -130,9 +145,13 @@ def main() -> None:
                 measured = peak_step_memory(lambda: benches[name].run(kind, 0), device)
                 memory[(name, kind)] = measured["activations"]
         results["modes"][mode] = _report(mode, times, memory, model_flops, peak, tokens)
-        if args.json:  # after every mode, so a run stopped by a time limit keeps what it measured
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        _write(results, args.json)  # after every mode, so a run stopped by a time limit keeps what it measured
+
+
+def _write(results: dict, path: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 def _report(mode, times, memory, model_flops, peak, tokens) -> dict:

@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -66,23 +68,31 @@ def main() -> None:
         process = subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                                    env={**os.environ, "WANDB_MODE": "disabled"})
         runs[(index, precision)] = (process, run_dir)
-        while index == 0 and process.poll() is None and "\nmodel: " not in log.read_text():
+        while index == 0 and process.poll() is None and not re.search(r"(^|\n)model: ", log.read_text()):
             time.sleep(1)  # the first run prepares the corpus (first use); the second then finds it ready
-    failed = [f"{precision} (exit {process.wait()}, see {run_dir}.log)"
-              for (_, precision), (process, run_dir) in runs.items() if process.wait() != 0]
-    if failed:
-        raise SystemExit("fp8_drift.py: " + ", ".join(failed))
-    (ref_metrics, ref_dir), (other_metrics, other_dir) = [(_read(run_dir / "metrics.jsonl"), run_dir)
-                                                         for _, run_dir in runs.values()]
+    # `timeout` stops this script with SIGTERM: the runs are killed and what they logged is still compared
+    signal.signal(signal.SIGTERM, lambda *_: [process.kill() for process, _ in runs.values()])
+    codes = {name: process.wait() for name, (process, _) in zip(names, runs.values())}
+    metrics = []
+    for name, (_, run_dir) in zip(names, runs.values()):
+        path = run_dir / "metrics.jsonl"
+        metrics.append(_read(path) if path.is_file() else [])
+        if args.json and path.is_file():  # kept beside the figures (the runs' folders are deleted after)
+            shutil.copy(path, Path(args.json).with_name(f"fp8_drift_{name}_metrics.jsonl"))
+    ref_metrics, other_metrics = metrics
     ref_loss = {m["step"]: m["loss"] for m in ref_metrics}
     other_loss = {m["step"]: m["loss"] for m in other_metrics}
     steps = sorted(set(ref_loss) & set(other_loss))
+    if not steps:
+        raise SystemExit(f"fp8_drift.py: no step logged by both runs (exit codes {codes}; see the logs in {out})")
     relative = [abs(other_loss[s] - ref_loss[s]) / abs(ref_loss[s]) for s in steps]
     tail = steps[-max(1, len(steps) // 4):]
     evals = {s: {f"{name}_{key}": m.get(key) for name, metrics in zip(names, (ref_metrics, other_metrics))
                  for m in metrics if m["step"] == s for key in ("eval_loss", "eval_adapted_loss")}
              for s in sorted({m["step"] for m in ref_metrics if "eval_loss" in m})}
     results = {"reference": reference, "other": other, "steps": len(steps), "batch": args.batch,
+               "complete": all(code == 0 for code in codes.values()) and len(steps) == args.steps,
+               "exit_codes": codes,
                "mean_relative_loss_difference": sum(relative) / len(relative),
                "max_relative_loss_difference": max(relative),
                "last_quarter_mean_loss": {names[0]: sum(ref_loss[s] for s in tail) / len(tail),

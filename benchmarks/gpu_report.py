@@ -72,8 +72,9 @@ def kernel_lines(kernels: dict) -> list[str]:
 
 
 def drift_lines(drift: dict) -> list[str]:
+    incomplete = "" if drift.get("complete", True) else f" (incomplete: exit codes {drift['exit_codes']})"
     lines = ["", f"fp8 drift (fp8_drift.py): {drift['other']} against {drift['reference']} over {drift['steps']} "
-                 "steps, "
+                 f"steps{incomplete}, "
                  f"batch {drift['batch']}: training loss relative difference mean "
                  f"{drift['mean_relative_loss_difference']:.2%}, largest {drift['max_relative_loss_difference']:.2%}; "
                  "mean loss over the last quarter: " + ", ".join(f"{k} {v:.4f}" for k, v in
@@ -86,7 +87,8 @@ def drift_lines(drift: dict) -> list[str]:
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    results = {"environment": read_json(folder / "environment.json"), "tests": tests(folder / "gpu_tests.xml")}
+    results = {"environment": read_json(folder / "environment.json"),
+               "tests": [t for path in sorted(folder.glob("gpu_tests*.xml")) for t in tests(path)]}
     metrics = folder / "default_job_metrics.jsonl"
     if metrics.is_file():
         lines = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -147,6 +149,8 @@ def main() -> None:
                              f"{value['seconds'] * 1e3:.0f} |")
     if kernels:
         lines += kernel_lines(kernels)
+        skipped = kernels.get("skipped", {})
+        lines += [f"- variant {name} not measured: {reason[:300]}" for name, reason in skipped.items()]
         lines += ["", "| target (issue #21) | measured | goal |", "| --- | --- | --- |"]
         lines += [f"| {t['target']} | {t['measured']:.3f} | {t['goal']} |" for t in results["kernel_targets"]]
     if drift:

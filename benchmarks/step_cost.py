@@ -119,7 +119,7 @@ def fit_batch(bench: Bench, candidates=(32, 24, 16, 12, 8, 6, 4, 3, 2, 1)) -> in
             bench.batch = batch
             return batch
         except torch.cuda.OutOfMemoryError:
-            bench.model.zero_grad(set_to_none=True)
+            bench.models["memdlm"].zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
     raise RuntimeError("not even a micro-batch of 1 fits")
 
@@ -215,13 +215,13 @@ def main() -> None:
         for mode in ("none", recompute if recompute != "none" else "full"):
             bench.set_recompute(mode)
             for name in bench.steps:
-                weights = sum(p.numel() * p.element_size() for p in bench.model.parameters())
+                weights = sum(p.numel() * p.element_size() for p in bench.models[name].parameters())
                 try:
                     memory[f"{name}/{mode}"] = peak_step_memory(lambda: bench.run(name, 0), device, weights)
                     memory[f"{name}/{mode}"]["seconds"] = median(
                         [time_call(lambda: bench.run(name, i), device) for i in range(args.memory_rounds)])
                 except torch.cuda.OutOfMemoryError:
-                    bench.model.zero_grad(set_to_none=True)
+                    bench.models[name].zero_grad(set_to_none=True)
                     torch.cuda.empty_cache()
                     memory[f"{name}/{mode}"] = {"peak": float("nan"), "activations": float("nan"),
                                                 "seconds": float("nan"), "error": "out of memory"}

@@ -1,9 +1,10 @@
 """``--train.compile``: regional torch.compile of the transformer sub-blocks.
 
 Compiled training equals eager training (fp32 CPU: losses, inner losses, final weights and the held-out losses
-with and without inference-time adaptation within 1e-5 relative) with memory off, on (the default pre_only), with the paper's pmc and with full and selective recomputation;
-masks that change every step do not recompile (the masked-row gathers stay outside the compiled regions);
-every parallel layout trains compiled as one eager process does."""
+with and without inference-time adaptation within 1e-5 relative) with memory off, on (the default pre_only),
+with the paper's pmc and with full and selective recomputation; masks that change every step do not recompile
+(the masked-row gathers stay outside the compiled regions); every parallel layout trains compiled as one eager
+process does."""
 
 import pytest
 

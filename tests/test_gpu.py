@@ -7,8 +7,9 @@
   equals the dense mask;
 - no host synchronisation in the step (``torch.cuda.set_sync_debug_mode("error")``);
 - a checkpoint saved on CUDA resumes on the CPU and the reverse, continuing the same losses;
-- the fused kernels (inductor's, through ``--train.compile``) equal the plain bf16 step: losses and weights after
-  two steps within 1e-2 relative (bf16 rounding of differently fused elementwise chains);
+- the fused kernels (inductor's, through ``--train.compile``) equal the plain bf16 step: losses within 1e-2 and the
+  weights' changes over two steps within 5e-2 relative (bf16 rounding of differently fused elementwise chains,
+  through AdamW's normalisation);
 - fp8 on the tensor cores equals its emulation (same casts, matmul in high precision) within 1e-2 relative, and
   fp8 training's losses stay within 1e-2 of bf16's, eager and compiled.
 """
@@ -93,12 +94,14 @@ def test_bf16_loss_tracks_fp32():
 
 
 def test_fused_kernels_equal_the_plain_bf16_step():
+    _, initial, *_ = _train("cuda", steps=0, precision="bf16")
     plain_losses, plain_weights, *_ = _train("cuda", precision="bf16")
     fused_losses, fused_weights, *_ = _train("cuda", precision="bf16", compile=True)
     for ours, theirs in zip(fused_losses, plain_losses):
         assert abs(ours - theirs) / abs(theirs) < 1e-2, (fused_losses, plain_losses)
-    for name in plain_weights:
-        assert _relative(fused_weights[name], plain_weights[name]) < 1e-2, name
+    for name in plain_weights:  # what the two steps changed, not the weights (the initial ones would dominate)
+        moved = plain_weights[name] - initial[name]
+        assert _relative(fused_weights[name] - initial[name], moved) < 5e-2, name
 
 
 def test_fp8_matmul_equals_its_emulation():
@@ -111,7 +114,8 @@ def test_fp8_matmul_equals_its_emulation():
     for emulate in (False, True):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = Float8Matmul(emulate=emulate)(x, weight)
-        results.append((out, *torch.autograd.grad(out, (x, weight), torch.ones_like(out))))
+        grad = torch.randn(out.shape, device="cuda", dtype=out.dtype, generator=torch.Generator("cuda").manual_seed(1))
+        results.append((out, *torch.autograd.grad(out, (x, weight), grad)))
     for real, emulated in zip(*results):
         assert _relative(real.float(), emulated.float()) < 1e-2
 

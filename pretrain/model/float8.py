@@ -39,6 +39,25 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+def fp8_shape_problem(model_cfg, tensor_parallel_size: int, sequence_parallel_size: int) -> str | None:
+    """fp8 matmuls (``torch._scaled_mm``) need every dimension a multiple of 16: each projection's input and output
+    sizes on a tensor-parallel rank, and the tokens of a micro-batch (the inner size of the weight gradient), which
+    are a multiple of 16 for any micro-batch when a rank's share of the sequence is. None when all are."""
+    sizes = {"model.hidden_size": model_cfg.hidden_size,
+             "the q/k/v projection per tensor-parallel rank": model_cfg.qkv_size // tensor_parallel_size,
+             "the attention output per tensor-parallel rank": model_cfg.attention_size // tensor_parallel_size,
+             "model.ffn_hidden_size per tensor-parallel rank": model_cfg.ffn_hidden_size // tensor_parallel_size,
+             "model.seq_len per sequence-parallel rank": model_cfg.seq_len // sequence_parallel_size}
+    if model_cfg.moe_shared_ffn_hidden_size:
+        sizes["model.moe_shared_ffn_hidden_size per tensor-parallel rank"] = (
+            model_cfg.moe_shared_ffn_hidden_size // tensor_parallel_size)
+    bad = [f"{name} = {size}" for name, size in sizes.items() if size % 16]
+    if bad:
+        return ("--train.precision fp8 needs multiples of 16 (fp8 matmuls): " + ", ".join(bad)
+                + "; choose sizes that are, or use --train.precision bf16")
+    return None
+
+
 class Float8Matmul:
     """``x @ weight.T`` with torchao's dynamically scaled float8 casts (tensorwise scales), differentiable.
 

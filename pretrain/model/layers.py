@@ -115,7 +115,7 @@ class RowLinear(RowParallelLinear):
     float8 = None  # as ColumnLinear's
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        if self.float8 is not None and not frozen:
+        if self.float8 is not None and not frozen:  # (no row-parallel projection has a bias)
             return reduce_from_tensor_model_parallel_region(self.float8(x, self.weight), group=self.tp_group)
         if not (frozen or self.plain):
             return super().forward(x)[0]

@@ -232,6 +232,8 @@ class DiffusionTransformer(nn.Module):
                 continue
             for name, module in layer.named_modules():
                 if isinstance(module, (ColumnLinear, RowLinear)):
+                    if isinstance(module, RowLinear) and module.bias is not None:
+                        raise ValueError(f"layers.{key}.{name}: the fp8 row-parallel path adds no bias")
                     module.float8 = matmul
                     reached.append(f"layers.{key}.{name}")
         return reached

@@ -35,7 +35,7 @@ from pretrain.eval.heldout import Evaluator
 from pretrain.memdlm.bilevel import BilevelStep
 from pretrain.memdlm.pipeline_stage import BilevelStage
 from pretrain.model.fast_weights import adapted_layers, build_fast_weight_plan
-from pretrain.model.float8 import Float8Matmul, fp8_unsupported_reason
+from pretrain.model.float8 import Float8Matmul, fp8_shape_problem, fp8_unsupported_reason
 from pretrain.model.transformer import DiffusionTransformer
 from pretrain.train.optim import build_optimizer
 
@@ -152,8 +152,15 @@ def check_precision(cfg: RunConfig, device: torch.device, allow_cpu_autocast: bo
             "--train.precision bf16 needs a GPU: megatron-core's linear layers restore autocast in their "
             "backward for CUDA only, so a CPU backward would mix bf16 and fp32; use --train.precision fp32 on CPU"
         )
-    reason = fp8_unsupported_reason(device) if precision == "fp8" else None
-    if reason and not emulated:
+    if precision != "fp8":
+        return
+    if cfg.parallel.zero_stage == 3:
+        raise ConfigError(
+            "--train.precision fp8 with --parallel.zero_stage 3 is refused: torchao keeps each gathered weight "
+            "until the backward, so ZeRO 3 would save no memory on the fp8 projections; use ZeRO 1 or 2")
+    reason = None if emulated else (fp8_unsupported_reason(device) or fp8_shape_problem(
+        cfg.model, cfg.parallel.tensor_parallel_size, cfg.parallel.sequence_parallel_size))
+    if reason:
         raise ConfigError(reason)
 
 
