@@ -4,6 +4,8 @@ of the same command that must continue as if nothing happened."""
 
 import signal
 
+import pytest
+
 from tests.helpers import read_metrics
 from tests.helpers.layouts import LAYOUT_OPTIONS
 from tests.helpers.processes import agent_and_ranks, assert_gone, kill_everything, start, steps_logged, wait_for
@@ -11,6 +13,7 @@ from tests.helpers.processes import agent_and_ranks, assert_gone, kill_everythin
 TP2 = [*LAYOUT_OPTIONS, "--train.steps", "6", "--parallel.tensor_parallel_size", "2", "--train.micro_batch_size", "4"]
 
 
+@pytest.mark.slow  # about a minute on two cores; test_launcher_death keeps a launcher's death in the default tier
 def test_kill_9_agent_death_and_reruns_give_the_uninterrupted_losses(tmp_path, capsys, prepared_corpus):
     """One 6-step run on 2 ranks (tensor parallel), checkpointing every step, hit twice:
 
