@@ -30,9 +30,9 @@ PAIRS = {  # name: (layout A, layout B)
     "sp2 -> single": ("sp2", "single"),
     "sp2 -> sp4": ("sp2", "sp4"),
 }
-# The pairs that resume on four ranks (the longest to run on two cores) are in the slow tier, with their own
-# reference run; the default tier keeps every kind of change (ZeRO stages, TP, PP, SP, one and two ranks).
-SLOW_PAIRS = ("single -> tp2-dp2-zero2", "sp2 -> sp4")
+# The pairs that resume on four ranks (the longest to run on two cores) and ZeRO 3 -> 1 are in the slow tier, with
+# their own reference run; the default tier keeps every kind of change (ZeRO 1 and 3, TP, PP, SP, one and two ranks).
+SLOW_PAIRS = ("single -> tp2-dp2-zero2", "sp2 -> sp4", "dp2-zero3 -> dp2-zero1")
 
 
 class StopAfter:
@@ -102,12 +102,12 @@ def resharded(tmp_path_factory, prepared_corpus):
 
 
 @pytest.fixture(scope="module")
-def resharded_on_four_ranks(tmp_path_factory, prepared_corpus):
+def resharded_slow(tmp_path_factory, prepared_corpus):
     return _reshard(tmp_path_factory.mktemp("reshard4"), str(prepared_corpus()), list(SLOW_PAIRS))
 
 
 def _results(request, pair):
-    return request.getfixturevalue("resharded_on_four_ranks" if pair in SLOW_PAIRS else "resharded")
+    return request.getfixturevalue("resharded_slow" if pair in SLOW_PAIRS else "resharded")
 
 
 PAIR_PARAMS = [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_PAIRS else name for name in PAIRS]
