@@ -43,11 +43,15 @@ def test_kill_9_agent_death_and_reruns_give_the_uninterrupted_losses(tmp_path, c
     # 2. Rerun; the directory is held; the agent dies.
     run = start(args, out, data)
     wait_for(lambda: steps_logged(out) >= 3, run)
+    agent, ranks = agent_and_ranks(run)
+    for rank in ranks:  # paused (SIGSTOP), so that a loaded machine cannot let the run finish before the kill
+        rank.suspend()
     second = [*args, "--parallel.tensor_parallel_size", "1", "--train.out_dir", str(out), "--data.path", str(data)]
     assert main(second) == 2
     assert "is in use by a live run" in capsys.readouterr().err
-    agent, ranks = agent_and_ranks(run)
     agent.send_signal(signal.SIGKILL)
+    for rank in ranks:
+        rank.resume()
     assert_gone(ranks, "agent killed")
     kill_everything(run)
     output = run.stdout.read()
