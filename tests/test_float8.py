@@ -173,7 +173,7 @@ PROJECTIONS = {"layers.0.attention.qkv.weight": 0, "layers.0.attention.out.weigh
                "layers.0.mlp.down.weight": 1}  # name: the dimension tensor parallelism splits
 
 
-def _first_gradients(rank, world, precision: str):
+def _first_gradients(rank, world, precision: str):  # tensor parallelism over the whole world
     """One MDLM step's gradients of layer 0's projections (the first layer: every later layer's input gradient
     flows into it), whole (gathered over the tensor-parallel ranks)."""
     import torch.distributed as dist
@@ -201,33 +201,44 @@ def _first_gradients(rank, world, precision: str):
     return grads
 
 
+def _fp8_runs(rank, world):
+    """One rank: three fp8 steps, and layer 0's gradients in fp8 and in bf16. Two ranks: three fp8 steps at TP2 and
+    at DP2 (ZeRO 1), and layer 0's fp8 gradients at TP2. (One spawned group per world size for all of them.)"""
+    if world == 1:
+        return {"single": _layout_losses(rank, world, "single", "fp8"),
+                "gradients": _first_gradients(rank, world, "fp8"),
+                "gradients_bf16": _first_gradients(rank, world, "bf16")}
+    return {"tp2": _layout_losses(rank, world, "tp2", "fp8"),
+            "dp2-zero1": _layout_losses(rank, world, "dp2-zero1", "fp8"),
+            "gradients": _first_gradients(rank, world, "fp8")}
+
+
+@pytest.fixture(scope="module")
+def fp8_runs():
+    from tests.helpers.ranks import run_ranks
+
+    return run_ranks(_fp8_runs, 1)[0], run_ranks(_fp8_runs, 2)
+
+
 @pytest.mark.slow
-def test_fp8_gradients_at_tensor_parallel_two_are_one_process():
+def test_fp8_gradients_at_tensor_parallel_two_are_one_process(fp8_runs):
     """Layer 0's gradients at TP2 in fp8 against one fp8 process. They differ by what fp8 itself does (each rank
     scales its own weight slice and its slice of the row-parallel input, and e5m2 output gradients keep 2 mantissa
     bits): about as much as one process's fp8 and bf16 gradients differ (measured 0.89-1.03 times that, 7-10%
     relative). Without the column-parallel input gradient's all-reduce it is 2.9-5.3 times (tried)."""
-    from tests.helpers.ranks import run_ranks
-
-    one, one_bf16 = (run_ranks(_first_gradients, 1, precision)[0] for precision in ("fp8", "bf16"))
-    two = run_ranks(_first_gradients, 2, "fp8")[0]
+    one, two = fp8_runs
     for name in PROJECTIONS:
-        assert _relative(two[name], one[name]) < 1.5 * _relative(one_bf16[name], one[name]), name
+        difference = _relative(two[0]["gradients"][name], one["gradients"][name])
+        assert difference < 1.5 * _relative(one["gradients_bf16"][name], one["gradients"][name]), name
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "dp2-zero1"])
-def test_fp8_layouts_track_one_fp8_process(layout):
+def test_fp8_layouts_track_one_fp8_process(fp8_runs, layout):
     """fp8 under tensor parallelism (the fp8 matmul between megatron's copy and reduce regions; each rank scales its
     own weight slice) and under DeepSpeed ZeRO 1 (each rank scales its own micro-batch): the losses follow one fp8
-    process within 5e-4 (measured: 8e-5 at most; fp8 and bf16 differ by about 1e-4), and the same layout in bf16
-    differs (fp8 acts)."""
-    from tests.helpers.ranks import run_ranks
-
-    one = run_ranks(_layout_losses, 1, "single", "fp8")[0]
-    fp8 = run_ranks(_layout_losses, 2, layout, "fp8")
-    bf16 = run_ranks(_layout_losses, 2, layout, "bf16")
-    assert fp8[0] == fp8[1]  # both ranks report the global loss
-    for ours, theirs in zip(fp8[0], one):
-        assert abs(ours - theirs) / theirs < 5e-4, (fp8, one)
-    assert fp8[0] != bf16[0]
+    process within 5e-4 (measured: 8e-5 at most; fp8 and bf16 differ by about 1e-4, tested in one process)."""
+    one, two = fp8_runs
+    assert two[0][layout] == two[1][layout]  # both ranks report the global loss
+    for ours, theirs in zip(two[0][layout], one["single"]):
+        assert abs(ours - theirs) / theirs < 5e-4, (two[0][layout], one["single"])
