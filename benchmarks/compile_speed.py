@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from benchmarks.common import matmul_rate, median, peak_step_memory, time_call  # noqa: E402
 from benchmarks.step_cost import PRESETS, Bench  # noqa: E402
 from parallel.topology import initialize_topology  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
+from pretrain.config import ModelConfig, computes_in_bf16  # noqa: E402
 from pretrain.train.cpu_memory import keep_freed_memory  # noqa: E402
 from pretrain.train.flops import model_flops_per_token, peak_flops  # noqa: E402
 
@@ -99,7 +99,7 @@ def main() -> None:
             continue
         if compiled:
             benches[name].compile()
-    bf16 = preset["precision"] == "bf16"
+    bf16 = computes_in_bf16(preset["precision"])
     peak, peak_source = peak_flops(device, bf16) if device.type == "cuda" else (matmul_rate(device), "fp32 matmul")
     tokens = batch * cfg.seq_len
     model_flops = model_flops_per_token(cfg) * tokens

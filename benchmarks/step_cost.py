@@ -38,7 +38,7 @@ from benchmarks.common import matmul_rate, median, peak_step_memory, time_call  
 from data_pipeline.masking import build_masked_batch  # noqa: E402
 from parallel.collectives import LossNormalizer  # noqa: E402
 from parallel.topology import initialize_topology, shutdown_topology  # noqa: E402
-from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
+from pretrain.config import MemoryConfig, ModelConfig, RunConfig, TrainConfig, computes_in_bf16  # noqa: E402
 from pretrain.model.transformer import count_parameters  # noqa: E402
 from pretrain.train.cpu_memory import keep_freed_memory  # noqa: E402
 from pretrain.train.factory import build_bilevel_step, build_model  # noqa: E402
@@ -166,7 +166,7 @@ def main() -> None:
     if search:
         batch = fit_batch(bench)
     batch = bench.batch
-    peak, peak_source = peak_flops(device, precision in ("bf16", "fp8"))
+    peak, peak_source = peak_flops(device, computes_in_bf16(precision))
     tokens = batch * cfg.seq_len
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"{count_parameters(bench.model) / 1e6:.1f}M parameters, micro-batch {batch} x seq {cfg.seq_len}, "

@@ -25,11 +25,12 @@ from pretrain.config.training import (
     LoggingConfig,
     OptimizerConfig,
     TrainConfig,
+    computes_in_bf16,
 )
 
 __all__ = ["SECTIONS", "SPIKE_MIN_HISTORY", "CheckpointConfig", "ConfigError", "DataConfig", "DiffusionConfig",
            "EvalConfig", "GuardConfig", "LoggingConfig", "MemoryConfig", "ModelConfig", "OptimizerConfig",
-           "ParallelConfig", "RunConfig", "TrainConfig", "adapted_layers"]
+           "ParallelConfig", "RunConfig", "TrainConfig", "adapted_layers", "computes_in_bf16"]
 
 
 @dataclass

@@ -30,6 +30,11 @@ class OptimizerConfig:
         check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
 
 
+def computes_in_bf16(precision: str) -> bool:
+    """Whether ``--train.precision`` computes under bf16 autocast (bf16, and fp8 for all but its fp8 matmuls)."""
+    return precision in ("bf16", "fp8")
+
+
 @dataclass
 class TrainConfig:
     """The training loop."""

@@ -30,7 +30,7 @@ from parallel.layout import (
     divisors,
     stage_layers,
 )
-from pretrain.config import SPIKE_MIN_HISTORY, ConfigError, RunConfig
+from pretrain.config import SPIKE_MIN_HISTORY, ConfigError, RunConfig, computes_in_bf16
 from pretrain.eval.heldout import Evaluator
 from pretrain.memdlm.bilevel import BilevelStep
 from pretrain.memdlm.pipeline_stage import BilevelStage
@@ -137,7 +137,7 @@ def _check_split(cfg: RunConfig, world_size: int, tensor: int, pipeline: int) ->
 def autocast_factory(precision: str, device: torch.device):
     """The context every stage of the step runs under: bf16 autocast (also fp8's, for all but its fp8
     matmuls), or nothing for fp32."""
-    if precision in ("bf16", "fp8"):
+    if computes_in_bf16(precision):
         return functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from data_pipeline.mixture import Source
 from parallel.checkpoint.checkpointer import TRAIN_PART, Checkpointer
 from parallel.topology import Topology
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, computes_in_bf16
 from pretrain.eval.heldout import bits
 from pretrain.memdlm.bilevel import uses_memory_at
 from pretrain.model.routing import ROUTING_PART
@@ -58,7 +58,7 @@ class TrainingLoop:
         if cfg.logging.peak_tflops > 0:
             self.peak, source = cfg.logging.peak_tflops * 1e12, "--logging.peak_tflops"
         else:
-            self.peak, source = peak_flops(topology.device, cfg.train.precision in ("bf16", "fp8"))
+            self.peak, source = peak_flops(topology.device, computes_in_bf16(cfg.train.precision))
         logger.write(f"MFU is measured against {self.peak / 1e12:.1f} TFLOP/s per rank ({source})")
 
     @property

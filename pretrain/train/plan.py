@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from parallel.layout import stage_layers
 from parallel.sequence import padded_length
-from pretrain.config import RunConfig
+from pretrain.config import RunConfig, computes_in_bf16
 from pretrain.model.fast_weights import build_fast_weight_plan
 from pretrain.model.transformer import head_chunk_rows
 from pretrain.train.flops import model_flops_per_token
@@ -136,7 +136,7 @@ def stage_plan(cfg: RunConfig, world_size: int, stage: int) -> StagePlan:
         width = 2 if memory.dtype == "bf16" else 4
         # phi_0 .. phi_K are kept for the outer backward only through the last (detached): two copies live.
         fast = 2 * width * micro * elements
-    activation_width = 2 if train.precision in ("bf16", "fp8") else 4
+    activation_width = 2 if computes_in_bf16(train.precision) else 4
     # A sequence-parallel rank holds 1/S of the (padded) tokens; its attention holds every token for 1/S of the heads.
     tokens = micro * padded_length(seq, sequence) // sequence
     if train.recompute == "full":
