@@ -27,12 +27,20 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 SHAPE_1B = ["--model.hidden_size", "2048", "--model.num_layers", "16", "--model.num_heads", "16",
             "--model.ffn_hidden_size", "5632", "--model.seq_len", "2048"]
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _read(run_dir: Path) -> list[dict]:
+    """The run's records (memdlm-plot's reader: a line cut short by a killed run is passed over); none yet: []."""
+    from common.errors import UsageError
+    from pretrain.train.plots import read_run_metrics
+
+    try:
+        return read_run_metrics(run_dir)
+    except UsageError:
+        return []
 
 
 def main() -> None:
@@ -76,7 +84,7 @@ def main() -> None:
     metrics = []
     for name, (_, run_dir) in zip(names, runs.values()):
         path = run_dir / "metrics.jsonl"
-        metrics.append(_read(path) if path.is_file() else [])
+        metrics.append(_read(run_dir))
         if args.json and path.is_file():  # kept beside the figures (the runs' folders are deleted after)
             shutil.copy(path, Path(args.json).with_name(f"fp8_drift_{name}_metrics.jsonl"))
     ref_metrics, other_metrics = metrics
