@@ -222,11 +222,10 @@ class DiffusionTransformer(nn.Module):
         for layer in self.layers.values():
             layer.run_subblock = torch.compile(layer.run_subblock, dynamic=False)
 
-    def use_float8(self, matmul, exempt_layers: range = range(0)) -> list[str]:
+    def use_float8(self, matmul, exempt_layers: range = range(0)) -> None:
         """``--train.precision fp8``: the attention and MLP projections (shared experts' too) of this stage's layers
         outside ``exempt_layers`` (those that carry fast weights) run their trained path through ``matmul`` (a
-        ``pretrain.model.float8.Float8Matmul``). Returns the names of the projections it reaches."""
-        reached = []
+        ``pretrain.model.float8.Float8Matmul``)."""
         for key, layer in self.layers.items():
             if int(key) in exempt_layers:
                 continue
@@ -235,8 +234,6 @@ class DiffusionTransformer(nn.Module):
                     if isinstance(module, RowLinear) and module.bias is not None:
                         raise ValueError(f"layers.{key}.{name}: the fp8 row-parallel path adds no bias")
                     module.float8 = matmul
-                    reached.append(f"layers.{key}.{name}")
-        return reached
 
     def block_entry(self, h: torch.Tensor, block: int) -> BlockEntry:
         """Sub-block ``block``'s normed input and entry projections on ``h``, with grad."""

@@ -237,9 +237,10 @@ def build_training(cfg: RunConfig, topology, mask_token_id: int, model: Diffusio
     The layout must have been checked (``check_run_layout``, once per start: the trainer does it before
     the process groups exist). Weights must be in the model before this call: some engines (ZeRO 3)
     partition them."""
-    check_precision(cfg, topology.device, allow_cpu_autocast)
     if model is None:
-        model = build_model(cfg, topology, allow_cpu_autocast)
+        model = build_model(cfg, topology, allow_cpu_autocast)  # (checks the precision)
+    else:
+        check_precision(cfg, topology.device, allow_cpu_autocast)
     bilevel = build_bilevel_step(cfg, model, topology, mask_token_id)
     engine = build_engine(cfg, model, bilevel, topology)
     return TrainingParts(model, bilevel, engine)
