@@ -115,13 +115,14 @@ class RowLinear(RowParallelLinear):
     float8 = None  # as ColumnLinear's
 
     def forward(self, x: torch.Tensor, frozen: bool = False) -> torch.Tensor:
-        if self.float8 is not None and not frozen:  # (no row-parallel projection has a bias)
-            return reduce_from_tensor_model_parallel_region(self.float8(x, self.weight), group=self.tp_group)
-        if not (frozen or self.plain):
+        float8 = None if frozen else self.float8
+        if not (frozen or self.plain or float8 is not None):
             return super().forward(x)[0]
-        # RowParallelLinear takes no weight argument: its path spelled out (the weight detached when frozen).
+        # RowParallelLinear takes no weight argument: its path spelled out (the weight detached when frozen; the
+        # matmul in fp8 under --train.precision fp8; no row-parallel projection has a bias).
         weight = self.weight.detach() if frozen else self.weight
-        return reduce_from_tensor_model_parallel_region(torch.matmul(x, weight.t()), group=self.tp_group)
+        out = float8(x, weight) if float8 is not None else torch.matmul(x, weight.t())
+        return reduce_from_tensor_model_parallel_region(out, group=self.tp_group)
 
 
 class ProjectionSet(nn.Module):
